@@ -1,0 +1,10 @@
+"""sdinfer: faster diffusion inference, measured."""
+
+__version__ = "0.1.0"
+
+from .context import StepContext, current_step  # noqa: E402
+from .denoiser import Denoiser  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .schedules import NoiseSchedule  # noqa: E402
+
+__all__ = ["Denoiser", "NoiseSchedule", "StepContext", "UserError", "current_step", "__version__"]

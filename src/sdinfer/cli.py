@@ -1,0 +1,264 @@
+"""The ``sdinfer`` command line: generate, bench, models, train-default."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from .errors import UserError
+
+EXAMPLES = """\
+examples:
+  sdinfer generate "a red circle in the top left" -o out.png
+  sdinfer generate "a blue square in the center" --model dit --steps 25 --cfg 4 --seed 3 -o sq.png
+  sdinfer bench --model unet --steps 10,20 --prompts quick --json bench.json --plot bench.png
+  sdinfer models
+"""
+
+
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    return value
+
+
+# ---- generate -------------------------------------------------------------------------
+def _output_paths(out: Path, batch: int) -> list[Path]:
+    if batch == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(batch)]
+
+
+def _check_outputs(paths: list[Path], overwrite: bool) -> None:
+    for p in paths:
+        if p.suffix.lower() != ".png":
+            raise UserError(f"output {p} must end in .png; pass e.g. -o {p.with_suffix('.png')}")
+        if p.exists() and not overwrite:
+            raise UserError(f"{p} exists; pass --overwrite to replace it or choose another -o")
+        parent = p.parent if str(p.parent) else Path(".")
+        if not parent.is_dir():
+            raise UserError(f"cannot write {p}: folder {parent} does not exist; create it first")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"cannot write {p}: folder {parent} is not writable; choose another -o")
+
+
+def _save_png(image, path: Path, metadata: dict) -> None:
+    """Write atomically: a temporary file in the same folder, renamed into place."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in metadata.items():
+        info.add_text(key, str(value))
+    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_generate(args) -> int:
+    from . import __version__
+    from .pipeline import Pipeline
+
+    outputs = _output_paths(Path(args.output), args.batch)
+    _check_outputs(outputs, args.overwrite)
+    if args.batch < 1:
+        raise UserError(f"--batch must be >= 1, got {args.batch}")
+    start = time.perf_counter()
+    _quiet_libraries()
+    pipe = Pipeline.from_pretrained(args.model)
+    loaded = time.perf_counter() - start
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = pipe([args.prompt] * args.batch, steps=args.steps, sampler=args.sampler,
+                      guidance_scale=args.cfg, seed=args.seed, size=args.size,
+                      progress=not args.quiet)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    for i, (image, path) in enumerate(zip(result.images, outputs)):
+        meta = {"prompt": args.prompt, **result.params, "seed": args.seed + i,
+                "software": f"sdinfer {__version__}"}
+        meta["parameters"] = ", ".join(f"{k}: {v}" for k, v in meta.items())
+        _save_png(image, path, meta)
+    total = time.perf_counter() - start
+    names = ", ".join(str(p) for p in outputs)
+    print(f"wrote {names} ({result.params['size']}x{result.params['size']}, "
+          f"{result.params['sampler']} {result.params['steps']} steps, {result.nfe} NFE) "
+          f"in {total:.2f} s (model load {loaded:.2f} s, generation {result.seconds:.2f} s)")
+    return 0
+
+
+# ---- bench ----------------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    from .eval import bench
+    from .eval.prompts import load_prompts
+    from .pipeline import Pipeline
+
+    for target in (args.json, args.plot):
+        if target:
+            _check_outputs([Path(target).with_suffix(".png")], True)
+    prompts = load_prompts(args.prompts)
+    if args.limit:
+        prompts = prompts[: args.limit]
+    try:
+        steps = [int(s) for s in args.steps.split(",")]
+    except ValueError:
+        raise UserError(f"--steps {args.steps!r} must be whole numbers separated by commas") from None
+    specs = [bench.RunSpec(sampler=args.sampler, steps=s, cfg=args.cfg) for s in steps]
+    baseline = (bench.RunSpec.parse_baseline(args.baseline, args.cfg) if args.baseline
+                else bench.RunSpec(sampler=args.sampler, steps=max(steps), cfg=args.cfg))
+    _quiet_libraries()
+    pipe = Pipeline.from_pretrained(args.model)
+    report = bench.run_bench(pipe, specs, baseline, prompts, batch=args.batch, seed=args.seed,
+                             repeats=args.repeats, size=args.size,
+                             log=lambda m: print(m, file=sys.stderr))
+    print(bench.format_table(report))
+    if args.json:
+        bench.write_json(report, Path(args.json))
+        print(f"wrote {args.json}")
+    if args.plot:
+        bench.plot(report, Path(args.plot))
+        print(f"wrote {args.plot}")
+    return 0
+
+
+# ---- models ---------------------------------------------------------------------------
+def cmd_models(args) -> int:
+    from .models.loading import DEFAULT_MODELS, load_model
+
+    _quiet_libraries()
+    print(f"{'name':<8} {'class':<26} {'parameters':>11} {'on disk':>9}  path")
+    for name, path in DEFAULT_MODELS.items():
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        model = load_model(name)
+        alias = " (default)" if name == "unet" else ""
+        print(f"{name:<8} {model.family:<26} {model.num_parameters():>11,} "
+              f"{size / 2**20:>7.1f} MB  {path}{alias}")
+    return 0
+
+
+# ---- train-default --------------------------------------------------------------------
+def cmd_train_default(args) -> int:
+    from .models.default.export import export_pipeline
+    from .models.default.train import TrainConfig, train
+
+    cfg = TrainConfig(arch=args.arch, steps=args.steps, batch_size=args.batch_size,
+                      lr=args.lr, seed=args.seed)
+    run_dir = Path(args.run_dir or f"runs/default-{args.arch}")
+    _quiet_libraries()
+    trainer = train(cfg, run_dir, max_minutes=args.max_minutes, threads=args.threads)
+    if trainer.step >= cfg.steps:
+        out = Path(args.export_to or run_dir / "model")
+        export_pipeline(trainer, out)
+        print(f"trained {cfg.steps} steps; wrote the model to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdinfer", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Generate images with diffusion models faster, and measure by how much and "
+                    "at what cost in quality. Runs offline on the shipped default models "
+                    "(32x32 shapes) or on diffusers pipelines saved on disk.",
+        epilog=EXAMPLES)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p, many_steps=False):
+        p.add_argument("--model", default="default",
+                       help="default | unet | dit | PATH to a diffusers pipeline folder (default: default, the shipped UNet)")
+        p.add_argument("--sampler", default="ddim", help="sampler, with options: ddim or ddim:eta=0.5 (default: ddim)")
+        if many_steps:
+            p.add_argument("--steps", default="50", help="denoising steps; several as 10,20,50 (default: 50)")
+        else:
+            p.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
+        p.add_argument("--cfg", type=float, default=4.0,
+                       help="classifier-free guidance scale; 1 turns guidance off (default: 4)")
+        p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+        p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's own)")
+
+    g = sub.add_parser("generate", help="generate an image from a prompt",
+                       description="Generate an image from a text prompt and write it as PNG "
+                                   "(the generation parameters go into the PNG's text metadata).")
+    g.add_argument("prompt", help='what to draw, e.g. "a red circle in the top left"')
+    g.add_argument("-o", "--output", default="out.png", help="PNG file to write (default: out.png)")
+    common(g)
+    g.add_argument("--batch", type=int, default=1,
+                   help="images to generate (seeds SEED, SEED+1, ...; files OUT-0.png, OUT-1.png, ...)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="measure configurations against a baseline",
+                       description="Run configurations and their baseline over a prompt set and "
+                                   "report NFE, MACs, wall time, memory, PSNR/SSIM against the "
+                                   "baseline, prompt adherence and speed-ups.")
+    common(b, many_steps=True)
+    b.add_argument("--baseline", default=None,
+                   help="SAMPLER:STEPS of the reference run, e.g. ddim:250 (default: the same "
+                        "sampler at the largest --steps, nothing accelerated)")
+    b.add_argument("--prompts", default="quick",
+                   help="quick (8 prompts) | heldout (200 unseen captions) | FILE with one prompt per line")
+    b.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    b.add_argument("--batch", type=int, default=50, help="prompts per batch (default: 50)")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (default: 3)")
+    b.add_argument("--json", default=None, help="write the records to this JSON file")
+    b.add_argument("--plot", default=None, help="write a quality-vs-speed-up plot to this PNG file")
+    b.set_defaults(func=cmd_bench)
+
+    m = sub.add_parser("models", help="list the shipped models")
+    m.set_defaults(func=cmd_models)
+
+    t = sub.add_parser("train-default", help="train a default model on the shapes data (resumable)",
+                       description="Train a default model from scratch, seeded; interrupted runs "
+                                   "resume from their last checkpoint when the command is repeated.")
+    t.add_argument("--arch", choices=["unet", "dit"], required=True)
+    t.add_argument("--steps", type=int, default=4000)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
+    t.add_argument("--run-dir", default=None, help="checkpoint folder (default: runs/default-ARCH)")
+    t.add_argument("--export-to", default=None, help="where to write the finished model (default: RUN_DIR/model)")
+    t.set_defaults(func=cmd_train_default)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"sdinfer: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdinfer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The denoiser: any model callable turned into x0 / epsilon predictions.
+
+Wraps ``model_fn(x, model_t, text) -> output`` with its prediction type
+(epsilon, v_prediction, sample / x0, flow velocity) and converts the output to
+both the data prediction x0 and the noise prediction eps (DPM-Solver's
+``model_wrapper``, Lu et al. 2022 App. D; v from Salimans & Ho 2022, Eq. 4),
+applies classifier-free guidance (Ho & Salimans 2022, Eq. 6) to the batched
+cond / uncond evaluation, and counts function evaluations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from .context import StepContext, step_context
+from .schedules import NoiseSchedule
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+
+
+@dataclass
+class Prediction:
+    x0: torch.Tensor
+    eps: torch.Tensor
+
+
+class Denoiser:
+    """Guided, counted denoiser over a noise schedule.
+
+    ``cond`` and ``uncond`` are text states of batch size B (or None for an
+    unconditional model); with guidance > 1 both go through the model as one
+    batch of 2B.
+    """
+
+    def __init__(self, model_fn: Callable, schedule: NoiseSchedule, prediction_type: str,
+                 guidance_scale: float = 1.0):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction type {prediction_type!r}; "
+                             f"choose one of {', '.join(PREDICTION_TYPES)}")
+        if prediction_type == "flow":
+            raise ValueError("prediction type 'flow' needs a flow-matching schedule; "
+                             "this denoiser runs VP (alpha/sigma) schedules")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
+        self.model_fn = model_fn
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.guidance_scale = guidance_scale
+        self.nfe = 0          # guided denoiser evaluations
+        self.model_calls = 0  # forward passes of the model (a CFG batch counts once)
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    def raw(self, x: torch.Tensor, t: float, cond, uncond, ctx: StepContext) -> torch.Tensor:
+        """The (guided) model output in the model's own prediction type."""
+        model_t = torch.full((x.shape[0],), float(self.schedule.model_time(t)),
+                             dtype=x.dtype, device=x.device)
+        if self.uses_guidance:
+            x_in = torch.cat([x, x])
+            text = torch.cat([cond, uncond]) if cond is not None else None
+            with step_context(ctx):
+                out = self.model_fn(x_in, torch.cat([model_t, model_t]), text)
+            out_c, out_u = out.chunk(2)
+            out = out_u + self.guidance_scale * (out_c - out_u)
+        else:
+            with step_context(replace(ctx, branch="cond")):
+                out = self.model_fn(x, model_t, cond)
+        self.model_calls += 1
+        self.nfe += 1
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(
+                f"the model returned NaN or inf at step {ctx.step_index} (t={t:.4f}); "
+                "check the model weights and dtype (float16 on CPU is a common cause)")
+        return out
+
+    def __call__(self, x: torch.Tensor, t: float, cond, uncond, ctx: StepContext) -> Prediction:
+        out = self.raw(x, t, cond, uncond, ctx)
+        return self.convert(out, x, t)
+
+    def convert(self, out: torch.Tensor, x: torch.Tensor, t: float) -> Prediction:
+        alpha = self.schedule.alpha(t).to(x.dtype)
+        sigma = self.schedule.sigma(t).to(x.dtype)
+        if self.prediction_type == "epsilon":
+            eps = out
+            x0 = (x - sigma * eps) / alpha
+        elif self.prediction_type == "v_prediction":
+            x0 = alpha * x - sigma * out
+            eps = sigma * x + alpha * out
+        else:  # sample
+            x0 = out
+            eps = (x - alpha * x0) / sigma
+        return Prediction(x0=x0, eps=eps)

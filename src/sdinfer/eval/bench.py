@@ -1,0 +1,194 @@
+"""The bench harness: a configuration against its baseline, measured the same way.
+
+For each configuration it generates the whole prompt set (batched, one seed per
+prompt, the same seeds for every configuration), once as a warm-up on the first
+batch and then ``repeats`` timed times; ``wall_s`` is the median.  Quality is
+measured on the images of the first timed run against the baseline's images
+(PSNR, SSIM) and against the prompts (adherence, shapes prompts only).  MACs
+are counted for one image's generation.  Speed-ups are baseline / configuration.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
+from .adherence import adherence_rate
+from .cost import PeakMemory, count_macs
+from .metrics import PSNR_CAP_DB, psnr, ssim
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One configuration to generate with."""
+
+    sampler: str = "ddim"
+    steps: int = DEFAULT_STEPS
+    cfg: float = DEFAULT_GUIDANCE
+
+    @property
+    def label(self) -> str:
+        return f"{self.sampler}:{self.steps} cfg={self.cfg:g}"
+
+    @classmethod
+    def parse_baseline(cls, text: str, cfg: float) -> "RunSpec":
+        """``SAMPLER:STEPS``, e.g. ``ddim:250`` (sampler options may precede: ``ddim:eta=1:250``)."""
+        sampler, sep, steps = text.rpartition(":")
+        if not sep or not steps.strip().isdigit() or not sampler:
+            raise UserError(f"baseline {text!r} must look like SAMPLER:STEPS, e.g. ddim:250")
+        return cls(sampler=sampler, steps=int(steps), cfg=cfg)
+
+
+@dataclass
+class Measurement:
+    spec: RunSpec
+    pixels: torch.Tensor
+    nfe: int
+    model_calls: int
+    macs: int
+    wall_runs: list[float]
+    peak_mem_mb: float
+
+    @property
+    def wall_s(self) -> float:
+        return statistics.median(self.wall_runs)
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def measure(pipe: Pipeline, spec: RunSpec, prompts: list[str], batch: int, seed: int,
+            repeats: int, size: int | None = None) -> Measurement:
+    if repeats < 1:
+        raise UserError(f"repeats must be >= 1, got {repeats}")
+    if batch < 1:
+        raise UserError(f"batch must be >= 1, got {batch}")
+    seeds = [seed + i for i in range(len(prompts))]
+    chunks = list(zip(_batches(prompts, batch), _batches(seeds, batch)))
+
+    def run_all():
+        return [pipe(p, steps=spec.steps, sampler=spec.sampler, guidance_scale=spec.cfg,
+                     seeds=s, size=size) for p, s in chunks]
+
+    pipe(chunks[0][0], steps=spec.steps, sampler=spec.sampler, guidance_scale=spec.cfg,
+         seeds=chunks[0][1], size=size)  # warm-up
+    walls, first, mem = [], None, PeakMemory()
+    for r in range(repeats):
+        with mem.measure():
+            start = time.perf_counter()
+            results = run_all()
+            walls.append(time.perf_counter() - start)
+        if first is None:
+            first = results
+    macs = count_macs(lambda: pipe(prompts[:1], steps=spec.steps, sampler=spec.sampler,
+                                   guidance_scale=spec.cfg, seeds=seeds[:1], size=size))
+    return Measurement(spec=spec, pixels=torch.cat([r.pixels for r in first]),
+                       nfe=first[0].nfe, model_calls=first[0].model_calls, macs=macs,
+                       wall_runs=walls, peak_mem_mb=mem.mb)
+
+
+def record(m: Measurement, base: Measurement, prompts: list[str], is_baseline: bool) -> dict:
+    images = [(p.permute(1, 2, 0).numpy() * 255).round() for p in m.pixels]
+    adherence = adherence_rate(images, prompts)
+    rec = {
+        "config": ("baseline " if is_baseline else "") + m.spec.label,
+        **asdict(m.spec),
+        "nfe": m.nfe,
+        "model_calls": m.model_calls,
+        "macs": m.macs,
+        "wall_s": round(m.wall_s, 4),
+        "wall_s_runs": [round(w, 4) for w in m.wall_runs],
+        "peak_mem_mb": round(m.peak_mem_mb, 1),
+        "psnr": round(psnr(m.pixels, base.pixels), 3),
+        "ssim": round(ssim(m.pixels, base.pixels), 5),
+        "adherence": None if adherence is None else round(adherence, 4),
+        "speedup_wall": round(base.wall_s / m.wall_s, 4),
+        "speedup_macs": round(base.macs / m.macs, 4),
+    }
+    return rec
+
+
+def run_bench(pipe: Pipeline, specs: list[RunSpec], baseline: RunSpec, prompts: list[str],
+              batch: int = 50, seed: int = 0, repeats: int = 3, size: int | None = None,
+              log=print) -> dict:
+    """Measure the baseline and each spec; returns ``{"meta": ..., "records": [...]}``."""
+    log(f"baseline {baseline.label} on {len(prompts)} prompts ...")
+    base = measure(pipe, baseline, prompts, batch, seed, repeats, size)
+    records = [record(base, base, prompts, is_baseline=True)]
+    for spec in specs:
+        log(f"{spec.label} ...")
+        m = measure(pipe, spec, prompts, batch, seed, repeats, size)
+        records.append(record(m, base, prompts, is_baseline=False))
+    meta = {
+        "model": pipe.model.name,
+        "model_class": pipe.model.family,
+        "prompts": len(prompts),
+        "batch": batch,
+        "seed": seed,
+        "repeats": repeats,
+        "size": size or pipe.model.native_size,
+        "psnr_cap_db": PSNR_CAP_DB,
+        "machine": f"{platform.machine()} {platform.processor() or ''} "
+                   f"{torch.get_num_threads()} threads".strip(),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    return {"meta": meta, "records": records}
+
+
+COLUMNS = [("config", "{}"), ("nfe", "{}"), ("macs", "{:.3g}"), ("wall_s", "{:.3f}"),
+           ("speedup_wall", "{:.2f}x"), ("speedup_macs", "{:.2f}x"), ("psnr", "{:.2f}"),
+           ("ssim", "{:.4f}"), ("adherence", "{:.1%}"), ("peak_mem_mb", "{:.0f}")]
+
+
+def format_table(report: dict) -> str:
+    rows = [[c for c, _ in COLUMNS]]
+    for rec in report["records"]:
+        rows.append(["-" if rec[c] is None else f.format(rec[c]) for c, f in COLUMNS])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    cap = report["meta"]["psnr_cap_db"]
+    lines.append(f"(psnr against the baseline, capped at {cap:g} dB for identical images)")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+def plot(report: dict, path: Path) -> None:
+    """Quality (PSNR, adherence) against speed-up (wall and MACs), one point per configuration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = report["records"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, name in [(axes[0], "psnr", "PSNR vs baseline (dB)"),
+                          (axes[1], "adherence", "prompt adherence")]:
+        for rec in recs:
+            if rec[key] is None or (isinstance(rec[key], float) and math.isnan(rec[key])):
+                continue
+            ax.scatter(rec["speedup_wall"], rec[key], marker="o", label=rec["config"] + " (wall)")
+            ax.scatter(rec["speedup_macs"], rec[key], marker="x", color="gray")
+        ax.set_xlabel("speed-up over baseline (o: wall clock, x: MACs)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{report['meta']['model']}: quality vs speed-up ({report['meta']['date']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

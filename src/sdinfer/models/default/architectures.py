@@ -1,0 +1,110 @@
+"""Configurations of the two default models and of their text encoder.
+
+Configs are plain data: each function returns the diffusers / transformers
+model built from a dict that is also written into the saved model folder.
+
+The UNet is given two coordinate channels (x and y in [-1, 1]) next to its
+three image channels ("CoordConv", Liu et al. 2018): an SD-style UNet has no
+positional encoding, and without it learning to place a shape where the caption
+says takes far longer.  The pipeline appends the channels; the model's own
+config records them (``in_channels = out_channels + 2``).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from . import shapes
+
+TEXT_DIM = 64
+MAX_TOKENS = 16
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+COORD_CHANNELS = 2
+
+UNET_CONFIG = dict(
+    sample_size=shapes.RESOLUTION,
+    in_channels=3 + COORD_CHANNELS,
+    out_channels=3,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(16, 32, 64),
+    layers_per_block=1,
+    # Cross-attention only at 16x16: self-attention there costs a third of a step on a CPU.
+    only_cross_attention=(False, True, False),
+    norm_num_groups=8,
+    cross_attention_dim=TEXT_DIM,
+    attention_head_dim=4,  # diffusers' UNet reads this as the number of heads
+)
+
+DIT_CONFIG = dict(
+    sample_size=shapes.RESOLUTION,
+    patch_size=4,
+    in_channels=3,
+    out_channels=3,
+    num_layers=6,
+    num_attention_heads=4,
+    attention_head_dim=32,
+    cross_attention_dim=128,
+    caption_channels=TEXT_DIM,
+    norm_type="ada_norm_single",
+    use_additional_conditions=False,
+    interpolation_scale=1,
+)
+
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_schedule="linear",
+    beta_start=1e-4,
+    beta_end=0.02,
+    prediction_type="v_prediction",
+    clip_sample=False,
+)
+
+
+def text_encoder_config() -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(SPECIAL_TOKENS) + len(shapes.VOCABULARY),
+        hidden_size=TEXT_DIM,
+        intermediate_size=TEXT_DIM * 2,
+        projection_dim=TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the captions' vocabulary."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(shapes.VOCABULARY))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+        eos_token="<eos>", model_max_length=MAX_TOKENS, do_lower_case=True)
+
+
+def build_text_encoder(seed: int) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    return CLIPTextModel(text_encoder_config())
+
+
+def build_denoiser(arch: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if arch == "unet":
+        return UNet2DConditionModel(**UNET_CONFIG)
+    if arch == "dit":
+        return PixArtTransformer2DModel(**DIT_CONFIG)
+    raise ValueError(f"unknown default architecture {arch!r}; choose 'unet' or 'dit'")
+
+
+def build_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**SCHEDULER_CONFIG)

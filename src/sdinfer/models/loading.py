@@ -1,0 +1,210 @@
+"""Loading models from disk: the shipped default models and diffusers folders.
+
+A folder is a diffusers pipeline (``model_index.json`` naming its components)
+or a single model folder (``config.json`` with ``_class_name``).  Components are
+loaded with their own library's ``from_pretrained``, safetensors only: every
+weights file is checked to be a complete safetensors file before loading, and
+pickled weights (``.bin``, ``.pt``, ``.ckpt``) are refused.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..schedules import NoiseSchedule
+
+DEFAULT_DIR = Path(__file__).parent / "default" / "weights"
+DEFAULT_MODELS = {"unet": DEFAULT_DIR / "unet", "dit": DEFAULT_DIR / "dit"}
+DEFAULT_ALIASES = {"default": "unet"}
+DENOISER_COMPONENTS = ("unet", "transformer")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class LoadedModel:
+    """What a generation needs, whatever folder it came from."""
+
+    name: str
+    path: Path
+    denoiser: torch.nn.Module
+    schedule: NoiseSchedule
+    prediction_type: str
+    text_encoder: torch.nn.Module | None = None
+    tokenizer: object | None = None
+    vae: torch.nn.Module | None = None
+    scheduler_config: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return type(self.denoiser).__name__
+
+    @property
+    def sample_channels(self) -> int:
+        """Channels of the sample the loop denoises (the model's input less coordinate channels)."""
+        cfg = self.denoiser.config
+        out = int(getattr(cfg, "out_channels", None) or cfg.in_channels)
+        return out if int(cfg.in_channels) - out == 2 else int(cfg.in_channels)
+
+    @property
+    def vae_factor(self) -> int:
+        """How many pixels one sample element spans (1 in pixel space)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def denoiser_factor(self) -> int:
+        """The sample's side must be a multiple of this (patch size or UNet downsampling)."""
+        cfg = self.denoiser.config
+        if getattr(cfg, "patch_size", None):
+            return int(cfg.patch_size)
+        if hasattr(cfg, "block_out_channels"):
+            return 2 ** (len(cfg.block_out_channels) - 1)
+        return 1
+
+    @property
+    def spatial_factor(self) -> int:
+        """Image sizes must be multiples of this."""
+        return self.vae_factor * self.denoiser_factor
+
+    @property
+    def native_size(self) -> int:
+        """The image size the model was configured for."""
+        return int(self.denoiser.config.sample_size) * self.vae_factor
+
+    def num_parameters(self) -> int:
+        mods = [self.denoiser, self.text_encoder, self.vae]
+        return sum(p.numel() for m in mods if m is not None for p in m.parameters())
+
+
+def resolve(name_or_path: str | Path) -> tuple[str, Path]:
+    key = str(name_or_path)
+    key = DEFAULT_ALIASES.get(key, key)
+    if key in DEFAULT_MODELS:
+        return key, DEFAULT_MODELS[key]
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"model {str(name_or_path)!r} is neither a shipped model "
+            f"({', '.join(['default', *DEFAULT_MODELS])}) nor an existing path; "
+            "pass one of those names or a folder saved with save_pretrained")
+    if not path.is_dir():
+        raise UserError(f"model path {path} is a file; pass the folder that holds "
+                        "model_index.json (a pipeline) or config.json (a model)")
+    return path.name, path
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a file that is not a complete safetensors file, without unpickling anything."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header length beyond the end of the file")
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"weights file {path} is not a valid safetensors file ({err}); "
+                        "re-save the model with save_pretrained(safe_serialization=True)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise UserError(f"weights file {path} is truncated ({size} bytes, needs "
+                        f"{8 + header_len + end}); copy or download it again")
+
+
+def check_component_folder(folder: Path) -> None:
+    pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    weights = list(folder.glob("*.safetensors"))
+    if pickled and not weights:
+        raise UserError(f"{folder} holds only pickled weights ({', '.join(pickled)}); sdinfer "
+                        "loads safetensors only: re-save with save_pretrained(safe_serialization=True)")
+    for w in weights:
+        check_safetensors(w)
+
+
+def _load_component(folder: Path, library: str, class_name: str):
+    try:
+        cls = getattr(importlib.import_module(library), class_name)
+    except (ImportError, AttributeError):
+        raise UserError(f"{folder} names component class {library}.{class_name}, which is not "
+                        f"installed; install {library} or re-save the pipeline") from None
+    if class_name.endswith("Tokenizer") or class_name.endswith("TokenizerFast"):
+        return cls.from_pretrained(str(folder))
+    check_component_folder(folder)
+    kwargs = {"use_safetensors": True} if library in ("diffusers", "transformers") else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls.from_pretrained(str(folder), **kwargs)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any loader failure is the folder's fault here
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load {class_name} from {folder}: {first}; check that the "
+                        "folder was written by save_pretrained") from None
+    return model.eval()
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a shipped default model or a diffusers folder."""
+    name, path = resolve(name_or_path)
+    index = path / "model_index.json"
+    if index.exists():
+        try:
+            spec = json.loads(index.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{index} is not valid JSON ({err}); re-save the pipeline") from None
+        parts = {}
+        for comp in ("unet", "transformer", "text_encoder", "tokenizer", "vae"):
+            entry = spec.get(comp)
+            if entry and entry[0] is not None and (path / comp).is_dir():
+                parts[comp] = _load_component(path / comp, entry[0], entry[1])
+        denoisers = [parts[c] for c in DENOISER_COMPONENTS if c in parts]
+        if not denoisers:
+            raise UserError(f"pipeline {path} has no unet or transformer folder; pass a "
+                            "text-to-image pipeline saved with save_pretrained")
+        sched_file = path / "scheduler" / "scheduler_config.json"
+        sched_cfg = json.loads(sched_file.read_text()) if sched_file.exists() else {}
+        model = LoadedModel(name=name, path=path, denoiser=denoisers[0],
+                            schedule=_schedule(sched_cfg, path),
+                            prediction_type=sched_cfg.get("prediction_type", "epsilon"),
+                            text_encoder=parts.get("text_encoder"), tokenizer=parts.get("tokenizer"),
+                            vae=parts.get("vae"), scheduler_config=sched_cfg)
+    elif (path / "config.json").exists():
+        cfg = json.loads((path / "config.json").read_text())
+        cls = cfg.get("_class_name")
+        if not cls:
+            raise UserError(f"{path}/config.json has no _class_name: not a diffusers model folder; "
+                            "pass a folder saved with save_pretrained")
+        raise UserError(f"{path} is a bare {cls} folder with no text encoder or scheduler; pass "
+                        "the pipeline folder that holds it (the one with model_index.json)")
+    else:
+        raise UserError(f"{path} is not a diffusers model: it has neither model_index.json nor "
+                        "config.json; pass a folder saved with save_pretrained")
+    if model.text_encoder is not None and model.tokenizer is None:
+        raise UserError(f"pipeline {path} has a text encoder but no tokenizer folder; re-save it")
+    for m in (model.denoiser, model.text_encoder, model.vae):
+        if m is not None:
+            m.to(dtype)
+    return model
+
+
+def _schedule(cfg: dict, path: Path) -> NoiseSchedule:
+    if not cfg:
+        raise UserError(f"pipeline {path} has no scheduler/scheduler_config.json; re-save it "
+                        "with its scheduler")
+    if cfg.get("_class_name", "").startswith("FlowMatch"):
+        raise UserError(f"{path} is a flow-matching model ({cfg['_class_name']}); flow-matching "
+                        "pipelines are not supported by the generation loop yet")
+    try:
+        return NoiseSchedule.from_diffusers_config(cfg)
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from None

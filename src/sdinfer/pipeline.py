@@ -1,0 +1,159 @@
+"""The generation pipeline: prompt -> conditioning -> sampling loop -> decode -> image.
+
+Works on the shipped default models and on diffusers pipeline folders alike
+(``LoadedModel``); the model is called through ``call_denoiser`` and sampled
+by any sampler of ``sdinfer.samplers``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .denoiser import Denoiser
+from .errors import UserError
+from .models.calling import call_denoiser
+from .models.loading import LoadedModel, load_model
+from .samplers import get_sampler, sample_loop
+
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 4.0
+_generation_counter = itertools.count(1)
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    pixels: torch.Tensor           # (B, C, H, W) in [0, 1], float32
+    nfe: int
+    model_calls: int
+    seconds: float
+    params: dict = field(default_factory=dict)
+
+
+class Pipeline:
+    """Text-to-image generation on a loaded model."""
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path="default", dtype: torch.dtype = torch.float32) -> "Pipeline":
+        return cls(load_model(name_or_path, dtype=dtype))
+
+    # ---- conditioning ----------------------------------------------------------
+    def unknown_words(self, prompt: str) -> list[str]:
+        tok = self.model.tokenizer
+        unk = getattr(tok, "unk_token_id", None)
+        if tok is None or unk is None:
+            return []
+        out = []
+        for word in prompt.split():
+            ids = tok(word.lower() if getattr(tok, "do_lower_case", False) else word,
+                      add_special_tokens=False).input_ids
+            if unk in ids:
+                out.append(word)
+        return out
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor | None:
+        te, tok = self.model.text_encoder, self.model.tokenizer
+        if te is None:
+            return None
+        for p in prompts:
+            unknown = self.unknown_words(p)
+            if unknown:
+                warnings.warn(f"prompt {p!r} has words the text encoder does not know: "
+                              f"{', '.join(unknown)}; they are read as <unk>", stacklevel=2)
+        max_len = min(int(tok.model_max_length),
+                      int(getattr(te.config, "max_position_embeddings", 10**6)))
+        texts = [p.lower() for p in prompts] if getattr(tok, "do_lower_case", False) else prompts
+        ids = tok(texts, padding="max_length", max_length=max_len, truncation=True,
+                  return_tensors="pt").input_ids
+        return te(ids)[0]
+
+    # ---- checks ------------------------------------------------------------------
+    def check_size(self, size: int | None) -> int:
+        m = self.model
+        if size is None:
+            return m.native_size
+        f = m.spatial_factor
+        if size < f or size % f:
+            raise UserError(f"size {size} does not fit model {m.name}: it must be a positive "
+                            f"multiple of {f} (trained at {m.native_size}); use --size {m.native_size}")
+        return size
+
+    # ---- generation --------------------------------------------------------------
+    def noise(self, seeds: list[int], size: int, dtype=torch.float32) -> torch.Tensor:
+        """One noise tensor per seed, so an image does not depend on its batch."""
+        side = size // self.model.vae_factor
+        shape = (self.model.sample_channels, side, side)
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=dtype)
+                            for s in seeds])
+
+    def denoiser(self, guidance_scale: float) -> Denoiser:
+        net = self.model.denoiser
+        return Denoiser(lambda x, t, text: call_denoiser(net, x, t, text), self.model.schedule,
+                        self.model.prediction_type, guidance_scale)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        vae = self.model.vae
+        if vae is not None:
+            x = vae.decode(x / vae.config.scaling_factor, return_dict=False)[0]
+        return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
+
+    @torch.no_grad()
+    def __call__(self, prompts: str | list[str], steps: int = DEFAULT_STEPS, sampler: str = "ddim",
+                 guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0, size: int | None = None,
+                 seeds: list[int] | None = None, progress: bool = False) -> GenerationResult:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise UserError("no prompt given; pass at least one prompt")
+        if steps < 1:
+            raise UserError(f"steps must be >= 1, got {steps}")
+        if guidance_scale < 0:
+            raise UserError(f"guidance scale (cfg) must be >= 0, got {guidance_scale}")
+        try:
+            solver = get_sampler(sampler)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        size = self.check_size(size)
+        seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
+        start = time.perf_counter()
+        dtype = next(self.model.denoiser.parameters()).dtype
+        cond = self.encode(prompts)
+        use_cfg = guidance_scale != 1.0 and cond is not None
+        uncond = self.encode([""] * len(prompts)) if use_cfg else None
+        den = self.denoiser(guidance_scale if use_cfg else 1.0)
+        x = self.noise(seeds, size, dtype)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=steps, desc="denoising", unit="step", leave=False)
+        try:
+            x = sample_loop(den, solver, x, steps, cond, uncond, generator=torch.Generator().manual_seed(seeds[0] + 10**6),
+                            generation=next(_generation_counter),
+                            callback=(lambda i, _: bar.update(1)) if bar is not None else None)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        finally:
+            if bar is not None:
+                bar.close()
+        pixels = self.decode(x)
+        seconds = time.perf_counter() - start
+        images = [to_pil(p) for p in pixels]
+        params = {"model": self.model.name, "sampler": sampler, "steps": steps,
+                  "cfg": guidance_scale, "seed": seeds[0], "size": size}
+        return GenerationResult(images, pixels, den.nfe, den.model_calls, seconds, params)
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    arr = (pixels.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+    return Image.fromarray(arr if arr.shape[2] != 1 else arr[..., 0])

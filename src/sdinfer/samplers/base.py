@@ -1,0 +1,70 @@
+"""The sampler interface, the timestep grid and the sampling loop.
+
+A sampler is a step function ``step(denoiser, x, t, t_next, state, ...) -> x_next``
+over continuous times of a ``NoiseSchedule``; its multistep history lives in
+``state``, a dict the loop creates per generation.  The loop hands every model
+evaluation a ``StepContext`` that accelerators read.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from ..context import StepContext
+from ..denoiser import Denoiser
+
+SPACINGS = ("trailing", "leading", "linspace")
+
+
+class Sampler(Protocol):
+    name: str
+    min_steps: int
+
+    def step(self, denoiser: Denoiser, x: torch.Tensor, t: float, t_next: float, state: dict,
+             ctx: StepContext, cond, uncond, generator: torch.Generator | None) -> torch.Tensor:
+        ...
+
+
+def timestep_grid(num_train_timesteps: int, steps: int, spacing: str = "trailing") -> list[int]:
+    """Model timesteps to evaluate, high noise first (diffusers' timestep_spacing)."""
+    n = num_train_timesteps
+    if spacing == "trailing":
+        ts = [round(n - i * n / steps) - 1 for i in range(steps)]
+    elif spacing == "leading":
+        ratio = n // steps
+        ts = [(steps - 1 - i) * ratio for i in range(steps)]
+    elif spacing == "linspace":
+        ts = torch.linspace(0, n - 1, steps, dtype=torch.float64).round().long().flip(0).tolist()
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return ts
+
+
+def continuous_grid(denoiser: Denoiser, steps: int, spacing: str = "trailing") -> list[float]:
+    """Continuous times t_0 > t_1 > ... > t_steps = 0 (the last one is clean data)."""
+    schedule = denoiser.schedule
+    model_ts = timestep_grid(schedule.num_train_timesteps, steps, spacing)
+    return [float(schedule.continuous_time(m)) for m in model_ts] + [0.0]
+
+
+@torch.no_grad()
+def sample_loop(denoiser: Denoiser, sampler: Sampler, x: torch.Tensor, steps: int, cond, uncond,
+                generator: torch.Generator | None = None, spacing: str = "trailing",
+                generation: int = 0, callback: Callable[[int, torch.Tensor], None] | None = None
+                ) -> torch.Tensor:
+    """Run ``sampler`` from the noise ``x`` over ``steps`` steps; returns the clean sample."""
+    if steps < sampler.min_steps:
+        raise ValueError(f"sampler {sampler.name!r} needs at least {sampler.min_steps} steps, "
+                         f"got {steps}")
+    times = continuous_grid(denoiser, steps, spacing)
+    state: dict = {}
+    for i in range(steps):
+        t, t_next = times[i], times[i + 1]
+        ctx = StepContext(step_index=i, num_steps=steps, t=t,
+                          model_t=float(denoiser.schedule.model_time(t)), generation=generation)
+        x = sampler.step(denoiser, x, t, t_next, state, ctx, cond, uncond, generator)
+        if callback is not None:
+            callback(i, x)
+    return x

@@ -1,0 +1,103 @@
+"""Noise schedules in continuous time: alpha(t), sigma(t), lambda(t) and its inverse.
+
+Following DPM-Solver (Lu et al. 2022, Sec. 2 and App. D): a VP diffusion
+x_t = alpha_t x_0 + sigma_t eps with alpha_t^2 + sigma_t^2 = 1 and half
+log-SNR lambda_t = log(alpha_t / sigma_t).  A discrete schedule of N training
+steps (diffusers' ``alphas_cumprod``) is made continuous by piecewise-linear
+interpolation of log(alpha_t) on t_n = (n + 1) / N, n = 0..N-1, and the model's
+own timestep for a continuous t is ``(t - 1/N) * N`` (0..N-1).
+
+Every sampler is written once against this class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class NoiseSchedule:
+    """A discrete VP schedule with continuous-time access."""
+
+    alphas_cumprod: torch.Tensor  # (N,), float64
+
+    def __post_init__(self) -> None:
+        ac = torch.as_tensor(self.alphas_cumprod, dtype=torch.float64)
+        if ac.ndim != 1 or len(ac) < 2:
+            raise ValueError("alphas_cumprod must be a 1-D sequence of at least 2 values")
+        if not torch.all((ac > 0) & (ac <= 1)) or not torch.all(ac[1:] <= ac[:-1]):
+            raise ValueError("alphas_cumprod must lie in (0, 1] and decrease")
+        self.alphas_cumprod = ac
+        self.num_train_timesteps = len(ac)
+        # t = 0 is the clean data (alpha = 1); t_n = (n + 1) / N are the training steps.
+        self._t = torch.linspace(0.0, len(ac), len(ac) + 1, dtype=torch.float64) / len(ac)
+        self._log_alpha = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * torch.log(ac)])
+        self.t_min = float(self._t[1])
+        self.t_max = 1.0
+
+    # ---- construction ------------------------------------------------------
+    @classmethod
+    def from_betas(cls, betas) -> "NoiseSchedule":
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        return cls(torch.cumprod(1.0 - betas, dim=0))
+
+    @classmethod
+    def from_diffusers_config(cls, config) -> "NoiseSchedule":
+        """Build from a diffusers scheduler config (dict or FrozenDict)."""
+        n = int(config.get("num_train_timesteps", 1000))
+        kind = config.get("beta_schedule", "linear")
+        start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+        if config.get("trained_betas") is not None:
+            betas = torch.as_tensor(config["trained_betas"], dtype=torch.float64)
+        elif kind == "linear":
+            betas = torch.linspace(start, end, n, dtype=torch.float64)
+        elif kind == "scaled_linear":
+            betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
+        elif kind == "squaredcos_cap_v2":
+            f = [math.cos((i / n + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(n + 1)]
+            betas = torch.tensor([min(1 - f[i + 1] / f[i], 0.999) for i in range(n)],
+                                 dtype=torch.float64)
+        else:
+            raise ValueError(f"unsupported beta_schedule {kind!r}; supported: linear, "
+                             "scaled_linear, squaredcos_cap_v2, or trained_betas")
+        return cls.from_betas(betas)
+
+    # ---- continuous-time quantities -----------------------------------------
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return _interp(t, self._t, self._log_alpha)
+
+    def alpha(self, t) -> torch.Tensor:
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t) -> torch.Tensor:
+        return torch.sqrt(1.0 - torch.exp(2.0 * self.log_alpha(t)))
+
+    def lam(self, t) -> torch.Tensor:
+        la = self.log_alpha(t)
+        return la - 0.5 * torch.log(1.0 - torch.exp(2.0 * la))
+
+    def inverse_lambda(self, lam) -> torch.Tensor:
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
+        # log_alpha decreases in t: interpolate on the reversed table.
+        return _interp(log_alpha, self._log_alpha.flip(0), self._t.flip(0))
+
+    def model_time(self, t) -> torch.Tensor:
+        """The model's own timestep (0..N-1) for a continuous t."""
+        return (torch.as_tensor(t, dtype=torch.float64) - 1.0 / self.num_train_timesteps) \
+            * self.num_train_timesteps
+
+    def continuous_time(self, model_t) -> torch.Tensor:
+        return (torch.as_tensor(model_t, dtype=torch.float64) + 1.0) / self.num_train_timesteps
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation, linear extrapolation outside [xp[0], xp[-1]]."""
+    idx = torch.clamp(torch.searchsorted(xp, x.contiguous()), 1, len(xp) - 1)
+    x0, x1 = xp[idx - 1], xp[idx]
+    y0, y1 = fp[idx - 1], fp[idx]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
