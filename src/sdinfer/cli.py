@@ -55,8 +55,13 @@ def _check_outputs(paths: list[Path], overwrite: bool) -> None:
         parent = p.parent if str(p.parent) else Path(".")
         if not parent.is_dir():
             raise UserError(f"cannot write {p}: folder {parent} does not exist; create it first")
-        if not os.access(parent, os.W_OK):
-            raise UserError(f"cannot write {p}: folder {parent} is not writable; choose another -o")
+        try:  # os.access says yes to root even where writing fails, so try it
+            fd, probe = tempfile.mkstemp(suffix=".tmp", dir=parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise UserError(f"cannot write {p}: folder {parent} is not writable ({err.strerror}); "
+                            "choose another -o") from None
 
 
 def _save_png(image, path: Path, metadata: dict) -> None:
@@ -99,7 +104,10 @@ def cmd_generate(args) -> int:
         meta = {"prompt": args.prompt, **result.params, "seed": args.seed + i,
                 "software": f"sdinfer {__version__}"}
         meta["parameters"] = ", ".join(f"{k}: {v}" for k, v in meta.items())
-        _save_png(image, path, meta)
+        try:
+            _save_png(image, path, meta)
+        except OSError as err:
+            raise UserError(f"cannot write {path}: {err.strerror or err}; choose another -o") from None
     total = time.perf_counter() - start
     names = ", ".join(str(p) for p in outputs)
     print(f"wrote {names} ({result.params['size']}x{result.params['size']}, "
@@ -117,6 +125,11 @@ def cmd_bench(args) -> int:
     for target in (args.json, args.plot):
         if target:
             _check_outputs([Path(target).with_suffix(".png")], True)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib; install it with pip install 'sdinfer[plot]'") from None
     prompts = load_prompts(args.prompts)
     if args.limit:
         prompts = prompts[: args.limit]

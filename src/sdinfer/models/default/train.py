@@ -107,7 +107,7 @@ class Trainer:
             for k, p in self._params().items():
                 self.ema[k].lerp_(p.detach(), 1 - decay)
         self.step += 1
-        return float(loss)
+        return float(loss.detach())
 
     # ---- checkpoints -------------------------------------------------------
     def save(self) -> None:

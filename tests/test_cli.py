@@ -1,0 +1,147 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdinfer.cli import main
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_default_writes_png_with_metadata(tmp_path, capsys):
+    out = tmp_path / "out.png"
+    code, stdout, _ = run(capsys, "generate", "a red circle in the top left", "-o", str(out),
+                          "--steps", "3", "--quiet")
+    assert code == 0 and out.exists()
+    image = Image.open(out)
+    assert image.size == (32, 32)
+    assert image.text["prompt"] == "a red circle in the top left"
+    assert image.text["steps"] == "3" and image.text["sampler"] == "ddim"
+    assert "seed: 0" in image.text["parameters"]
+    assert str(out) in stdout and " s " in stdout
+
+
+def test_generate_batch_and_other_model(tmp_path, capsys):
+    out = tmp_path / "b.png"
+    code, _, _ = run(capsys, "generate", "a blue square in the center", "-o", str(out), "--model",
+                     "dit", "--batch", "2", "--steps", "2", "--seed", "5", "--quiet")
+    assert code == 0
+    assert Image.open(tmp_path / "b-1.png").text["seed"] == "6"
+
+
+def test_generate_from_saved_pipeline_path(tiny_sd, tmp_path, capsys):
+    out = tmp_path / "sd.png"
+    code, _, err = run(capsys, "generate", "a cat", "-o", str(out), "--model", str(tiny_sd),
+                       "--steps", "2", "--size", "16", "--quiet")
+    assert code == 0, err
+    assert Image.open(out).size == (16, 16)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "no-such-model"], "neither a shipped model"),
+    (["--model", "/nonexistent/folder"], "neither a shipped model"),
+    (["--sampler", "warp-drive"], "unknown sampler"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--size", "30"], "multiple of 4"),
+    (["--cfg", "-1"], "cfg"),
+    (["-o", "/nonexistent/dir/x.png"], "does not exist"),
+    (["-o", "image.jpg"], "must end in .png"),
+])
+def test_bad_input_is_one_clear_line(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["generate", "a red circle in the top left", "--steps", "2", "--quiet"]
+    if "-o" not in args:
+        argv += ["-o", "out.png"]
+    code, _, err = run(capsys, *argv, *args)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("sdinfer: error:") and message in lines[0], err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_not_a_model_folder_and_truncated_weights(tmp_path, capsys, tiny_sd):
+    import shutil
+
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "generate", "x", "-o", str(tmp_path / "a.png"), "--model",
+                       str(tmp_path / "empty"))
+    assert code == 2 and "not a diffusers model" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd, broken)
+    w = next((broken / "vae").glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[:100])
+    code, _, err = run(capsys, "generate", "x", "-o", str(tmp_path / "a.png"), "--model", str(broken))
+    assert code == 2 and "safetensors" in err
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_unwritable_folder(tmp_path, capsys):
+    if os.geteuid() == 0:
+        target = Path("/proc/sdinfer-test.png")  # not writable even for root
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = locked / "a.png"
+    code, _, err = run(capsys, "generate", "x", "-o", str(target))
+    assert code == 2 and "not writable" in err
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"precious")
+    code, _, err = run(capsys, "generate", "a red circle in the top left", "-o", str(out), "--steps", "2")
+    assert code == 2 and "--overwrite" in err and out.read_bytes() == b"precious"
+    code, _, _ = run(capsys, "generate", "a red circle in the top left", "-o", str(out), "--steps", "2",
+                     "--overwrite", "--quiet")
+    assert code == 0 and Image.open(out).size == (32, 32)
+
+
+def test_models_lists_both(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and "UNet2DConditionModel" in out and "PixArtTransformer2DModel" in out
+
+
+def test_help_reads_for_newcomers(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--model", "--sampler", "--steps", "--cfg", "--seed", "--batch", "--size", "--overwrite"):
+        assert flag in out
+
+
+def test_bench_writes_json_and_self_baseline_is_exact(tmp_path, capsys):
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    code, out, err = run(capsys, "bench", "--model", "unet", "--steps", "3", "--prompts", "quick",
+                         "--limit", "4", "--batch", "2", "--repeats", "3", "--json", str(js), "--plot", str(png))
+    assert code == 0, err
+    report = json.loads(js.read_text())
+    base, same = report["records"]
+    for key in ("config", "nfe", "macs", "wall_s", "peak_mem_mb", "psnr", "ssim", "adherence",
+                "speedup_wall", "speedup_macs"):
+        assert key in same
+    assert same["psnr"] == report["meta"]["psnr_cap_db"] and same["ssim"] == pytest.approx(1.0)
+    assert same["speedup_macs"] == 1.0 and same["nfe"] == 3 and same["macs"] > 0
+    assert 0.3 < same["speedup_wall"] < 3.0
+    assert png.exists() and "speedup_wall" in out
+
+
+def test_bench_with_other_baseline(tmp_path, capsys):
+    js = tmp_path / "b.json"
+    code, _, err = run(capsys, "bench", "--model", "dit", "--steps", "2", "--baseline", "ddim:4",
+                       "--prompts", "quick", "--limit", "2", "--repeats", "1", "--json", str(js))
+    assert code == 0, err
+    base, rec = json.loads(js.read_text())["records"]
+    assert base["steps"] == 4 and rec["steps"] == 2
+    assert rec["speedup_macs"] == pytest.approx(2.0, rel=0.05) and rec["psnr"] < 100
+
+
+def test_bench_bad_prompt_set(capsys):
+    code, _, err = run(capsys, "bench", "--prompts", "/no/such/file.txt")
+    assert code == 2 and "prompt set" in err

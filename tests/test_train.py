@@ -1,0 +1,35 @@
+import torch
+
+from sdinfer.models.default.train import TrainConfig, Trainer
+
+
+def _weights(tr):
+    return {k: v.detach().clone() for k, v in tr._params().items()}
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    cfg = TrainConfig(arch="dit", steps=4, batch_size=4, checkpoint_every=2, warmup=2)
+    straight = Trainer(cfg, tmp_path / "a")
+    for _ in range(4):
+        straight.train_step()
+
+    first = Trainer(cfg, tmp_path / "b")
+    first.train_step(), first.train_step()
+    first.save()
+    resumed = Trainer(cfg, tmp_path / "b")
+    assert resumed.try_resume() and resumed.step == 2
+    resumed.train_step(), resumed.train_step()
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    for k in straight.ema:
+        torch.testing.assert_close(straight.ema[k], resumed.ema[k], rtol=0, atol=0)
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    import pytest
+
+    Trainer(TrainConfig(arch="dit", steps=4, batch_size=2), tmp_path).save()
+    with pytest.raises(SystemExit, match="another configuration"):
+        Trainer(TrainConfig(arch="dit", steps=8, batch_size=2), tmp_path).try_resume()
