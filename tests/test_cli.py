@@ -49,6 +49,7 @@ def test_generate_from_saved_pipeline_path(tiny_sd, tmp_path, capsys):
     (["--sampler", "warp-drive"], "unknown sampler"),
     (["--steps", "0"], "steps must be >= 1"),
     (["--size", "30"], "multiple of 4"),
+    (["--size", "64", "--model", "dit"], "larger than model"),
     (["--cfg", "-1"], "cfg"),
     (["-o", "/nonexistent/dir/x.png"], "does not exist"),
     (["-o", "image.jpg"], "must end in .png"),
@@ -105,7 +106,7 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
 
 def test_models_lists_both(capsys):
     code, out, _ = run(capsys, "models")
-    assert code == 0 and "UNet2DConditionModel" in out and "PixArtTransformer2DModel" in out
+    assert code == 0 and "UNet2DConditionModel" in out and "SD3Transformer2DModel" in out
 
 
 def test_help_reads_for_newcomers(capsys):

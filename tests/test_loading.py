@@ -15,7 +15,7 @@ def test_default_models_load_offline():
         assert m.text_encoder is not None and m.tokenizer is not None
         assert m.native_size == 32 and m.prediction_type == "v_prediction"
     assert load_model("default").family == "UNet2DConditionModel"
-    assert load_model("dit").family == "PixArtTransformer2DModel"
+    assert load_model("dit").family == "SD3Transformer2DModel"
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_pixart"])

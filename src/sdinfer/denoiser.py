@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from .context import StepContext, step_context
+from .models.calling import concat_text
 from .schedules import NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
@@ -62,7 +63,7 @@ class Denoiser:
                              dtype=x.dtype, device=x.device)
         if self.uses_guidance:
             x_in = torch.cat([x, x])
-            text = torch.cat([cond, uncond]) if cond is not None else None
+            text = concat_text(cond, uncond)
             with step_context(ctx):
                 out = self.model_fn(x_in, torch.cat([model_t, model_t]), text)
             out_c, out_u = out.chunk(2)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .denoiser import Denoiser
 from .errors import UserError
-from .models.calling import call_denoiser
+from .models.calling import TextConditioning, call_denoiser
 from .models.loading import LoadedModel, load_model
 from .samplers import get_sampler, sample_loop
 
@@ -62,7 +62,7 @@ class Pipeline:
         return out
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor | None:
+    def encode(self, prompts: list[str]) -> TextConditioning | None:
         te, tok = self.model.text_encoder, self.model.tokenizer
         if te is None:
             return None
@@ -76,7 +76,8 @@ class Pipeline:
         texts = [p.lower() for p in prompts] if getattr(tok, "do_lower_case", False) else prompts
         ids = tok(texts, padding="max_length", max_length=max_len, truncation=True,
                   return_tensors="pt").input_ids
-        return te(ids)[0]
+        out = te(ids)
+        return TextConditioning(out[0], getattr(out, "pooler_output", None))
 
     # ---- checks ------------------------------------------------------------------
     def check_size(self, size: int | None) -> int:
@@ -87,6 +88,9 @@ class Pipeline:
         if size < f or size % f:
             raise UserError(f"size {size} does not fit model {m.name}: it must be a positive "
                             f"multiple of {f} (trained at {m.native_size}); use --size {m.native_size}")
+        if m.max_size is not None and size > m.max_size:
+            raise UserError(f"size {size} is larger than model {m.name} takes ({m.max_size}, the "
+                            f"extent of its positional table); use --size {m.native_size}")
         return size
 
     # ---- generation --------------------------------------------------------------

@@ -19,7 +19,7 @@ class BlockGroup:
     """A module list (or single module) of blocks, by attribute path."""
 
     path: str               # e.g. "down_blocks" or "mid_block"
-    returns: str = "hidden"  # "hidden", "hidden+skips" (UNet down blocks), "hidden+encoder"
+    returns: str = "hidden"  # "hidden", "hidden+skips" (UNet down blocks), "encoder+hidden" (MM-DiT)
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
     "UNet2DConditionModel": UNET,
     "PixArtTransformer2DModel": TRANSFORMER,
     "DiTTransformer2DModel": TRANSFORMER,
+    "SD3Transformer2DModel": ModelAdapter("dit", (BlockGroup("transformer_blocks", "encoder+hidden"),)),
 }
 
 

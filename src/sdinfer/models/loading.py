@@ -76,6 +76,14 @@ class LoadedModel:
         return self.vae_factor * self.denoiser_factor
 
     @property
+    def max_size(self) -> int | None:
+        """The largest image side the model takes (a cropped positional table), or None."""
+        cfg = self.denoiser.config
+        if getattr(cfg, "pos_embed_max_size", None):
+            return int(cfg.pos_embed_max_size) * self.spatial_factor
+        return None
+
+    @property
     def native_size(self) -> int:
         """The image size the model was configured for."""
         return int(self.denoiser.config.sample_size) * self.vae_factor
@@ -130,7 +138,7 @@ def check_component_folder(folder: Path) -> None:
         check_safetensors(w)
 
 
-def _load_component(folder: Path, library: str, class_name: str):
+def _load_component(folder: Path, library: str, class_name: str, dtype: torch.dtype):
     try:
         cls = getattr(importlib.import_module(library), class_name)
     except (ImportError, AttributeError):
@@ -139,7 +147,11 @@ def _load_component(folder: Path, library: str, class_name: str):
     if class_name.endswith("Tokenizer") or class_name.endswith("TokenizerFast"):
         return cls.from_pretrained(str(folder))
     check_component_folder(folder)
-    kwargs = {"use_safetensors": True} if library in ("diffusers", "transformers") else {}
+    kwargs = {}
+    if library == "diffusers":
+        kwargs = {"use_safetensors": True, "torch_dtype": dtype}
+    elif library == "transformers":
+        kwargs = {"use_safetensors": True, "dtype": dtype}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -166,7 +178,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
         for comp in ("unet", "transformer", "text_encoder", "tokenizer", "vae"):
             entry = spec.get(comp)
             if entry and entry[0] is not None and (path / comp).is_dir():
-                parts[comp] = _load_component(path / comp, entry[0], entry[1])
+                parts[comp] = _load_component(path / comp, entry[0], entry[1], dtype)
         denoisers = [parts[c] for c in DENOISER_COMPONENTS if c in parts]
         if not denoisers:
             raise UserError(f"pipeline {path} has no unet or transformer folder; pass a "
@@ -191,9 +203,6 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
                         "config.json; pass a folder saved with save_pretrained")
     if model.text_encoder is not None and model.tokenizer is None:
         raise UserError(f"pipeline {path} has a text encoder but no tokenizer folder; re-save it")
-    for m in (model.denoiser, model.text_encoder, model.vae):
-        if m is not None:
-            m.to(dtype)
     return model
 
 

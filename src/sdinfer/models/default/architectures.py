@@ -13,7 +13,7 @@ config records them (``in_channels = out_channels + 2``).
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
+from diffusers import DDPMScheduler, SD3Transformer2DModel, UNet2DConditionModel
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
@@ -47,12 +47,11 @@ DIT_CONFIG = dict(
     out_channels=3,
     num_layers=6,
     num_attention_heads=4,
-    attention_head_dim=32,
-    cross_attention_dim=128,
-    caption_channels=TEXT_DIM,
-    norm_type="ada_norm_single",
-    use_additional_conditions=False,
-    interpolation_scale=1,
+    attention_head_dim=24,
+    joint_attention_dim=TEXT_DIM,
+    caption_projection_dim=96,
+    pooled_projection_dim=TEXT_DIM,
+    pos_embed_max_size=shapes.RESOLUTION // 4,
 )
 
 SCHEDULER_CONFIG = dict(
@@ -102,7 +101,7 @@ def build_denoiser(arch: str, seed: int) -> torch.nn.Module:
     if arch == "unet":
         return UNet2DConditionModel(**UNET_CONFIG)
     if arch == "dit":
-        return PixArtTransformer2DModel(**DIT_CONFIG)
+        return SD3Transformer2DModel(**DIT_CONFIG)
     raise ValueError(f"unknown default architecture {arch!r}; choose 'unet' or 'dit'")
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..calling import call_denoiser
+from ..calling import TextConditioning, call_denoiser
 from . import architectures as arch_mod
 from . import shapes
 
@@ -75,10 +75,11 @@ class Trainer:
         captions = [s.caption if rng.random() >= self.cfg.caption_dropout else "" for s in specs]
         return x0, captions
 
-    def encode(self, captions: list[str]) -> torch.Tensor:
+    def encode(self, captions: list[str]) -> TextConditioning:
         ids = self.tokenizer(captions, padding="max_length", max_length=arch_mod.MAX_TOKENS,
                              truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids).last_hidden_state
+        out = self.text_encoder(ids)
+        return TextConditioning(out.last_hidden_state, out.pooler_output)
 
     # ---- one step ----------------------------------------------------------
     def train_step(self) -> float:
