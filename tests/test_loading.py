@@ -97,3 +97,19 @@ def test_broken_model_index(tiny_sd, tmp_path):
     (path / "model_index.json").write_text(json.dumps({"_class_name": "X"}))
     with pytest.raises(UserError, match="no unet or transformer"):
         load_model(path)
+
+
+def test_nan_weights_give_a_clear_error(default_pipe):
+    from sdinfer.pipeline import Pipeline
+
+    pipe = Pipeline(default_pipe.model)
+    net = pipe.model.denoiser
+    saved = net.conv_out.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            net.conv_out.bias.fill_(float("nan"))
+        with pytest.raises(UserError, match="NaN"):
+            pipe(["a red circle in the top left"], steps=2)
+    finally:
+        with torch.no_grad():
+            net.conv_out.bias.copy_(saved)

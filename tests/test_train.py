@@ -33,3 +33,15 @@ def test_resume_refuses_another_configuration(tmp_path):
     Trainer(TrainConfig(arch="dit", steps=4, batch_size=2), tmp_path).save()
     with pytest.raises(SystemExit, match="another configuration"):
         Trainer(TrainConfig(arch="dit", steps=8, batch_size=2), tmp_path).try_resume()
+
+
+def test_train_default_command_exports_a_loadable_model(tmp_path, capsys):
+    from sdinfer.cli import main
+    from sdinfer.pipeline import Pipeline
+
+    out = tmp_path / "model"
+    code = main(["train-default", "--arch", "dit", "--steps", "2", "--batch-size", "2",
+                 "--run-dir", str(tmp_path / "run"), "--export-to", str(out)])
+    assert code == 0 and "wrote the model" in capsys.readouterr().out
+    result = Pipeline.from_pretrained(out)(["a red circle in the top left"], steps=2)
+    assert result.pixels.shape == (1, 3, 32, 32)

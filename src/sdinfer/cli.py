@@ -18,6 +18,7 @@ examples:
   sdinfer generate "a blue square in the center" --model dit --steps 25 --cfg 4 --seed 3 -o sq.png
   sdinfer bench --model unet --steps 10,20 --prompts quick --json bench.json --plot bench.png
   sdinfer models
+  sdinfer train-default --arch unet
 """
 
 
@@ -172,11 +173,13 @@ def cmd_models(args) -> int:
 
 # ---- train-default --------------------------------------------------------------------
 def cmd_train_default(args) -> int:
+    from .models.default.architectures import TRAIN_OVERRIDES
     from .models.default.export import export_pipeline
     from .models.default.train import TrainConfig, train
 
-    cfg = TrainConfig(arch=args.arch, steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, seed=args.seed)
+    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    cfg = TrainConfig(arch=args.arch, **{**TRAIN_OVERRIDES[args.arch],
+                                         **{k: v for k, v in given.items() if v is not None}})
     run_dir = Path(args.run_dir or f"runs/default-{args.arch}")
     _quiet_libraries()
     trainer = train(cfg, run_dir, max_minutes=args.max_minutes, threads=args.threads)
@@ -245,10 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a default model from scratch, seeded; interrupted runs "
                                    "resume from their last checkpoint when the command is repeated.")
     t.add_argument("--arch", choices=["unet", "dit"], required=True)
-    t.add_argument("--steps", type=int, default=4000)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, default=None, help="training steps (default: unet 4000, dit 5000)")
+    t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 64)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3)")
+    t.add_argument("--seed", type=int, default=None, help="seed of data, noise and weights (default: 0)")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
     t.add_argument("--run-dir", default=None, help="checkpoint folder (default: runs/default-ARCH)")

@@ -128,6 +128,9 @@ class Pipeline:
             solver = get_sampler(sampler)
         except ValueError as err:
             raise UserError(str(err)) from None
+        if steps < solver.min_steps:
+            raise UserError(f"sampler {solver.name!r} needs at least {solver.min_steps} steps, "
+                            f"got {steps}")
         size = self.check_size(size)
         seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
         start = time.perf_counter()
@@ -141,11 +144,12 @@ class Pipeline:
         if progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=steps, desc="denoising", unit="step", leave=False)
+        noise_generator = torch.Generator().manual_seed(seeds[0] + 10**6)  # stochastic samplers
         try:
-            x = sample_loop(den, solver, x, steps, cond, uncond, generator=torch.Generator().manual_seed(seeds[0] + 10**6),
+            x = sample_loop(den, solver, x, steps, cond, uncond, generator=noise_generator,
                             generation=next(_generation_counter),
                             callback=(lambda i, _: bar.update(1)) if bar is not None else None)
-        except ValueError as err:
+        except FloatingPointError as err:
             raise UserError(str(err)) from None
         finally:
             if bar is not None:

@@ -54,6 +54,12 @@ DIT_CONFIG = dict(
     pos_embed_max_size=shapes.RESOLUTION // 4,
 )
 
+# Training settings that differ per architecture (the rest: TrainConfig's defaults).
+TRAIN_OVERRIDES = {
+    "unet": dict(steps=4000, min_snr_gamma=5.0),
+    "dit": dict(steps=5000, min_snr_gamma=None),
+}
+
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     beta_schedule="linear",

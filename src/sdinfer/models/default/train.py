@@ -1,8 +1,13 @@
 """Training of the default models on the shapes data set (resumable, seeded).
 
-Objective: v-prediction (Salimans & Ho 2022) with Min-SNR-gamma loss weighting
-(Hang et al. 2023, weight min(SNR, gamma) / (SNR + 1) for v), caption dropout
-for classifier-free guidance (Ho & Salimans 2022), and an EMA of the weights.
+Objective: v-prediction (Salimans & Ho 2022), either plain (weight 1 on the v
+error, i.e. SNR + 1 on the x0 error) or with Min-SNR-gamma weighting (Hang et
+al. 2023, weight min(SNR, gamma) / (SNR + 1) for v).  Min-SNR gives the
+high-noise steps, where layout and colour are decided, almost no weight
+(SNR < 0.1 for half of the linear schedule's steps); the UNet learned its
+conditioning anyway, the DiT did not, so the DiT trains with the plain loss.
+Caption dropout for classifier-free guidance (Ho & Salimans 2022) and an EMA
+of the weights complete it.
 The batch for step k is drawn from a generator seeded with (seed, k), so a run
 resumed from a checkpoint sees exactly the data an uninterrupted run would.
 
@@ -35,7 +40,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup: int = 200
     ema_decay: float = 0.999
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float | None = 5.0  # None: plain v-prediction loss
     caption_dropout: float = 0.1
     seed: int = 0
     checkpoint_every: int = 200
@@ -93,7 +98,10 @@ class Trainer:
         xt = a * x0 + s * noise
         v_target = a * noise - s * x0
         pred = call_denoiser(self.model, xt, t, self.encode(captions))
-        weight = torch.clamp(self.snr[t], max=cfg.min_snr_gamma) / (self.snr[t] + 1)
+        if cfg.min_snr_gamma is None:
+            weight = torch.ones_like(self.snr[t])
+        else:
+            weight = torch.clamp(self.snr[t], max=cfg.min_snr_gamma) / (self.snr[t] + 1)
         loss = (weight * (pred - v_target).square().mean(dim=(1, 2, 3))).mean()
         lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup)
         lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, self.step / cfg.steps)))  # cosine decay
