@@ -56,7 +56,7 @@ DIT_CONFIG = dict(
 
 # Training settings that differ per architecture (the rest: TrainConfig's defaults).
 TRAIN_OVERRIDES = {
-    "unet": dict(steps=4000, min_snr_gamma=5.0),
+    "unet": dict(steps=3000, min_snr_gamma=None),
     "dit": dict(steps=5000, min_snr_gamma=None),
 }
 
