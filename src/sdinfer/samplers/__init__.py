@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from .base import Sampler, continuous_grid, sample_loop, timestep_grid
 from .ddim import DDIM
+from .dpm_solver import DPMSolverMultistep
 
 SAMPLERS = {
     "ddim": lambda **kw: DDIM(**kw),
+    "dpm-solver++": lambda **kw: DPMSolverMultistep(**{"order": 2, **kw}),
+    "dpm-solver": lambda **kw: DPMSolverMultistep(**{"order": 2, **kw}, algorithm="dpmsolver",
+                                                  name="dpm-solver"),
 }
 
 
@@ -31,4 +35,4 @@ def get_sampler(spec: str) -> Sampler:
         raise ValueError(f"sampler {name!r} has no option among {sorted(kwargs)}") from None
 
 
-__all__ = ["Sampler", "SAMPLERS", "get_sampler", "sample_loop", "timestep_grid", "continuous_grid", "DDIM"]
+__all__ = ["Sampler", "SAMPLERS", "get_sampler", "sample_loop", "timestep_grid", "continuous_grid", "DDIM", "DPMSolverMultistep"]

@@ -42,23 +42,36 @@ def timestep_grid(num_train_timesteps: int, steps: int, spacing: str = "trailing
     return ts
 
 
-def continuous_grid(denoiser: Denoiser, steps: int, spacing: str = "trailing") -> list[float]:
-    """Continuous times t_0 > t_1 > ... > t_steps = 0 (the last one is clean data)."""
+FINALS = ("zero", "sigma_min")
+
+
+def continuous_grid(denoiser: Denoiser, steps: int, spacing: str = "trailing",
+                    timesteps: list[int] | None = None, final: str = "zero") -> list[float]:
+    """Continuous times t_0 > t_1 > ... > t_steps: the last is clean data (``final="zero"``)
+    or the first training step (``"sigma_min"``, diffusers' ``final_sigmas_type``).
+
+    ``timesteps`` gives the model timesteps explicitly (e.g. a diffusers scheduler's)."""
+    if final not in FINALS:
+        raise ValueError(f"unknown final time {final!r}; choose one of {', '.join(FINALS)}")
     schedule = denoiser.schedule
-    model_ts = timestep_grid(schedule.num_train_timesteps, steps, spacing)
-    return [float(schedule.continuous_time(m)) for m in model_ts] + [0.0]
+    model_ts = timesteps if timesteps is not None else \
+        timestep_grid(schedule.num_train_timesteps, steps, spacing)
+    if len(model_ts) != steps:
+        raise ValueError(f"{len(model_ts)} timesteps given for {steps} steps")
+    last = 0.0 if final == "zero" else schedule.t_min
+    return [float(schedule.continuous_time(m)) for m in model_ts] + [last]
 
 
 @torch.no_grad()
 def sample_loop(denoiser: Denoiser, sampler: Sampler, x: torch.Tensor, steps: int, cond, uncond,
                 generator: torch.Generator | None = None, spacing: str = "trailing",
-                generation: int = 0, callback: Callable[[int, torch.Tensor], None] | None = None
-                ) -> torch.Tensor:
+                generation: int = 0, callback: Callable[[int, torch.Tensor], None] | None = None,
+                timesteps: list[int] | None = None, final: str = "zero") -> torch.Tensor:
     """Run ``sampler`` from the noise ``x`` over ``steps`` steps; returns the clean sample."""
     if steps < sampler.min_steps:
         raise ValueError(f"sampler {sampler.name!r} needs at least {sampler.min_steps} steps, "
                          f"got {steps}")
-    times = continuous_grid(denoiser, steps, spacing)
+    times = continuous_grid(denoiser, steps, spacing, timesteps, final)
     state: dict = {}
     for i in range(steps):
         t, t_next = times[i], times[i + 1]
