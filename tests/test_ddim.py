@@ -67,7 +67,8 @@ def test_nan_from_model_is_a_clear_error():
 
 @pytest.mark.parametrize("spec,msg", [("euler-magic", "unknown sampler"), ("ddim:eta", "key=value"),
                                       ("ddim:eta=2", "eta"), ("ddim:order=2", "no option"),
-                                      ("ddim:eta=x", "number")])
+                                      ("unipc:solver_type=bh7", "solver type"), ("ddim:eta=x", "number"),
+                                      ("dpm-solver++:algorithm=foo", "algorithm")])
 def test_bad_sampler_specs(spec, msg):
     with pytest.raises(ValueError, match=msg):
         get_sampler(spec)

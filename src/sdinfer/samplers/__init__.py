@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from .base import Sampler, continuous_grid, sample_loop, timestep_grid
 from .ddim import DDIM
+from .ddpm import DDPM
 from .dpm_solver import DPMSolverMultistep
+from .unipc import UniPC
 
 SAMPLERS = {
     "ddim": lambda **kw: DDIM(**kw),
+    "ddpm": lambda **kw: DDPM(**kw),
     "dpm-solver++": lambda **kw: DPMSolverMultistep(**{"order": 2, **kw}),
     "dpm-solver": lambda **kw: DPMSolverMultistep(**{"order": 2, **kw}, algorithm="dpmsolver",
                                                   name="dpm-solver"),
+    "unipc": lambda **kw: UniPC(**kw),
 }
 
 
@@ -25,14 +29,22 @@ def get_sampler(spec: str) -> Sampler:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"sampler option {item!r} must look like key=value")
-        try:
-            kwargs[key.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"sampler option {key!r} needs a number, got {value!r}") from None
+        kwargs[key.strip()] = _option_value(value.strip())
     try:
         return SAMPLERS[name](**kwargs)
     except TypeError:
         raise ValueError(f"sampler {name!r} has no option among {sorted(kwargs)}") from None
 
 
-__all__ = ["Sampler", "SAMPLERS", "get_sampler", "sample_loop", "timestep_grid", "continuous_grid", "DDIM", "DPMSolverMultistep"]
+def _option_value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+__all__ = ["Sampler", "SAMPLERS", "get_sampler", "sample_loop", "timestep_grid", "continuous_grid", "DDIM", "DDPM", "DPMSolverMultistep", "UniPC"]

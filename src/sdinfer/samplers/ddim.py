@@ -24,8 +24,9 @@ class DDIM:
     min_steps: int = 1
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"ddim eta must lie in [0, 1], got {self.eta}")
+        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) \
+                or not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"ddim eta must be a number in [0, 1], got {self.eta!r}")
 
     def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
         pred = denoiser(x, t, cond, uncond, ctx)
