@@ -4,8 +4,11 @@ Following DPM-Solver (Lu et al. 2022, Sec. 2 and App. D): a VP diffusion
 x_t = alpha_t x_0 + sigma_t eps with alpha_t^2 + sigma_t^2 = 1 and half
 log-SNR lambda_t = log(alpha_t / sigma_t).  A discrete schedule of N training
 steps (diffusers' ``alphas_cumprod``) is made continuous by piecewise-linear
-interpolation of log(alpha_t) on t_n = (n + 1) / N, n = 0..N-1, and the model's
-own timestep for a continuous t is ``(t - 1/N) * N`` (0..N-1).
+interpolation of lambda on t_n = (n + 1) / N, n = 0..N-1 (lambda is minus the
+log of diffusers' sigma = sqrt((1 - abar) / abar), so a fractional timestep means
+what diffusers' ``_sigma_to_t`` makes of it), and the model's own timestep for a
+continuous t is ``(t - 1/N) * N`` (0..N-1).  t = 0 is the clean data: alpha = 1,
+sigma = 0, lambda = +inf.
 
 Every sampler is written once against this class.
 """
@@ -32,10 +35,9 @@ class NoiseSchedule:
             raise ValueError("alphas_cumprod must lie in (0, 1] and decrease")
         self.alphas_cumprod = ac
         self.num_train_timesteps = len(ac)
-        # t = 0 is the clean data (alpha = 1); t_n = (n + 1) / N are the training steps.
-        self._t = torch.linspace(0.0, len(ac), len(ac) + 1, dtype=torch.float64) / len(ac)
-        self._log_alpha = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * torch.log(ac)])
-        self.t_min = float(self._t[1])
+        self._t = torch.linspace(1.0, len(ac), len(ac), dtype=torch.float64) / len(ac)
+        self._lam = 0.5 * (torch.log(ac) - torch.log1p(-ac))
+        self.t_min = float(self._t[0])
         self.t_max = 1.0
 
     # ---- construction ------------------------------------------------------
@@ -66,25 +68,24 @@ class NoiseSchedule:
         return cls.from_betas(betas)
 
     # ---- continuous-time quantities -----------------------------------------
-    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+    def lam(self, t) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float64)
-        return _interp(t, self._t, self._log_alpha)
+        lam = _interp(t, self._t, self._lam)
+        return torch.where(t <= 0, torch.full_like(lam, math.inf), lam)
+
+    def log_alpha(self, t) -> torch.Tensor:
+        return -0.5 * torch.nn.functional.softplus(-2.0 * self.lam(t))
 
     def alpha(self, t) -> torch.Tensor:
         return torch.exp(self.log_alpha(t))
 
     def sigma(self, t) -> torch.Tensor:
-        return torch.sqrt(1.0 - torch.exp(2.0 * self.log_alpha(t)))
-
-    def lam(self, t) -> torch.Tensor:
-        la = self.log_alpha(t)
-        return la - 0.5 * torch.log(1.0 - torch.exp(2.0 * la))
+        return torch.exp(-0.5 * torch.nn.functional.softplus(2.0 * self.lam(t)))
 
     def inverse_lambda(self, lam) -> torch.Tensor:
         lam = torch.as_tensor(lam, dtype=torch.float64)
-        log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
-        # log_alpha decreases in t: interpolate on the reversed table.
-        return _interp(log_alpha, self._log_alpha.flip(0), self._t.flip(0))
+        # lambda decreases in t: interpolate on the reversed table.
+        return _interp(lam, self._lam.flip(0), self._t.flip(0))
 
     def model_time(self, t) -> torch.Tensor:
         """The model's own timestep (0..N-1) for a continuous t."""
