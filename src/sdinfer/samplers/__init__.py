@@ -6,6 +6,7 @@ from .base import Sampler, continuous_grid, sample_loop, timestep_grid
 from .ddim import DDIM
 from .ddpm import DDPM
 from .dpm_solver import DPMSolverMultistep
+from .karras import Euler, Heun
 from .unipc import UniPC
 
 SAMPLERS = {
@@ -15,6 +16,8 @@ SAMPLERS = {
     "dpm-solver": lambda **kw: DPMSolverMultistep(**{"order": 2, **kw}, algorithm="dpmsolver",
                                                   name="dpm-solver"),
     "unipc": lambda **kw: UniPC(**kw),
+    "euler": lambda **kw: Euler(**kw),
+    "heun": lambda **kw: Heun(**kw),
 }
 
 
@@ -47,4 +50,4 @@ def _option_value(text: str):
     return text
 
 
-__all__ = ["Sampler", "SAMPLERS", "get_sampler", "sample_loop", "timestep_grid", "continuous_grid", "DDIM", "DDPM", "DPMSolverMultistep", "UniPC"]
+__all__ = ["Sampler", "SAMPLERS", "get_sampler", "sample_loop", "timestep_grid", "continuous_grid", "DDIM", "DDPM", "DPMSolverMultistep", "UniPC", "Euler", "Heun"]

@@ -15,10 +15,15 @@ import torch
 from ..context import StepContext
 from ..denoiser import Denoiser
 
-SPACINGS = ("trailing", "leading", "linspace")
+DISCRETE_SPACINGS = ("trailing", "leading", "linspace")
+CONTINUOUS_SPACINGS = ("karras", "logsnr", "time_uniform", "time_quadratic")
+SPACINGS = DISCRETE_SPACINGS + CONTINUOUS_SPACINGS
+KARRAS_RHO = 7.0
 
 
 class Sampler(Protocol):
+    """A solver step; ``spacing`` (optional attribute) is the timestep grid it prefers."""
+
     name: str
     min_steps: int
 
@@ -42,6 +47,34 @@ def timestep_grid(num_train_timesteps: int, steps: int, spacing: str = "trailing
     return ts
 
 
+def continuous_times(schedule, steps: int, spacing: str) -> list[float]:
+    """``steps`` continuous times from t = 1 down to t_min inclusive.
+
+    karras: sigma = exp(-lambda) spaced as Karras et al. (2022) Eq. 5 with rho = 7;
+    logsnr: uniform in lambda; time_uniform / time_quadratic: uniform in t / sqrt(t)
+    (DPM-Solver's skip types)."""
+    t_max, t_min = 1.0, schedule.t_min
+    if steps == 1:
+        return [t_max]
+    u = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+    if spacing == "karras":
+        s_max, s_min = torch.exp(-schedule.lam(t_max)), torch.exp(-schedule.lam(t_min))
+        inv = 1.0 / KARRAS_RHO
+        sigmas = (s_max**inv + u * (s_min**inv - s_max**inv)) ** KARRAS_RHO
+        ts = schedule.inverse_lambda(-torch.log(sigmas))
+    elif spacing == "logsnr":
+        lam = schedule.lam(t_max) + u * (schedule.lam(t_min) - schedule.lam(t_max))
+        ts = schedule.inverse_lambda(lam)
+    elif spacing == "time_uniform":
+        ts = t_max + u * (t_min - t_max)
+    elif spacing == "time_quadratic":
+        ts = (t_max**0.5 + u * (t_min**0.5 - t_max**0.5)) ** 2
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    ts[0], ts[-1] = t_max, t_min
+    return [float(t) for t in ts]
+
+
 FINALS = ("zero", "sigma_min")
 
 
@@ -54,23 +87,29 @@ def continuous_grid(denoiser: Denoiser, steps: int, spacing: str = "trailing",
     if final not in FINALS:
         raise ValueError(f"unknown final time {final!r}; choose one of {', '.join(FINALS)}")
     schedule = denoiser.schedule
+    last = 0.0 if final == "zero" else schedule.t_min
+    if timesteps is None and spacing in CONTINUOUS_SPACINGS:
+        times = continuous_times(schedule, steps, spacing)
+        if final == "sigma_min" and steps > 1:
+            raise ValueError(f"the {spacing} grid ends at sigma_min already; use final='zero'")
+        return times + [last]
     model_ts = timesteps if timesteps is not None else \
         timestep_grid(schedule.num_train_timesteps, steps, spacing)
     if len(model_ts) != steps:
         raise ValueError(f"{len(model_ts)} timesteps given for {steps} steps")
-    last = 0.0 if final == "zero" else schedule.t_min
     return [float(schedule.continuous_time(m)) for m in model_ts] + [last]
 
 
 @torch.no_grad()
 def sample_loop(denoiser: Denoiser, sampler: Sampler, x: torch.Tensor, steps: int, cond, uncond,
-                generator: torch.Generator | None = None, spacing: str = "trailing",
+                generator: torch.Generator | None = None, spacing: str | None = None,
                 generation: int = 0, callback: Callable[[int, torch.Tensor], None] | None = None,
                 timesteps: list[int] | None = None, final: str = "zero") -> torch.Tensor:
     """Run ``sampler`` from the noise ``x`` over ``steps`` steps; returns the clean sample."""
     if steps < sampler.min_steps:
         raise ValueError(f"sampler {sampler.name!r} needs at least {sampler.min_steps} steps, "
                          f"got {steps}")
+    spacing = spacing or getattr(sampler, "spacing", "trailing")
     times = continuous_grid(denoiser, steps, spacing, timesteps, final)
     state: dict = {}
     for i in range(steps):
