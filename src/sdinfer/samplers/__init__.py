@@ -7,6 +7,7 @@ from .ddim import DDIM
 from .ddpm import DDPM
 from .dpm_solver import DPMSolverMultistep
 from .karras import Euler, Heun
+from .pndm import PLMS
 from .unipc import UniPC
 
 SAMPLERS = {
@@ -18,6 +19,7 @@ SAMPLERS = {
     "unipc": lambda **kw: UniPC(**kw),
     "euler": lambda **kw: Euler(**kw),
     "heun": lambda **kw: Heun(**kw),
+    "plms": lambda **kw: PLMS(**kw),
 }
 
 
@@ -50,4 +52,4 @@ def _option_value(text: str):
     return text
 
 
-__all__ = ["Sampler", "SAMPLERS", "get_sampler", "sample_loop", "timestep_grid", "continuous_grid", "DDIM", "DDPM", "DPMSolverMultistep", "UniPC", "Euler", "Heun"]
+__all__ = ["Sampler", "SAMPLERS", "get_sampler", "sample_loop", "timestep_grid", "continuous_grid", "DDIM", "DDPM", "DPMSolverMultistep", "UniPC", "Euler", "Heun", "PLMS"]
