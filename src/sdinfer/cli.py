@@ -202,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, many_steps=False):
         p.add_argument("--model", default="default",
                        help="default | unet | dit | PATH to a diffusers pipeline folder (default: default, the shipped UNet)")
-        p.add_argument("--sampler", default="ddim", help="sampler, with options: ddim or ddim:eta=0.5 (default: ddim)")
+        p.add_argument("--sampler", default="ddim",
+                       help="sampler with options, e.g. ddim, ddim:eta=1, ddpm, plms, dpm-solver++:order=3, "
+                            "dpm-solver, unipc, euler, heun (default: ddim)")
         if many_steps:
             p.add_argument("--steps", default="50", help="denoising steps; several as 10,20,50 (default: 50)")
         else:
