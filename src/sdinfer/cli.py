@@ -32,7 +32,7 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         if many_steps:
             p.add_argument("--steps", default="50", help="denoising steps; several as 10,20,50 (default: 50)")
         else:
-            p.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
+            p.add_argument("--steps", type=_whole_number, default=50, help="denoising steps (default: 50)")
         p.add_argument("--cfg", type=float, default=4.0,
                        help="classifier-free guidance scale; 1 turns guidance off (default: 4)")
         p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a default model from scratch, seeded; interrupted runs "
                                    "resume from their last checkpoint when the command is repeated.")
     t.add_argument("--arch", choices=["unet", "dit"], required=True)
-    t.add_argument("--steps", type=int, default=None, help="training steps (default: unet 3000, dit 5000)")
+    t.add_argument("--steps", type=int, default=None, help="training steps (default: unet 3000, dit 4000)")
     t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 64)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3)")
     t.add_argument("--seed", type=int, default=None, help="seed of data, noise and weights (default: 0)")

@@ -3,11 +3,13 @@
 Configs are plain data: each function returns the diffusers / transformers
 model built from a dict that is also written into the saved model folder.
 
-The UNet is given two coordinate channels (x and y in [-1, 1]) next to its
-three image channels ("CoordConv", Liu et al. 2018): an SD-style UNet has no
-positional encoding, and without it learning to place a shape where the caption
-says takes far longer.  The pipeline appends the channels; the model's own
-config records them (``in_channels = out_channels + 2``).
+Both denoisers are given two coordinate channels (x and y in [-1, 1]) next to
+their three image channels ("CoordConv", Liu et al. 2018): an SD-style UNet has
+no positional encoding, and the DiT's sine-cosine table alone left its x0
+prediction at high noise without any spatial structure after 1,000 steps; with
+the coordinates both learn to place a shape where the caption says.  The
+pipeline appends the channels; the model's own config records them
+(``in_channels = out_channels + 2``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ UNET_CONFIG = dict(
 DIT_CONFIG = dict(
     sample_size=shapes.RESOLUTION,
     patch_size=4,
-    in_channels=3,
+    in_channels=3 + COORD_CHANNELS,
     out_channels=3,
     num_layers=6,
     num_attention_heads=4,
@@ -57,7 +59,7 @@ DIT_CONFIG = dict(
 # Training settings that differ per architecture (the rest: TrainConfig's defaults).
 TRAIN_OVERRIDES = {
     "unet": dict(steps=3000, min_snr_gamma=None),
-    "dit": dict(steps=5000, min_snr_gamma=None),
+    "dit": dict(steps=4000, min_snr_gamma=None),
 }
 
 SCHEDULER_CONFIG = dict(
