@@ -1,7 +1,7 @@
 """The denoiser: any model callable turned into x0 / epsilon predictions.
 
 Wraps ``model_fn(x, model_t, text) -> output`` with its prediction type
-(epsilon, v_prediction, sample / x0, flow velocity) and converts the output to
+(epsilon, v_prediction, sample / x0, flow velocity eps - x0) and converts the output to
 both the data prediction x0 and the noise prediction eps (DPM-Solver's
 ``model_wrapper``, Lu et al. 2022 App. D; v from Salimans & Ho 2022, Eq. 4),
 applies classifier-free guidance (Ho & Salimans 2022, Eq. 6) to the batched
@@ -41,9 +41,13 @@ class Denoiser:
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction_type!r}; "
                              f"choose one of {', '.join(PREDICTION_TYPES)}")
-        if prediction_type == "flow":
-            raise ValueError("prediction type 'flow' needs a flow-matching schedule; "
-                             "this denoiser runs VP (alpha/sigma) schedules")
+        flow_schedule = schedule.is_flow
+        if (prediction_type == "flow") != flow_schedule:
+            raise ValueError(
+                f"prediction type {prediction_type!r} does not fit a "
+                f"{'flow-matching' if flow_schedule else 'VP (alpha/sigma)'} schedule: flow "
+                "velocity goes with a FlowMatchSchedule, epsilon / v_prediction / sample with a "
+                "NoiseSchedule")
         if guidance_scale < 0:
             raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
         self.model_fn = model_fn
@@ -92,6 +96,9 @@ class Denoiser:
         elif self.prediction_type == "v_prediction":
             x0 = alpha * x - sigma * out
             eps = sigma * x + alpha * out
+        elif self.prediction_type == "flow":  # v = eps - x0 and x = alpha x0 + sigma eps
+            x0 = (x - sigma * out) / (alpha + sigma)
+            eps = x0 + out
         else:  # sample
             x0 = out
             eps = (x - alpha * x0) / sigma

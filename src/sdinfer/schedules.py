@@ -40,6 +40,9 @@ class NoiseSchedule:
         self.t_min = float(self._t[0])
         self.t_max = 1.0
 
+    is_flow = False
+    default_spacing = "trailing"
+
     # ---- construction ------------------------------------------------------
     @classmethod
     def from_betas(cls, betas) -> "NoiseSchedule":
@@ -94,6 +97,71 @@ class NoiseSchedule:
 
     def continuous_time(self, model_t) -> torch.Tensor:
         return (torch.as_tensor(model_t, dtype=torch.float64) + 1.0) / self.num_train_timesteps
+
+
+@dataclass
+class FlowMatchSchedule:
+    """Rectified flow (Liu et al. 2022; Esser et al. 2024, SD3): x_t = (1 - t) x0 + t eps.
+
+    alpha_t = 1 - t, sigma_t = t, lambda_t = log((1 - t) / t); the model's own
+    timestep is t N (diffusers' ``sigmas * num_train_timesteps``).  ``shift``
+    moves the sampling grid towards high noise, t' = shift t / (1 + (shift - 1) t)
+    (SD3 uses 3.0).  The samplers written against alpha, sigma and lambda run
+    on it unchanged; t = 1 is pure noise (alpha = 0, lambda = -inf).
+    """
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+
+    is_flow = True
+    default_spacing = "flow"
+
+    def __post_init__(self) -> None:
+        if self.num_train_timesteps < 2:
+            raise ValueError("num_train_timesteps must be at least 2")
+        if self.shift <= 0:
+            raise ValueError(f"flow shift must be > 0, got {self.shift}")
+        self.t_min = 1.0 / self.num_train_timesteps
+        self.t_max = 1.0
+
+    @classmethod
+    def from_diffusers_config(cls, config) -> "FlowMatchSchedule":
+        if config.get("use_dynamic_shifting"):
+            raise ValueError("resolution-dependent shifting (use_dynamic_shifting, FLUX) is not "
+                             "supported yet; pass a config with a fixed shift")
+        return cls(int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0)))
+
+    def shifted(self, t):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def alpha(self, t) -> torch.Tensor:
+        return 1.0 - torch.as_tensor(t, dtype=torch.float64)
+
+    def sigma(self, t) -> torch.Tensor:
+        return torch.as_tensor(t, dtype=torch.float64)
+
+    def lam(self, t) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return torch.log1p(-t) - torch.log(t)
+
+    def inverse_lambda(self, lam) -> torch.Tensor:
+        return torch.sigmoid(-torch.as_tensor(lam, dtype=torch.float64))
+
+    def model_time(self, t) -> torch.Tensor:
+        return torch.as_tensor(t, dtype=torch.float64) * self.num_train_timesteps
+
+    def continuous_time(self, model_t) -> torch.Tensor:
+        return torch.as_tensor(model_t, dtype=torch.float64) / self.num_train_timesteps
+
+
+def schedule_from_diffusers(config) -> NoiseSchedule | FlowMatchSchedule:
+    """The schedule of a diffusers scheduler config (or scheduler object)."""
+    config = getattr(config, "config", config)
+    name = config.get("_class_name", "") or ""
+    if name.startswith("FlowMatch") or "shift" in config and "beta_schedule" not in config:
+        return FlowMatchSchedule.from_diffusers_config(config)
+    return NoiseSchedule.from_diffusers_config(config)
 
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from ..context import StepContext
 from ..denoiser import Denoiser
 
 DISCRETE_SPACINGS = ("trailing", "leading", "linspace")
-CONTINUOUS_SPACINGS = ("karras", "logsnr", "time_uniform", "time_quadratic")
+CONTINUOUS_SPACINGS = ("karras", "logsnr", "time_uniform", "time_quadratic", "flow")
 SPACINGS = DISCRETE_SPACINGS + CONTINUOUS_SPACINGS
 KARRAS_RHO = 7.0
 
@@ -52,7 +52,12 @@ def continuous_times(schedule, steps: int, spacing: str) -> list[float]:
 
     karras: sigma = exp(-lambda) spaced as Karras et al. (2022) Eq. 5 with rho = 7;
     logsnr: uniform in lambda; time_uniform / time_quadratic: uniform in t / sqrt(t)
-    (DPM-Solver's skip types)."""
+    (DPM-Solver's skip types); flow: uniform in t, then the flow schedule's shift."""
+    is_flow = schedule.is_flow
+    if is_flow != (spacing == "flow"):
+        raise ValueError(f"the {spacing!r} grid does not fit a "
+                         f"{'flow-matching' if is_flow else 'VP'} schedule; use "
+                         f"{'flow' if is_flow else 'trailing, karras or logsnr'}")
     t_max, t_min = 1.0, schedule.t_min
     if steps == 1:
         return [t_max]
@@ -69,9 +74,12 @@ def continuous_times(schedule, steps: int, spacing: str) -> list[float]:
         ts = t_max + u * (t_min - t_max)
     elif spacing == "time_quadratic":
         ts = (t_max**0.5 + u * (t_min**0.5 - t_max**0.5)) ** 2
+    elif spacing == "flow":
+        ts = schedule.shifted(t_max + u * (t_min - t_max))
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
-    ts[0], ts[-1] = t_max, t_min
+    if spacing != "flow":  # pin the ends against round-off; the flow grid ends at shifted(t_min)
+        ts[0], ts[-1] = t_max, t_min
     return [float(t) for t in ts]
 
 
@@ -88,6 +96,8 @@ def continuous_grid(denoiser: Denoiser, steps: int, spacing: str = "trailing",
         raise ValueError(f"unknown final time {final!r}; choose one of {', '.join(FINALS)}")
     schedule = denoiser.schedule
     last = 0.0 if final == "zero" else schedule.t_min
+    if timesteps is None and schedule.is_flow and spacing in DISCRETE_SPACINGS:
+        raise ValueError(f"the {spacing!r} grid does not fit a flow-matching schedule; use flow")
     if timesteps is None and spacing in CONTINUOUS_SPACINGS:
         times = continuous_times(schedule, steps, spacing)
         if final == "sigma_min" and steps > 1:
@@ -109,7 +119,10 @@ def sample_loop(denoiser: Denoiser, sampler: Sampler, x: torch.Tensor, steps: in
     if steps < sampler.min_steps:
         raise ValueError(f"sampler {sampler.name!r} needs at least {sampler.min_steps} steps, "
                          f"got {steps}")
-    spacing = spacing or getattr(sampler, "spacing", "trailing")
+    schedule = denoiser.schedule
+    if spacing is None:
+        spacing = schedule.default_spacing if schedule.is_flow else \
+            getattr(sampler, "spacing", schedule.default_spacing)
     times = continuous_grid(denoiser, steps, spacing, timesteps, final)
     state: dict = {}
     for i in range(steps):

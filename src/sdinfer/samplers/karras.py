@@ -10,6 +10,9 @@ flow ODE is dx_hat/ds = (x_hat - x0_hat) / s:
             x_hat_next = x_hat + (d + d') / 2 (s_next - s)   (Euler on the step to s = 0)
 
 The default grid is Karras' rho = 7 spacing of s between the schedule's ends.
+On a flow-matching schedule (x = (1 - t) x0 + t eps) the same ODE is stepped in
+x with the velocity v = eps - x0: x' = x + (t_next - t) v (diffusers'
+FlowMatchEuler / FlowMatchHeun).
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ def _ve_noise(sched, t: float) -> float:
     return math.exp(-float(sched.lam(t))) if t > 0 else 0.0
 
 
+def _velocity(pred):
+    return pred.eps - pred.x0
+
+
 @dataclass
 class Euler:
     name: str = "euler"
@@ -30,6 +37,8 @@ class Euler:
 
     def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
         sched = denoiser.schedule
+        if sched.is_flow:
+            return x + (t_next - t) * _velocity(denoiser(x, t, cond, uncond, ctx))
         a_t, a_n = float(sched.alpha(t)), float(sched.alpha(t_next))
         s, s_next = _ve_noise(sched, t), _ve_noise(sched, t_next)
         x_hat = x / a_t
@@ -45,6 +54,13 @@ class Heun:
 
     def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
         sched = denoiser.schedule
+        if sched.is_flow:
+            v = _velocity(denoiser(x, t, cond, uncond, ctx))
+            x_euler = x + (t_next - t) * v
+            if t_next == 0.0:
+                return x_euler
+            v2 = _velocity(denoiser(x_euler, t_next, cond, uncond, ctx))
+            return x + (t_next - t) * 0.5 * (v + v2)
         a_t, a_n = float(sched.alpha(t)), float(sched.alpha(t_next))
         s, s_next = _ve_noise(sched, t), _ve_noise(sched, t_next)
         x_hat = x / a_t

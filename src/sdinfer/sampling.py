@@ -1,0 +1,47 @@
+"""``sdinfer.sample``: any sampler of the project on any model callable.
+
+    x0 = sdinfer.sample(model, x_T, schedule=NoiseSchedule.from_diffusers_config(cfg),
+                        sampler="dpm-solver++", steps=10, prediction_type="epsilon")
+
+``model(x, t)`` (or ``model(x, t, cond)`` when ``cond`` is given) takes t in the
+model's own timestep convention (diffusers' 0..999, or ``sigma * 1000`` for
+flow matching).  ``schedule`` is a ``NoiseSchedule``, a ``FlowMatchSchedule``, a
+diffusers scheduler or its config.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .denoiser import Denoiser
+from .samplers import get_sampler, sample_loop
+from .schedules import FlowMatchSchedule, NoiseSchedule, schedule_from_diffusers
+
+
+def as_schedule(schedule) -> NoiseSchedule | FlowMatchSchedule:
+    if isinstance(schedule, (NoiseSchedule, FlowMatchSchedule)):
+        return schedule
+    if hasattr(schedule, "config") or isinstance(schedule, dict):
+        return schedule_from_diffusers(schedule)
+    raise TypeError(f"schedule must be a NoiseSchedule, a FlowMatchSchedule, a diffusers scheduler "
+                    f"or its config, not {type(schedule).__name__}")
+
+
+def sample(model: Callable, x_T: torch.Tensor, schedule, sampler: str = "dpm-solver++",
+           steps: int = 10, prediction_type: str = "epsilon", cond=None, uncond=None,
+           guidance_scale: float = 1.0, spacing: str | None = None,
+           timesteps: list[float] | None = None, final: str = "zero",
+           generator: torch.Generator | None = None, **options) -> torch.Tensor:
+    """Sample from ``x_T`` with the named sampler; extra keyword options go to the sampler."""
+    sched = as_schedule(schedule)
+    spec = sampler + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
+    solver = get_sampler(spec)
+
+    def model_fn(x, t, text):
+        return model(x, t) if text is None else model(x, t, text)
+
+    den = Denoiser(model_fn, sched, prediction_type, guidance_scale)
+    return sample_loop(den, solver, x_T, steps, cond, uncond, generator=generator,
+                       spacing=spacing, timesteps=timesteps, final=final)
