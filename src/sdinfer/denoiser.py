@@ -61,10 +61,19 @@ class Denoiser:
     def uses_guidance(self) -> bool:
         return self.guidance_scale != 1.0
 
-    def raw(self, x: torch.Tensor, t: float, cond, uncond, ctx: StepContext) -> torch.Tensor:
-        """The (guided) model output in the model's own prediction type."""
-        model_t = torch.full((x.shape[0],), float(self.schedule.model_time(t)),
-                             dtype=x.dtype, device=x.device)
+    def _per_sample(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A schedule quantity at t (a number, or one time per sample) shaped to broadcast on x."""
+        values = values.to(dtype=x.dtype, device=x.device)
+        return values.view(-1, *([1] * (x.ndim - 1))) if values.ndim == 1 else values
+
+    def raw(self, x: torch.Tensor, t, cond, uncond, ctx: StepContext) -> torch.Tensor:
+        """The (guided) model output in the model's own prediction type.
+
+        ``t`` is one continuous time, or a 1-D tensor of one time per sample (parallel
+        samplers evaluate several steps in one call)."""
+        model_t = self.schedule.model_time(t).to(dtype=x.dtype, device=x.device)
+        if model_t.ndim == 0:
+            model_t = model_t.expand(x.shape[0])
         if self.uses_guidance:
             x_in = torch.cat([x, x])
             text = concat_text(cond, uncond)
@@ -79,17 +88,17 @@ class Denoiser:
         self.nfe += 1
         if not torch.isfinite(out).all():
             raise FloatingPointError(
-                f"the model returned NaN or inf at step {ctx.step_index} (t={t:.4f}); "
+                f"the model returned NaN or inf at step {ctx.step_index} (t={ctx.t:.4f}); "
                 "check the model weights and dtype (float16 on CPU is a common cause)")
         return out
 
-    def __call__(self, x: torch.Tensor, t: float, cond, uncond, ctx: StepContext) -> Prediction:
+    def __call__(self, x: torch.Tensor, t, cond, uncond, ctx: StepContext) -> Prediction:
         out = self.raw(x, t, cond, uncond, ctx)
         return self.convert(out, x, t)
 
-    def convert(self, out: torch.Tensor, x: torch.Tensor, t: float) -> Prediction:
-        alpha = self.schedule.alpha(t).to(x.dtype)
-        sigma = self.schedule.sigma(t).to(x.dtype)
+    def convert(self, out: torch.Tensor, x: torch.Tensor, t) -> Prediction:
+        alpha = self._per_sample(self.schedule.alpha(t), x)
+        sigma = self._per_sample(self.schedule.sigma(t), x)
         if self.prediction_type == "epsilon":
             eps = out
             x0 = (x - sigma * eps) / alpha
