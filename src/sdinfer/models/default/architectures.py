@@ -58,8 +58,8 @@ DIT_CONFIG = dict(
 
 # Training settings that differ per architecture (the rest: TrainConfig's defaults).
 TRAIN_OVERRIDES = {
-    "unet": dict(steps=3000, min_snr_gamma=None),
-    "dit": dict(steps=4000, min_snr_gamma=None),
+    "unet": dict(steps=2400, batch_size=32, min_snr_gamma=None),
+    "dit": dict(steps=3000, min_snr_gamma=None),
 }
 
 SCHEDULER_CONFIG = dict(
@@ -100,8 +100,17 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_text_encoder(seed: int) -> CLIPTextModel:
+    """A small CLIP text encoder with unit-variance token embeddings.
+
+    CLIP's own initialisation (std 0.02) makes every caption's states nearly the
+    same (cosine 0.97 between "top left" and "bottom right"); trained jointly from
+    there, the encoder separated colours but after 1,800 steps still gave position
+    and kind words cosine 0.99, and neither model learned where to draw.  With
+    token embeddings of std 1 the words are distinct from the first step."""
     torch.manual_seed(seed)
-    return CLIPTextModel(text_encoder_config())
+    model = CLIPTextModel(text_encoder_config())
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=1.0)
+    return model
 
 
 def build_denoiser(arch: str, seed: int) -> torch.nn.Module:
