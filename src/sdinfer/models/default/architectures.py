@@ -40,6 +40,10 @@ UNET_CONFIG = dict(
     norm_num_groups=8,
     cross_attention_dim=TEXT_DIM,
     attention_head_dim=4,  # diffusers' UNet reads this as the number of heads
+    # the attention-pooled text joins the timestep embedding: a first-order path from the
+    # caption to every ResNet block, where cross-attention alone learned no positions
+    addition_embed_type="text",
+    addition_embed_type_num_heads=4,
 )
 
 DIT_CONFIG = dict(
@@ -58,8 +62,8 @@ DIT_CONFIG = dict(
 
 # Training settings that differ per architecture (the rest: TrainConfig's defaults).
 TRAIN_OVERRIDES = {
-    "unet": dict(steps=2400, batch_size=32, min_snr_gamma=None),
-    "dit": dict(steps=3000, min_snr_gamma=None),
+    "unet": dict(steps=2000, batch_size=32, min_snr_gamma=None),
+    "dit": dict(steps=2500, min_snr_gamma=None),
 }
 
 SCHEDULER_CONFIG = dict(
@@ -106,10 +110,16 @@ def build_text_encoder(seed: int) -> CLIPTextModel:
     same (cosine 0.97 between "top left" and "bottom right"); trained jointly from
     there, the encoder separated colours but after 1,800 steps still gave position
     and kind words cosine 0.99, and neither model learned where to draw.  With
-    token embeddings of std 1 the words are distinct from the first step."""
+    token embeddings of std 1 the words are distinct from the first step, and with
+    the special tokens at zero so is the pooled state."""
     torch.manual_seed(seed)
     model = CLIPTextModel(text_encoder_config())
-    torch.nn.init.normal_(model.get_input_embeddings().weight, std=1.0)
+    embeddings = model.get_input_embeddings().weight
+    with torch.no_grad():
+        torch.nn.init.normal_(embeddings, std=1.0)
+        # special tokens start at zero, so the pooled (end-of-text) state is what attention
+        # gathers from the words rather than the <eos> embedding itself
+        embeddings[: len(SPECIAL_TOKENS)] = 0.0
     return model
 
 
