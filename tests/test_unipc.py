@@ -1,6 +1,5 @@
 """UniPC against diffusers' UniPCMultistepScheduler, float64."""
 
-import numpy as np
 import pytest
 import torch
 from diffusers import UniPCMultistepScheduler
@@ -9,6 +8,7 @@ from sdinfer.denoiser import Denoiser
 from sdinfer.samplers import sample_loop
 from sdinfer.samplers.unipc import UniPC
 from sdinfer.schedules import NoiseSchedule
+from diffusers_reference import run_float64
 from test_ddim import model_fn
 
 
@@ -23,15 +23,7 @@ def test_unipc_matches_diffusers(order, steps, solver_type, prediction_type):
     sched = UniPCMultistepScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                                     solver_order=order, solver_type=solver_type,
                                     prediction_type=prediction_type, final_sigmas_type=final)
-    sched.alphas_cumprod = sched.alphas_cumprod.double()
-    sched.set_timesteps(steps)
-    ac = sched.alphas_cumprod.numpy()
-    sig = np.sqrt((1 - ac) / ac)
-    last = 0.0 if final == "zero" else sig[0]
-    sched.sigmas = torch.tensor(np.concatenate([sig[sched.timesteps.numpy()], [last]]), dtype=torch.float64)
-    ref = x.clone()
-    for t in sched.timesteps:
-        ref = sched.step(model_fn(ref, t.double().expand(2)), t, ref).prev_sample
+    ref = run_float64(sched, x.clone(), steps, final)
     den = Denoiser(model_fn, NoiseSchedule(sched.alphas_cumprod), prediction_type)
     ours = sample_loop(den, UniPC(order=order, solver_type=solver_type), x.clone(), steps, None, None,
                        timesteps=sched.timesteps.tolist(), final=final)
