@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import gaussian_mixture as gm
+from sdinfer.eval import gaussian_mixture as gm
 from sdinfer.denoiser import Denoiser
 from sdinfer.samplers import DDIM, sample_loop
 from sdinfer.samplers.parallel import paradigms

@@ -1,4 +1,4 @@
-"""An exact test model: a Gaussian mixture whose denoiser is analytic.
+"""An exact model for testing samplers: a Gaussian mixture whose denoiser is analytic.
 
 Data x0 ~ sum_k w_k N(mu_k, s_k^2 I).  Under x_t = alpha x0 + sigma eps the
 noisy marginal is sum_k w_k N(alpha mu_k, (alpha^2 s_k^2 + sigma^2) I) and
