@@ -5,7 +5,7 @@ Written in the variance-exploding variable of the VP process, x_hat = x / alpha_
 with noise level s_t = sigma_t / alpha_t = exp(-lambda_t), where the probability
 flow ODE is dx_hat/ds = (x_hat - x0_hat) / s:
 
-    Euler:  x_hat' = x_hat + d (s_next - s),          d = (x_hat - x0_hat(x_hat, s)) / s
+    Euler:  x_hat' = x_hat + d (s_next - s),          d = (x_hat - x0_hat(x_hat, s)) / s = eps_hat
     Heun:   d' = (x_hat' - x0_hat(x_hat', s_next)) / s_next,
             x_hat_next = x_hat + (d + d') / 2 (s_next - s)   (Euler on the step to s = 0)
 
@@ -25,8 +25,16 @@ def _ve_noise(sched, t: float) -> float:
     return math.exp(-float(sched.lam(t))) if t > 0 else 0.0
 
 
-def _velocity(pred):
-    return pred.eps - pred.x0
+def _ode_frame(sched, t: float) -> tuple[float, float]:
+    """(scale, tau): the ODE is stepped in y = scale * x against tau, where dy/dtau is
+    eps (VP: y = x / alpha, tau = sigma / alpha) or eps - x0 (flow: y = x, tau = t)."""
+    if sched.is_flow:
+        return 1.0, t
+    return 1.0 / float(sched.alpha(t)), _ve_noise(sched, t)
+
+
+def _slope(sched, pred):
+    return pred.eps - pred.x0 if sched.is_flow else pred.eps
 
 
 @dataclass
@@ -37,13 +45,9 @@ class Euler:
 
     def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
         sched = denoiser.schedule
-        if sched.is_flow:
-            return x + (t_next - t) * _velocity(denoiser(x, t, cond, uncond, ctx))
-        a_t, a_n = float(sched.alpha(t)), float(sched.alpha(t_next))
-        s, s_next = _ve_noise(sched, t), _ve_noise(sched, t_next)
-        x_hat = x / a_t
-        d = (x_hat - denoiser(x, t, cond, uncond, ctx).x0) / s
-        return (x_hat + d * (s_next - s)) * a_n
+        (c, tau), (c_n, tau_n) = _ode_frame(sched, t), _ode_frame(sched, t_next)
+        d = _slope(sched, denoiser(x, t, cond, uncond, ctx))
+        return (c * x + (tau_n - tau) * d) / c_n
 
 
 @dataclass
@@ -54,19 +58,10 @@ class Heun:
 
     def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
         sched = denoiser.schedule
-        if sched.is_flow:
-            v = _velocity(denoiser(x, t, cond, uncond, ctx))
-            x_euler = x + (t_next - t) * v
-            if t_next == 0.0:
-                return x_euler
-            v2 = _velocity(denoiser(x_euler, t_next, cond, uncond, ctx))
-            return x + (t_next - t) * 0.5 * (v + v2)
-        a_t, a_n = float(sched.alpha(t)), float(sched.alpha(t_next))
-        s, s_next = _ve_noise(sched, t), _ve_noise(sched, t_next)
-        x_hat = x / a_t
-        d = (x_hat - denoiser(x, t, cond, uncond, ctx).x0) / s
-        x_euler = x_hat + d * (s_next - s)
-        if s_next == 0.0:
-            return x_euler * a_n
-        d2 = (x_euler - denoiser(x_euler * a_n, t_next, cond, uncond, ctx).x0) / s_next
-        return (x_hat + 0.5 * (d + d2) * (s_next - s)) * a_n
+        (c, tau), (c_n, tau_n) = _ode_frame(sched, t), _ode_frame(sched, t_next)
+        d = _slope(sched, denoiser(x, t, cond, uncond, ctx))
+        x_euler = (c * x + (tau_n - tau) * d) / c_n
+        if tau_n == 0.0:
+            return x_euler
+        d2 = _slope(sched, denoiser(x_euler, t_next, cond, uncond, ctx))
+        return (c * x + (tau_n - tau) * 0.5 * (d + d2)) / c_n
