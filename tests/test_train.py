@@ -30,9 +30,43 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 def test_resume_refuses_another_configuration(tmp_path):
     import pytest
 
-    Trainer(TrainConfig(arch="dit", steps=4, batch_size=2), tmp_path).save()
-    with pytest.raises(SystemExit, match="another configuration"):
-        Trainer(TrainConfig(arch="dit", steps=8, batch_size=2), tmp_path).try_resume()
+    done = Trainer(TrainConfig(arch="dit", steps=4, batch_size=2, warmup=1), tmp_path)
+    done.train_step(), done.train_step()
+    done.save()
+    for other in (TrainConfig(arch="dit", steps=4, batch_size=4, warmup=1),   # other data
+                  TrainConfig(arch="dit", steps=8, batch_size=2, warmup=1)):  # other learning rates
+        with pytest.raises(SystemExit, match="another configuration"):
+            Trainer(other, tmp_path).try_resume()
+
+
+def test_a_restart_extends_a_finished_run_without_changing_its_past(tmp_path):
+    first = TrainConfig(arch="dit", steps=3, batch_size=2, warmup=1)
+    extended = TrainConfig(arch="dit", steps=6, batch_size=2, warmup=1, restarts=(3,))
+    assert [first.learning_rate(s) for s in range(3)] == [extended.learning_rate(s) for s in range(3)]
+    assert extended.learning_rate(3) == first.lr  # the new cycle starts at the peak again
+    straight = Trainer(extended, tmp_path / "a")
+    for _ in range(6):
+        straight.train_step()
+    short = Trainer(first, tmp_path / "b")
+    for _ in range(3):
+        short.train_step()
+    short.save()
+    longer = Trainer(extended, tmp_path / "b")
+    assert longer.try_resume() and longer.step == 3
+    for _ in range(3):
+        longer.train_step()
+    a, b = _weights(straight), _weights(longer)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_restarts_must_lie_inside_the_run():
+    import pytest
+
+    with pytest.raises(ValueError, match="restarts"):
+        TrainConfig(steps=10, restarts=(10,))
+    with pytest.raises(ValueError, match="restarts"):
+        TrainConfig(steps=10, restarts=(5, 3))
 
 
 def test_train_default_command_exports_a_loadable_model(tmp_path, capsys):

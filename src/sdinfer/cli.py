@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a default model from scratch, seeded; interrupted runs "
                                    "resume from their last checkpoint when the command is repeated.")
     t.add_argument("--arch", choices=["unet", "dit"], required=True)
-    t.add_argument("--steps", type=int, default=None, help="training steps (default: unet 2000, dit 2500)")
-    t.add_argument("--batch-size", type=int, default=None, help="images per step (default: unet 32, dit 64)")
+    t.add_argument("--steps", type=int, default=None, help="training steps (default: unet 8500, dit 6000)")
+    t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 32)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3)")
     t.add_argument("--seed", type=int, default=None, help="seed of data, noise and weights (default: 0)")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -44,6 +44,32 @@ class TrainConfig:
     caption_dropout: float = 0.1
     seed: int = 0
     checkpoint_every: int = 200
+    # steps at which the cosine schedule restarts with a new warm-up (SGDR, Loshchilov &
+    # Hutter 2017): a finished run extends by a restart without changing its past
+    restarts: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        self.restarts = tuple(int(r) for r in self.restarts)
+        bounds = (0, *self.restarts, self.steps)
+        if any(b >= c for b, c in zip(bounds, bounds[1:])):
+            raise ValueError(f"restarts {self.restarts} must increase strictly inside (0, steps={self.steps})")
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warm-up then cosine decay, within the cycle that holds ``step``."""
+        bounds = (0, *self.restarts, self.steps)
+        start = max(b for b in bounds[:-1] if b <= step)
+        end = bounds[bounds.index(start) + 1]
+        lr = self.lr * min(1.0, (step - start + 1) / self.warmup)
+        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - start) / (end - start))))
+
+    def continues(self, other: "TrainConfig", done_steps: int) -> bool:
+        """True if ``other``'s first ``done_steps`` steps are exactly this run's: the same
+        settings and learning rates (only the run's length and later restarts may differ)."""
+        mine, theirs = asdict(self), asdict(other)
+        for key in ("steps", "restarts"):
+            mine.pop(key), theirs.pop(key)
+        return mine == theirs and all(
+            self.learning_rate(s) == other.learning_rate(s) for s in range(done_steps))
 
 
 class Trainer:
@@ -103,8 +129,7 @@ class Trainer:
         else:
             weight = torch.clamp(self.snr[t], max=cfg.min_snr_gamma) / (self.snr[t] + 1)
         loss = (weight * (pred - v_target).square().mean(dim=(1, 2, 3))).mean()
-        lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup)
-        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, self.step / cfg.steps)))  # cosine decay
+        lr = cfg.learning_rate(self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
@@ -143,7 +168,8 @@ class Trainer:
         if not meta_path.exists():
             return False
         meta = json.loads(meta_path.read_text())
-        if meta["config"] != asdict(self.cfg):
+        saved = TrainConfig(**meta["config"])
+        if saved != self.cfg and not saved.continues(self.cfg, meta["step"]):
             raise SystemExit(f"{self.run_dir} holds a run with another configuration "
                              f"({meta['config']}); use a new --run-dir")
         tensors = load_file(str(self.run_dir / "checkpoint.safetensors"))
