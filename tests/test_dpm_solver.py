@@ -24,7 +24,7 @@ def test_matches_diffusers(algorithm, order, steps, prediction_type):
     ref = run_float64(sched, x.clone(), steps, final)
     name = "dpm-solver++" if algorithm == "dpmsolver++" else "dpm-solver"
     den = Denoiser(model_fn, NoiseSchedule(sched.alphas_cumprod), prediction_type)
-    ours = sample_loop(den, get_sampler(f"{name}:order={order}"), x.clone(), steps, None, None,
+    ours = sample_loop(den, get_sampler(f"{name}:order={order},match_diffusers=true"), x.clone(), steps, None, None,
                        timesteps=sched.timesteps.tolist(), final=final)
     rel = float((ours - ref).norm() / ref.norm())
     assert rel <= 1e-6, rel

@@ -6,6 +6,7 @@ from .base import Sampler, continuous_grid, sample_loop, timestep_grid
 from .ddim import DDIM
 from .ddpm import DDPM
 from .dpm_solver import DPMSolverMultistep
+from .dpm_solver_singlestep import DPMSolverSinglestep
 from .karras import Euler, Heun
 from .pndm import PLMS
 from .unipc import UniPC
@@ -16,6 +17,14 @@ SAMPLERS = {
     "dpm-solver++": lambda **kw: DPMSolverMultistep(**{"order": 2, **kw}),
     "dpm-solver": lambda **kw: DPMSolverMultistep(**{"order": 2, **kw}, algorithm="dpmsolver",
                                                   name="dpm-solver"),
+    "dpm-solver++-2m": lambda **kw: DPMSolverMultistep(**{"order": 2, **kw}, name="dpm-solver++-2m"),
+    "dpm-solver++-3m": lambda **kw: DPMSolverMultistep(**{"order": 3, **kw}, name="dpm-solver++-3m"),
+    "dpm-solver++-sde": lambda **kw: DPMSolverMultistep(**{"order": 2, **kw}, sde=True,
+                                                        name="dpm-solver++-sde"),
+    "dpm-solver++-singlestep": lambda **kw: DPMSolverSinglestep(**{"order": 2, **kw}),
+    "dpm-solver++-2s": lambda **kw: DPMSolverSinglestep(**kw, order=2, name="dpm-solver++-2s"),
+    "dpm-solver-singlestep": lambda **kw: DPMSolverSinglestep(**{"order": 2, **kw}, algorithm="dpmsolver",
+                                                              name="dpm-solver-singlestep"),
     "unipc": lambda **kw: UniPC(**kw),
     "euler": lambda **kw: Euler(**kw),
     "heun": lambda **kw: Heun(**kw),
@@ -52,4 +61,4 @@ def _option_value(text: str):
     return text
 
 
-__all__ = ["Sampler", "SAMPLERS", "get_sampler", "sample_loop", "timestep_grid", "continuous_grid", "DDIM", "DDPM", "DPMSolverMultistep", "UniPC", "Euler", "Heun", "PLMS"]
+__all__ = ["Sampler", "SAMPLERS", "get_sampler", "sample_loop", "timestep_grid", "continuous_grid", "DDIM", "DDPM", "DPMSolverMultistep", "DPMSolverSinglestep", "UniPC", "Euler", "Heun", "PLMS"]
