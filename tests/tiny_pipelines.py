@@ -26,6 +26,12 @@ def tiny_vae():
 
 def save_tiny_sd(path: Path) -> Path:
     """A StableDiffusionPipeline with tiny random weights, saved with save_pretrained."""
+    build_tiny_sd().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_sd():
+    """A StableDiffusionPipeline with tiny random weights."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -42,14 +48,18 @@ def save_tiny_sd(path: Path) -> Path:
         num_attention_heads=2, max_position_embeddings=32, projection_dim=16,
         bos_token_id=0, eos_token_id=1, pad_token_id=1))
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
+    return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
                                    unet=unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
 
 
 def save_tiny_pixart(path: Path) -> Path:
+    """A PixArtAlphaPipeline with tiny random weights and a tiny T5 encoder, saved."""
+    build_tiny_pixart().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_pixart():
     """A PixArtAlphaPipeline with tiny random weights and a tiny T5 encoder."""
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
@@ -62,8 +72,6 @@ def save_tiny_pixart(path: Path) -> Path:
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "▁abcdefghijklmnopqrstuvwxyz"]
     tokenizer = T5Tokenizer(vocab=pieces, model_max_length=24, extra_ids=0)
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=16, d_kv=8, d_ff=32,
-                                           num_layers=1, num_heads=2))
-    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(),
+                                           num_layers=1, num_heads=2)).eval()  # no dropout
+    return PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(),
                                transformer=transformer, scheduler=DPMSolverMultistepScheduler())
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path

@@ -17,6 +17,7 @@ import torch
 
 from .denoiser import Denoiser
 from .samplers import get_sampler, sample_loop
+from .samplers.diffusers_scheduler import DiffusersSampler
 from .schedules import FlowMatchSchedule, NoiseSchedule, schedule_from_diffusers
 
 
@@ -29,15 +30,24 @@ def as_schedule(schedule) -> NoiseSchedule | FlowMatchSchedule:
                     f"or its config, not {type(schedule).__name__}")
 
 
-def sample(model: Callable, x_T: torch.Tensor, schedule, sampler: str = "dpm-solver++",
+def sample(model: Callable, x_T: torch.Tensor, schedule, sampler="dpm-solver++",
            steps: int = 10, prediction_type: str = "epsilon", cond=None, uncond=None,
            guidance_scale: float = 1.0, spacing: str | None = None,
            timesteps: list[float] | None = None, final: str = "zero",
            generator: torch.Generator | None = None, **options) -> torch.Tensor:
-    """Sample from ``x_T`` with the named sampler; extra keyword options go to the sampler."""
+    """Sample from ``x_T`` with ``sampler``: a name (extra keyword options go to it), a
+    sampler object, or a diffusers scheduler object (run one model call per step)."""
     sched = as_schedule(schedule)
-    spec = sampler + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
-    solver = get_sampler(spec)
+    if isinstance(sampler, str):
+        spec = sampler + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
+        solver = get_sampler(spec)
+    elif hasattr(sampler, "set_timesteps") and hasattr(sampler, "step"):  # a diffusers scheduler
+        solver = DiffusersSampler(sampler)
+    elif hasattr(sampler, "step"):
+        solver = sampler
+    else:
+        raise TypeError(f"sampler must be a name such as 'dpm-solver++', an sdinfer sampler or a "
+                        f"diffusers scheduler, not {type(sampler).__name__}")
 
     def model_fn(x, t, text):
         return model(x, t) if text is None else model(x, t, text)
