@@ -19,7 +19,7 @@ def _true_moments():
     return mean, second - mean[:, None] * mean[None, :]
 
 
-@pytest.mark.parametrize("spec", ["ddpm", "ddim:eta=1", "dpm-solver++-sde"])
+@pytest.mark.parametrize("spec", ["ddpm", "ddim:eta=1", "dpm-solver++-sde", "sampler-scheduler"])
 def test_stochastic_sampler_matches_the_mixture_moments(spec):
     sched = gm.schedule()
     x_T = torch.randn(N, 2, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(5))

@@ -9,6 +9,7 @@ from .dpm_solver import DPMSolverMultistep
 from .dpm_solver_singlestep import DPMSolverSinglestep
 from .karras import Euler, Heun
 from .pndm import PLMS
+from .sampler_schedule import SamplerSchedule, is_schedule_spec
 from .unipc import UniPC
 
 SAMPLERS = {
@@ -33,7 +34,10 @@ SAMPLERS = {
 
 
 def get_sampler(spec: str) -> Sampler:
-    """A sampler from its name with options, e.g. ``ddim`` or ``ddim:eta=0.5``."""
+    """A sampler from its name with options, e.g. ``ddim`` or ``ddim:eta=0.5``, or a schedule
+    of samplers by step range, e.g. ``ddim:0-10,dpm-solver++:10-20`` or ``sampler-scheduler``."""
+    if is_schedule_spec(spec):
+        return SamplerSchedule(spec)
     name, _, opts = spec.partition(":")
     name = name.strip().lower()
     if name not in SAMPLERS:
