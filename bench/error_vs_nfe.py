@@ -1,0 +1,161 @@
+"""Error against NFE of every sampler, ours and diffusers', on the exact Gaussian mixture.
+
+    python bench/error_vs_nfe.py [--plot docs/error_vs_nfe_gm.png]
+
+Each sampler runs from the same 256 noise samples with NFE in {5, 6, 8, 10, 12, 15, 20, 25,
+50} (two-evaluation steps use (NFE + 1) // 2 steps); the error is the RMS distance of its
+final sample to a 1000-step DPM-Solver++(3M) reference from the same noise (which agrees with
+the scipy solution of the probability-flow ODE to 1e-7).  Our samplers run on each of their
+grids (trailing, logsnr, karras, time_uniform, time_quadratic); diffusers' schedulers with their own defaults and their
+Karras / uniform-lambda ("lu_lambdas") options where they have them.  The last rows give the best of each side per NFE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+
+from sdinfer.denoiser import Denoiser
+from sdinfer.eval import gaussian_mixture as gm
+from sdinfer.samplers import get_sampler, sample_loop
+
+NFES = [5, 6, 8, 10, 12, 15, 20, 25, 50]
+OURS = ["ddim", "dpm-solver++-2m", "dpm-solver++-3m", "dpm-solver:order=3",
+        "dpm-solver++-2s", "dpm-solver++-singlestep:order=3", "dpm-solver-singlestep:order=3",
+        "unipc:order=2", "unipc:order=3", "euler", "heun", "plms"]
+GRIDS = ["trailing", "logsnr", "karras", "time_uniform", "time_quadratic"]
+TWO_EVALUATIONS = {"heun"}
+ONE_EXTRA_EVALUATION = {"plms"}  # its first step evaluates twice
+
+
+def _diffusers_schedulers():
+    from diffusers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
+                           DPMSolverSinglestepScheduler, EulerDiscreteScheduler,
+                           HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler,
+                           UniPCMultistepScheduler)
+    base = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    return {
+        "DDIM": lambda: DDIMScheduler(**base, clip_sample=False, timestep_spacing="trailing"),
+        "DPMSolverMultistep 2M": lambda: DPMSolverMultistepScheduler(**base),
+        "DPMSolverMultistep 3M": lambda: DPMSolverMultistepScheduler(**base, solver_order=3),
+        "DPMSolverMultistep 2M karras": lambda: DPMSolverMultistepScheduler(**base, use_karras_sigmas=True),
+        "DPMSolverMultistep 2M lu_lambdas": lambda: DPMSolverMultistepScheduler(**base, use_lu_lambdas=True),
+        "DPMSolverMultistep 3M lu_lambdas": lambda: DPMSolverMultistepScheduler(**base, solver_order=3,
+                                                                                use_lu_lambdas=True),
+        "DPMSolverSinglestep 2": lambda: DPMSolverSinglestepScheduler(**base, lower_order_final=True),
+        "DPMSolverSinglestep 3": lambda: DPMSolverSinglestepScheduler(**base, solver_order=3,
+                                                                      lower_order_final=True),
+        "UniPCMultistep bh2": lambda: UniPCMultistepScheduler(**base),
+        "UniPCMultistep 3": lambda: UniPCMultistepScheduler(**base, solver_order=3),
+        "UniPCMultistep 3 karras": lambda: UniPCMultistepScheduler(**base, solver_order=3,
+                                                                   use_karras_sigmas=True),
+        "DEISMultistep": lambda: DEISMultistepScheduler(**base),
+        "EulerDiscrete": lambda: EulerDiscreteScheduler(**base, timestep_spacing="trailing"),
+        "EulerDiscrete karras": lambda: EulerDiscreteScheduler(**base, use_karras_sigmas=True),
+        "HeunDiscrete": lambda: HeunDiscreteScheduler(**base),
+        "HeunDiscrete karras": lambda: HeunDiscreteScheduler(**base, use_karras_sigmas=True),
+        "LMSDiscrete": lambda: LMSDiscreteScheduler(**base),
+        "PNDM": lambda: PNDMScheduler(**base, skip_prk_steps=True),
+    }
+
+
+def epsilon_model(sched):
+    """The mixture's exact denoiser as an epsilon predictor in diffusers' timestep units."""
+    x0_model = gm.model_fn(sched)
+
+    def fn(x, model_t, text=None):
+        t = sched.continuous_time(float(model_t.reshape(-1)[0]))
+        a, s = sched.alpha(t), sched.sigma(t)
+        return (x - a * x0_model(x, model_t.reshape(-1).expand(x.shape[0]))) / s
+    return fn
+
+
+def run_ours(spec, grid, nfe, sched, x_T):
+    steps = (nfe + 1) // 2 if spec in TWO_EVALUATIONS else nfe - 1 if spec in ONE_EXTRA_EVALUATION \
+        else nfe
+    den = Denoiser(gm.model_fn(sched), sched, "sample")
+    x = sample_loop(den, get_sampler(spec), x_T.clone(), steps, None, None, spacing=grid)
+    return x, den.nfe
+
+
+def run_diffusers(make, nfe, sched, x_T):
+    scheduler = make()
+    model = epsilon_model(sched)
+    steps = nfe
+    scheduler.set_timesteps(steps)
+    if len(scheduler.timesteps) > nfe:  # two evaluations per step (Heun)
+        steps = (nfe + 1) // 2
+        scheduler = make()
+        scheduler.set_timesteps(steps)
+    x = x_T.clone() * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        out = model(scheduler.scale_model_input(x, t), t.reshape(1).double())
+        x = scheduler.step(out, t, x).prev_sample
+    return x.double(), len(scheduler.timesteps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--plot", default=None)
+    parser.add_argument("--samples", type=int, default=256)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    sched = gm.schedule()
+    x_T = torch.randn(args.samples, 2, 1, 1, dtype=torch.float64,
+                      generator=torch.Generator().manual_seed(0))
+    ref, _ = run_ours("dpm-solver++-3m", "logsnr", 1000, sched, x_T)
+
+    def rmse(x):
+        return float((x - ref).square().mean().sqrt())
+
+    rows: dict[str, list[float]] = {}
+    for spec in OURS:
+        for grid in GRIDS:
+            errors = []
+            for nfe in NFES:
+                x, used = run_ours(spec, grid, nfe, sched, x_T)
+                errors.append(rmse(x) if used <= nfe else float("nan"))
+            rows[f"sdinfer {spec} [{grid}]"] = errors
+    theirs: dict[str, list[float]] = {}
+    for name, make in _diffusers_schedulers().items():
+        errors = []
+        for nfe in NFES:
+            x, used = run_diffusers(make, nfe, sched, x_T.float() if "PNDM" in name else x_T)
+            errors.append(rmse(x) if used <= nfe else float("nan"))
+        theirs[f"diffusers {name}"] = errors
+
+    def best(table):
+        return [min((v[i] for v in table.values() if v[i] == v[i]), default=float("nan"))
+                for i in range(len(NFES))]
+
+    print("| sampler | " + " | ".join(f"NFE {n}" for n in NFES) + " |")
+    print("|---|" + "---|" * len(NFES))
+    for name, errors in {**rows, **theirs}.items():
+        print(f"| {name} | " + " | ".join(f"{e:.2e}" for e in errors) + " |")
+    ours_best, theirs_best = best(rows), best(theirs)
+    print("| **best sdinfer** | " + " | ".join(f"**{e:.2e}**" for e in ours_best) + " |")
+    print("| **best diffusers** | " + " | ".join(f"**{e:.2e}**" for e in theirs_best) + " |")
+    print("| best sdinfer / best diffusers | " +
+          " | ".join(f"{a / b:.2f}" for a, b in zip(ours_best, theirs_best)) + " |")
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(9, 6))
+        for name, errors in rows.items():
+            if name.endswith("[logsnr]"):
+                ax.plot(NFES, errors, "-o", ms=3, label=name.replace(" [logsnr]", ""))
+        for name, errors in theirs.items():
+            ax.plot(NFES, errors, "--x", ms=3, label=name)
+        ax.set_xscale("log"), ax.set_yscale("log")
+        ax.set_xlabel("NFE"), ax.set_ylabel("RMS error vs 1000-step reference")
+        ax.set_title("Gaussian mixture: error against NFE (sdinfer on the log-SNR grid)")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
