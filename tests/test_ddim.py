@@ -68,7 +68,19 @@ def test_nan_from_model_is_a_clear_error():
 @pytest.mark.parametrize("spec,msg", [("euler-magic", "unknown sampler"), ("ddim:eta", "key=value"),
                                       ("ddim:eta=2", "eta"), ("ddim:order=2", "no option"),
                                       ("unipc:solver_type=bh7", "solver type"), ("ddim:eta=x", "number"),
-                                      ("dpm-solver++:algorithm=foo", "algorithm")])
+                                      ("dpm-solver++:algorithm=foo", "algorithm"),
+                                      ("dpm-solver++-singlestep:order=4", "orders 1, 2 and 3"),
+                                      ("dpm-solver++-singlestep:solver_type=rk4", "solver_type"),
+                                      ("dpm-solver:sde=true", "dpm-solver\\+\\+ only"),
+                                      ("ddim:0-10,nope:10-20", "unknown sampler"),
+                                      ("ddim:0-10;dpm-solver++:10-20", "key=value")])
 def test_bad_sampler_specs(spec, msg):
     with pytest.raises(ValueError, match=msg):
         get_sampler(spec)
+
+
+def test_steps_below_the_solver_minimum():
+    schedule = NoiseSchedule.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    den = Denoiser(lambda x, t, c: x, schedule, "epsilon")
+    with pytest.raises(ValueError, match="needs at least 2 steps"):
+        sample_loop(den, DDIM(min_steps=2), torch.randn(1, 1, 2, 2), 1, None, None)
