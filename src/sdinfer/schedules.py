@@ -39,9 +39,11 @@ class NoiseSchedule:
         self._lam = 0.5 * (torch.log(ac) - torch.log1p(-ac))
         self.t_min = float(self._t[0])
         self.t_max = 1.0
+        self._scalars: dict[float, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     is_flow = False
     default_spacing = "trailing"
+    _CACHE_SIZE = 4096
 
     # ---- construction ------------------------------------------------------
     @classmethod
@@ -72,6 +74,8 @@ class NoiseSchedule:
 
     # ---- continuous-time quantities -----------------------------------------
     def lam(self, t) -> torch.Tensor:
+        if isinstance(t, (float, int)):
+            return self._scalar(t)[0]
         t = torch.as_tensor(t, dtype=torch.float64)
         lam = _interp(t, self._t, self._lam)
         return torch.where(t <= 0, torch.full_like(lam, math.inf), lam)
@@ -80,10 +84,29 @@ class NoiseSchedule:
         return -0.5 * torch.nn.functional.softplus(-2.0 * self.lam(t))
 
     def alpha(self, t) -> torch.Tensor:
+        if isinstance(t, (float, int)):
+            return self._scalar(t)[1]
         return torch.exp(self.log_alpha(t))
 
     def sigma(self, t) -> torch.Tensor:
+        if isinstance(t, (float, int)):
+            return self._scalar(t)[2]
         return torch.exp(-0.5 * torch.nn.functional.softplus(2.0 * self.lam(t)))
+
+    def _scalar(self, t: float):
+        """(lambda, alpha, sigma) at a number t, computed once: samplers ask for the same few
+        times many times per step, and the table lookups would cost more than the update."""
+        hit = self._scalars.get(t)
+        if hit is None:
+            tt = torch.tensor(float(t), dtype=torch.float64)
+            lam = torch.where(tt <= 0, torch.tensor(math.inf, dtype=torch.float64),
+                              _interp(tt, self._t, self._lam))
+            hit = (lam, torch.exp(-0.5 * torch.nn.functional.softplus(-2.0 * lam)),
+                   torch.exp(-0.5 * torch.nn.functional.softplus(2.0 * lam)))
+            if len(self._scalars) >= self._CACHE_SIZE:
+                self._scalars.clear()
+            self._scalars[t] = hit
+        return hit
 
     def inverse_lambda(self, lam) -> torch.Tensor:
         lam = torch.as_tensor(lam, dtype=torch.float64)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 
 SOLVER_TYPES = ("bh1", "bh2")
 
@@ -54,7 +53,7 @@ class UniPC:
             b.append(phi * factorial / b_h)
             factorial *= i + 1
             phi = phi / hh - 1.0 / factorial
-        return torch.tensor(rows, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), b_h
+        return rows, b, b_h
 
     def _update(self, sched, x, t_from, t_to, history, order, m_new=None):
         """Predictor (``m_new`` None) or corrector from ``t_from`` to ``t_to``."""
@@ -73,9 +72,9 @@ class UniPC:
         if m_new is None:
             if not diffs:
                 return x_t
-            rhos = [0.5] if len(diffs) == 1 else torch.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+            rhos = [0.5] if len(diffs) == 1 else _solve([r[:-1] for r in R[:-1]], b[:-1])
             return x_t - a_t * b_h * sum(r * d for r, d in zip(rhos, diffs))
-        rhos = [0.5] if order == 1 else torch.linalg.solve(R, b).tolist()
+        rhos = [0.5] if order == 1 else _solve(R, b)
         res = sum(r * d for r, d in zip(rhos[:-1], diffs)) if diffs else 0.0
         return x_t - a_t * b_h * (res + rhos[-1] * (m_new - m_s))
 
@@ -95,3 +94,20 @@ class UniPC:
         if t_next == 0.0 and order == 1:
             return pred.x0
         return self._update(sched, x, t, t_next, history, order)
+
+
+def _solve(rows: list[list[float]], rhs: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting for the <= 3 x 3 systems above (a torch
+    solve per step costs more than the whole update)."""
+    n = len(rhs)
+    a = [list(row) + [v] for row, v in zip(rows, rhs)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(col + 1, n):
+            f = a[r][col] / a[col][col]
+            a[r] = [x - f * y for x, y in zip(a[r], a[col])]
+    out = [0.0] * n
+    for r in reversed(range(n)):
+        out[r] = (a[r][n] - sum(a[r][c] * out[c] for c in range(r + 1, n))) / a[r][r]
+    return out
