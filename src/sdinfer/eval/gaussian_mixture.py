@@ -26,20 +26,23 @@ def schedule() -> NoiseSchedule:
     return NoiseSchedule.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
 
 
-def x0_given(x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Posterior mean of x0; x is (B, 2)."""
-    var = alpha**2 * STDS**2 + sigma**2                          # (K,)
-    diff = x[:, None, :] - alpha * MEANS[None]                    # (B, K, 2)
+def x0_given(x: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """Posterior mean of x0; x is (B, 2), alpha and sigma numbers or one per sample (B,)."""
+    alpha = torch.as_tensor(alpha, dtype=x.dtype).reshape(-1, 1)   # (B or 1, 1)
+    sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1)
+    var = alpha**2 * STDS**2 + sigma**2                          # (B or 1, K)
+    diff = x[:, None, :] - alpha[:, :, None] * MEANS[None]        # (B, K, 2)
     logp = torch.log(WEIGHTS) - diff.square().sum(-1) / (2 * var) - torch.log(var)  # d = 2
     g = torch.softmax(logp, dim=1)                                # (B, K)
-    means = MEANS[None] + (alpha * STDS**2 / var)[None, :, None] * diff
+    means = MEANS[None] + (alpha * STDS**2 / var)[:, :, None] * diff
     return (g[..., None] * means).sum(1)
 
 
 def model_fn(sched: NoiseSchedule):
-    """A 'sample'-prediction model in the schedule's model-time convention, on (B, 2, 1, 1)."""
+    """A 'sample'-prediction model in the schedule's model-time convention, on (B, 2, 1, 1);
+    one model time per sample (parallel samplers evaluate several steps in one call)."""
     def fn(x, model_t, text=None):
-        t = sched.continuous_time(model_t[0].item())
+        t = sched.continuous_time(torch.as_tensor(model_t, dtype=torch.float64).reshape(-1))
         a, s = sched.alpha(t), sched.sigma(t)
         return x0_given(x.view(x.shape[0], 2), a, s).view_as(x)
     return fn
