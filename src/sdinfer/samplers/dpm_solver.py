@@ -46,6 +46,16 @@ from .exponential_integrator import exponential_update
 ALGORITHMS = ("dpmsolver++", "dpmsolver")
 
 
+def check_order_and_algorithm(name: str, order, algorithm: str) -> int:
+    order = int(order)
+    if order not in (1, 2, 3):
+        raise ValueError(f"{name} has orders 1, 2 and 3, not {order}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown DPM-Solver algorithm {algorithm!r}; "
+                         f"choose one of {', '.join(ALGORITHMS)}")
+    return order
+
+
 @dataclass
 class DPMSolverMultistep:
     order: int = 2
@@ -57,12 +67,7 @@ class DPMSolverMultistep:
     min_steps: int = 1
 
     def __post_init__(self) -> None:
-        self.order = int(self.order)
-        if self.order not in (1, 2, 3):
-            raise ValueError(f"{self.name} has orders 1, 2 and 3, not {self.order}")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown DPM-Solver algorithm {self.algorithm!r}; "
-                             f"choose one of {', '.join(ALGORITHMS)}")
+        self.order = check_order_and_algorithm(self.name, self.order, self.algorithm)
         if self.sde and self.algorithm != "dpmsolver++":
             raise ValueError("the SDE variant exists for dpm-solver++ only; use dpm-solver++:sde=true")
 

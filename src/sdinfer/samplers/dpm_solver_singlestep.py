@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..context import StepContext
-from .dpm_solver import ALGORITHMS
+from .dpm_solver import ALGORITHMS, check_order_and_algorithm
 from .exponential_integrator import block_update, singlestep_update
 
 SOLVER_TYPES = ("midpoint", "heun")
@@ -57,12 +57,7 @@ class DPMSolverSinglestep:
     min_steps: int = 1
 
     def __post_init__(self) -> None:
-        self.order = int(self.order)
-        if self.order not in (1, 2, 3):
-            raise ValueError(f"{self.name} has orders 1, 2 and 3, not {self.order}")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown DPM-Solver algorithm {self.algorithm!r}; "
-                             f"choose one of {', '.join(ALGORITHMS)}")
+        self.order = check_order_and_algorithm(self.name, self.order, self.algorithm)
         if self.solver_type not in SOLVER_TYPES:
             raise ValueError(f"unknown solver_type {self.solver_type!r}; choose midpoint or heun")
 
