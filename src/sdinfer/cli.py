@@ -40,6 +40,10 @@ def _whole_number(text: str) -> int:
     return value
 
 
+def _steps_or_auto(text: str):
+    return "auto" if text.strip().lower() == "auto" else _whole_number(text)
+
+
 # ---- generate -------------------------------------------------------------------------
 def _output_paths(out: Path, batch: int) -> list[Path]:
     if batch == 1:
@@ -98,7 +102,7 @@ def cmd_generate(args) -> int:
         warnings.simplefilter("always")
         result = pipe([args.prompt] * args.batch, steps=args.steps, sampler=args.sampler,
                       guidance_scale=args.cfg, seed=args.seed, size=args.size,
-                      progress=not args.quiet)
+                      progress=not args.quiet, predictor=args.predictor)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     for i, (image, path) in enumerate(zip(result.images, outputs)):
@@ -143,6 +147,10 @@ def cmd_bench(args) -> int:
                 else bench.RunSpec(sampler=args.sampler, steps=max(steps), cfg=args.cfg))
     _quiet_libraries()
     pipe = Pipeline.from_pretrained(args.model)
+    if args.min_steps:
+        return _bench_min_steps(args, pipe, prompts, steps, baseline)
+    if args.save_predictor:
+        raise UserError("--save-predictor goes with --min-steps")
     report = bench.run_bench(pipe, specs, baseline, prompts, batch=args.batch, seed=args.seed,
                              repeats=args.repeats, size=args.size,
                              log=lambda m: print(m, file=sys.stderr))
@@ -153,6 +161,31 @@ def cmd_bench(args) -> int:
     if args.plot:
         bench.plot(report, Path(args.plot))
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _bench_min_steps(args, pipe, prompts, candidates, baseline) -> int:
+    import json
+
+    from .stepsaver import StepPredictor, find_min_steps, prompt_features
+
+    if args.save_predictor:
+        _check_outputs([Path(args.save_predictor).with_suffix(".png")], True)
+    labels = find_min_steps(pipe, prompts, sampler=baseline.sampler, reference_steps=baseline.steps,
+                            candidates=candidates, threshold_db=args.threshold,
+                            guidance_scale=baseline.cfg, seed=args.seed, batch=args.batch)
+    saved = 1 - labels.mean_steps / labels.reference_steps
+    print(f"fewest steps within {args.threshold} dB of {baseline.sampler}:{baseline.steps} over "
+          f"{len(prompts)} prompts: mean {labels.mean_steps:.1f} steps ({100 * saved:.0f}% saved), "
+          f"min {min(labels.steps)}, max {max(labels.steps)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(labels.as_dict(), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.save_predictor:
+        predictor = StepPredictor.fit(prompt_features(pipe, prompts), labels.steps,
+                                      sorted(set(candidates) | {baseline.steps}))
+        predictor.save(Path(args.save_predictor))
+        print(f"wrote the step predictor {args.save_predictor}")
     return 0
 
 
@@ -208,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         if many_steps:
             p.add_argument("--steps", default="50", help="denoising steps; several as 10,20,50 (default: 50)")
         else:
-            p.add_argument("--steps", type=_whole_number, default=50, help="denoising steps (default: 50)")
+            p.add_argument("--steps", type=_steps_or_auto, default=50,
+                           help="denoising steps, or auto: StepSaver predicts them per prompt (default: 50)")
         p.add_argument("--cfg", type=float, default=4.0,
                        help="classifier-free guidance scale; 1 turns guidance off (default: 4)")
         p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -223,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1,
                    help="images to generate (seeds SEED, SEED+1, ...; files OUT-0.png, OUT-1.png, ...)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    g.add_argument("--predictor", default=None,
+                   help="StepSaver predictor for --steps auto (default: the one beside the model)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
@@ -241,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (default: 3)")
     b.add_argument("--json", default=None, help="write the records to this JSON file")
     b.add_argument("--plot", default=None, help="write a quality-vs-speed-up plot to this PNG file")
+    b.add_argument("--min-steps", action="store_true",
+                   help="StepSaver: per prompt, the fewest of --steps within --threshold dB PSNR "
+                        "of the baseline's image")
+    b.add_argument("--threshold", type=float, default=30.0, help="PSNR threshold in dB for --min-steps (default: 30)")
+    b.add_argument("--save-predictor", default=None,
+                   help="with --min-steps: fit a step predictor on the labels and save it here "
+                        "(use it with generate --steps auto --predictor PATH)")
     b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("models", help="list the shipped models")

@@ -114,12 +114,20 @@ class Pipeline:
         return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
 
     @torch.no_grad()
-    def __call__(self, prompts: str | list[str], steps: int = DEFAULT_STEPS, sampler: str = "ddim",
-                 guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0, size: int | None = None,
-                 seeds: list[int] | None = None, progress: bool = False) -> GenerationResult:
+    def __call__(self, prompts: str | list[str], steps: int | str = DEFAULT_STEPS,
+                 sampler: str = "ddim", guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0,
+                 size: int | None = None, seeds: list[int] | None = None, progress: bool = False,
+                 predictor=None) -> GenerationResult:
+        """``steps="auto"``: StepSaver's predictor (``predictor``: a path or a StepPredictor;
+        default the one beside the model) picks the count, the largest over the prompts."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("no prompt given; pass at least one prompt")
+        if steps == "auto":
+            from .stepsaver import StepPredictor, predictor_for, prompt_features
+            if not isinstance(predictor, StepPredictor):
+                predictor = predictor_for(self, predictor)
+            steps = max(predictor.predict(prompt_features(self, prompts)))
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
         if guidance_scale < 0:
