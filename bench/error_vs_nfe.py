@@ -1,6 +1,7 @@
 """Error against NFE of every sampler, ours and diffusers', on the exact Gaussian mixture.
 
     python bench/error_vs_nfe.py [--plot docs/error_vs_nfe_gm.png]
+    python bench/error_vs_nfe.py --model unet [--plot ...]     # a default model, 8 prompts, cfg 4
 
 Each sampler runs from the same 256 noise samples with NFE in {5, 6, 8, 10, 12, 15, 20, 25,
 50} (two-evaluation steps use (NFE + 1) // 2 steps); the error is the RMS distance of its
@@ -30,12 +31,12 @@ TWO_EVALUATIONS = {"heun"}
 ONE_EXTRA_EVALUATION = {"plms"}  # its first step evaluates twice
 
 
-def _diffusers_schedulers():
+def _diffusers_schedulers(prediction_type: str = "epsilon"):
     from diffusers import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                            DPMSolverSinglestepScheduler, EulerDiscreteScheduler,
                            HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler,
                            UniPCMultistepScheduler)
-    base = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    base = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type=prediction_type)
     return {
         "DDIM": lambda: DDIMScheduler(**base, clip_sample=False, timestep_spacing="trailing"),
         "DPMSolverMultistep 2M": lambda: DPMSolverMultistepScheduler(**base),
@@ -96,35 +97,86 @@ def run_diffusers(make, nfe, sched, x_T):
     return x.double(), len(scheduler.timesteps)
 
 
+def model_problem(name: str, prompts: int):
+    """A default model with guidance 4 on the quick prompts: a denoiser factory, noise, text."""
+    from sdinfer.cli import _quiet_libraries
+    from sdinfer.eval.prompts import QUICK
+    from sdinfer.pipeline import Pipeline
+
+    _quiet_libraries()
+    pipe = Pipeline.from_pretrained(name)
+    texts = (QUICK * 4)[:prompts]
+    cond, uncond = pipe.encode(texts), pipe.encode([""] * len(texts))
+    x_T = pipe.noise(list(range(len(texts))), pipe.model.native_size)
+    return pipe, cond, uncond, x_T
+
+
+def run_model(pipe, cond, uncond, x_T, sampler, steps, grid=None):
+    from sdinfer.samplers.base import sample_loop as loop
+    den = pipe.denoiser(4.0)
+    with torch.no_grad():
+        x = loop(den, sampler, x_T.clone(), steps, cond, uncond, spacing=grid)
+    return x, den.nfe
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--model", default=None, help="unet or dit: a default model instead of the mixture")
+    parser.add_argument("--prompts", type=int, default=8)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    sched = gm.schedule()
-    x_T = torch.randn(args.samples, 2, 1, 1, dtype=torch.float64,
-                      generator=torch.Generator().manual_seed(0))
-    ref, _ = run_ours("dpm-solver++-3m", "logsnr", 1000, sched, x_T)
-
-    def rmse(x):
-        return float((x - ref).square().mean().sqrt())
-
     rows: dict[str, list[float]] = {}
-    for spec in OURS:
-        for grid in GRIDS:
+    theirs: dict[str, list[float]] = {}
+    if args.model:
+        from sdinfer.samplers.diffusers_scheduler import DiffusersSampler
+        pipe, cond, uncond, x_T = model_problem(args.model, args.prompts)
+        ref, _ = run_model(pipe, cond, uncond, x_T, get_sampler("ddim"), 1000)
+
+        def rmse(x):
+            return float((x - ref).square().mean().sqrt())
+
+        for spec in OURS:
+            steps_of = (lambda n: (n + 1) // 2) if spec in TWO_EVALUATIONS else \
+                (lambda n: n - 1) if spec in ONE_EXTRA_EVALUATION else (lambda n: n)
+            for grid in GRIDS:
+                errors = []
+                for nfe in NFES:
+                    x, used = run_model(pipe, cond, uncond, x_T, get_sampler(spec), steps_of(nfe), grid)
+                    errors.append(rmse(x) if used <= nfe else float("nan"))
+                rows[f"sdinfer {spec} [{grid}]"] = errors
+        for name, make in _diffusers_schedulers(pipe.model.prediction_type).items():
             errors = []
             for nfe in NFES:
-                x, used = run_ours(spec, grid, nfe, sched, x_T)
+                try:
+                    x, used = run_model(pipe, cond, uncond, x_T, DiffusersSampler(make()), nfe)
+                    errors.append(rmse(x) if used <= nfe else float("nan"))
+                except ValueError:  # two model calls per step: not through our loop
+                    errors.append(float("nan"))
+            theirs[f"diffusers {name}"] = errors
+    else:
+        sched = gm.schedule()
+        x_T = torch.randn(args.samples, 2, 1, 1, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(0))
+        ref, _ = run_ours("dpm-solver++-3m", "logsnr", 1000, sched, x_T)
+
+        def rmse(x):
+            return float((x - ref).square().mean().sqrt())
+
+        for spec in OURS:
+            for grid in GRIDS:
+                errors = []
+                for nfe in NFES:
+                    x, used = run_ours(spec, grid, nfe, sched, x_T)
+                    errors.append(rmse(x) if used <= nfe else float("nan"))
+                rows[f"sdinfer {spec} [{grid}]"] = errors
+        for name, make in _diffusers_schedulers().items():
+            errors = []
+            for nfe in NFES:
+                x, used = run_diffusers(make, nfe, sched, x_T.float() if "PNDM" in name else x_T)
                 errors.append(rmse(x) if used <= nfe else float("nan"))
-            rows[f"sdinfer {spec} [{grid}]"] = errors
-    theirs: dict[str, list[float]] = {}
-    for name, make in _diffusers_schedulers().items():
-        errors = []
-        for nfe in NFES:
-            x, used = run_diffusers(make, nfe, sched, x_T.float() if "PNDM" in name else x_T)
-            errors.append(rmse(x) if used <= nfe else float("nan"))
-        theirs[f"diffusers {name}"] = errors
+            theirs[f"diffusers {name}"] = errors
 
     def best(table):
         return [min((v[i] for v in table.values() if v[i] == v[i]), default=float("nan"))
@@ -151,7 +203,7 @@ def main() -> None:
             ax.plot(NFES, errors, "--x", ms=3, label=name)
         ax.set_xscale("log"), ax.set_yscale("log")
         ax.set_xlabel("NFE"), ax.set_ylabel("RMS error vs 1000-step reference")
-        ax.set_title("Gaussian mixture: error against NFE (sdinfer on the log-SNR grid)")
+        ax.set_title(f"{args.model or 'Gaussian mixture'}: error against NFE (sdinfer on the log-SNR grid)")
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
