@@ -93,3 +93,15 @@ def test_adaptive_bad_input():
         dpm_solver_adaptive(den, torch.zeros(1, 2, 1, 1, dtype=torch.float64), order=4)
     with pytest.raises(ValueError, match="rtol"):
         dpm_solver_adaptive(den, torch.zeros(1, 2, 1, 1, dtype=torch.float64), rtol=0)
+
+
+def test_adaptive_through_sdinfer_sample():
+    import sdinfer
+
+    sched = gm.schedule()
+    x_T = torch.randn(8, 2, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref = sdinfer.sample(gm.model_fn(sched), x_T.clone(), sched, sampler="dpm-solver++:order=3",
+                         steps=200, prediction_type="sample")
+    x = sdinfer.sample(gm.model_fn(sched), x_T.clone(), sched, sampler="dpm-solver-adaptive",
+                       prediction_type="sample", order=3, rtol=0.005, atol=0.0005)
+    assert float((x - ref).abs().max()) < 0.02

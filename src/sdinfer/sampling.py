@@ -18,6 +18,9 @@ import torch
 from .denoiser import Denoiser
 from .samplers import get_sampler, sample_loop
 from .samplers.diffusers_scheduler import DiffusersSampler
+from .samplers.dpm_solver_singlestep import dpm_solver_adaptive
+
+ADAPTIVE = "dpm-solver-adaptive"
 from .schedules import FlowMatchSchedule, NoiseSchedule, schedule_from_diffusers
 
 
@@ -36,8 +39,18 @@ def sample(model: Callable, x_T: torch.Tensor, schedule, sampler="dpm-solver++",
            timesteps: list[float] | None = None, final: str = "zero",
            generator: torch.Generator | None = None, **options) -> torch.Tensor:
     """Sample from ``x_T`` with ``sampler``: a name (extra keyword options go to it), a
-    sampler object, or a diffusers scheduler object (run one model call per step)."""
+    sampler object, or a diffusers scheduler object (run one model call per step).
+    ``"dpm-solver-adaptive"`` (DPM-Solver-12/23, options ``order``, ``rtol``, ``atol``)
+    chooses its own steps."""
     sched = as_schedule(schedule)
+
+    def model_fn(x, t, text):
+        return model(x, t) if text is None else model(x, t, text)
+
+    if isinstance(sampler, str) and sampler.split(":")[0].strip().lower() == ADAPTIVE:
+        # its own step sizes: ``steps`` does not apply; options order, rtol, atol, ...
+        den = Denoiser(model_fn, sched, prediction_type, guidance_scale)
+        return dpm_solver_adaptive(den, x_T, cond, uncond, **options).x
     if isinstance(sampler, str):
         spec = sampler + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
         solver = get_sampler(spec)
@@ -48,9 +61,6 @@ def sample(model: Callable, x_T: torch.Tensor, schedule, sampler="dpm-solver++",
     else:
         raise TypeError(f"sampler must be a name such as 'dpm-solver++', an sdinfer sampler or a "
                         f"diffusers scheduler, not {type(sampler).__name__}")
-
-    def model_fn(x, t, text):
-        return model(x, t) if text is None else model(x, t, text)
 
     den = Denoiser(model_fn, sched, prediction_type, guidance_scale)
     return sample_loop(den, solver, x_T, steps, cond, uncond, generator=generator,

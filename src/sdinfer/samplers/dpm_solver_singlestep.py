@@ -9,7 +9,7 @@ updates from s with the divided differences of those evaluations:
   order 3:  D1 = (m(u_2) - m(s)) / r_2   (Alg. 2; the "midpoint" form)
             or the quadratic fit through m(s), m(u_1), m(u_2) ("heun": D1, D2)
 
-and ``exponential_update`` (dpm_solver.py) applies the exponential integrator.
+and ``exponential_update`` (exponential_integrator.py) applies the exponential integrator.
 As in diffusers' DPMSolverSinglestepScheduler the intermediate times are the
 grid's own points: the steps fall into blocks of orders [1, 2, 3], [1, 2], ...;
 within a block every grid step costs one evaluation and restarts from the
@@ -18,7 +18,7 @@ paper's DPM-Solver-3 with r_1 = 1/3, r_2 = 2/3.
 
 ``dpm_solver_adaptive`` is the paper's Algorithm 4 (App. C): a step of order k
 and one of order k - 1 share their evaluations; their difference, normalised by
-atol + rtol * max(|x_lower|, |x_prev|), is the error E (RMS); a step with E <= 1
+max(atol, rtol * max(|x_lower|, |x_prev|)), is the error E (RMS, the worst sample's); a step with E <= 1
 is accepted, and h <- theta h E^{-1/k} (in lambda) either way.
 """
 
