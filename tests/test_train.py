@@ -79,3 +79,17 @@ def test_train_default_command_exports_a_loadable_model(tmp_path, capsys):
     assert code == 0 and "wrote the model" in capsys.readouterr().out
     result = Pipeline.from_pretrained(out)(["a red circle in the top left"], steps=2)
     assert result.pixels.shape == (1, 3, 32, 32)
+
+
+def test_data_workers_render_the_same_batches(tmp_path):
+    cfg = TrainConfig(arch="dit", steps=6, batch_size=3)
+    alone = Trainer(cfg, tmp_path / "a")
+    helped = Trainer(cfg, tmp_path / "b", data_workers=2)
+    try:
+        for step in (0, 1, 5, 2):
+            (x, c), (y, d) = alone.batch(step), helped.batch(step)
+            assert c == d
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+        assert not torch.equal(alone.batch(0)[0], alone.batch(1)[0])
+    finally:
+        helped.close()

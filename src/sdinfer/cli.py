@@ -210,12 +210,17 @@ def cmd_train_default(args) -> int:
     from .models.default.export import export_pipeline
     from .models.default.train import TrainConfig, train
 
-    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
-    cfg = TrainConfig(arch=args.arch, **{**TRAIN_OVERRIDES[args.arch],
-                                         **{k: v for k, v in given.items() if v is not None}})
+    given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+             "restarts": args.restarts}
+    try:
+        cfg = TrainConfig(arch=args.arch, **{**TRAIN_OVERRIDES[args.arch],
+                                             **{k: v for k, v in given.items() if v is not None}})
+    except ValueError as err:
+        raise UserError(f"{err}; give --steps larger than the last of --restarts") from None
     run_dir = Path(args.run_dir or f"runs/default-{args.arch}")
     _quiet_libraries()
-    trainer = train(cfg, run_dir, max_minutes=args.max_minutes, threads=args.threads)
+    trainer = train(cfg, run_dir, max_minutes=args.max_minutes, threads=args.threads,
+                    device=args.device, data_workers=args.data_workers)
     if trainer.step >= cfg.steps:
         out = Path(args.export_to or run_dir / "model")
         export_pipeline(trainer, out)
@@ -297,7 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 32)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3)")
     t.add_argument("--seed", type=int, default=None, help="seed of data, noise and weights (default: 0)")
+    t.add_argument("--restarts", type=_whole_number, nargs="*", default=None,
+                   help="steps at which the learning-rate schedule restarts (extends a finished run)")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    t.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default: cpu)")
+    t.add_argument("--data-workers", type=int, default=0,
+                   help="processes that render batches ahead of the training step (default: 0)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
     t.add_argument("--run-dir", default=None, help="checkpoint folder (default: runs/default-ARCH)")
     t.add_argument("--export-to", default=None, help="where to write the finished model (default: RUN_DIR/model)")

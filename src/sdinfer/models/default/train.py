@@ -9,7 +9,10 @@ high-noise steps, where layout and colour are decided, almost no weight
 default models train with the plain loss.  Caption dropout for classifier-free
 guidance (Ho & Salimans 2022) and an EMA of the weights complete it.
 The batch for step k is drawn from a generator seeded with (seed, k), so a run
-resumed from a checkpoint sees exactly the data an uninterrupted run would.
+resumed from a checkpoint sees exactly the data an uninterrupted run would, and
+worker processes can render batches ahead of the step that needs them.  The
+model trains on any torch device; data, noise and timesteps are drawn on the CPU
+so that a run means the same samples wherever it trains.
 
 Checkpoints are safetensors (model, EMA, text encoder, optimiser moments) plus
 a JSON file; nothing is pickled.
@@ -20,6 +23,8 @@ from __future__ import annotations
 import json
 import math
 import time
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,24 +77,41 @@ class TrainConfig:
             self.learning_rate(s) == other.learning_rate(s) for s in range(done_steps))
 
 
+def render_batch(seed: int, batch_size: int, caption_dropout: float, step: int,
+                 heldout: frozenset[str]) -> tuple[np.ndarray, list[str]]:
+    """The images (uint8, B x H x W x 3) and captions of training step ``step``."""
+    seed = seed * 1_000_003 + step
+    specs = shapes.sample_specs(batch_size, seed, set(heldout))
+    rng = np.random.default_rng(seed + 7)
+    images = np.stack([shapes.render(s, rng) for s in specs])
+    captions = [s.caption if rng.random() >= caption_dropout else "" for s in specs]
+    return images, captions
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, device: str | torch.device = "cpu",
+                 data_workers: int = 0):
         self.cfg = cfg
+        self.device = torch.device(device)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = arch_mod.build_tokenizer()
-        self.text_encoder = arch_mod.build_text_encoder(cfg.seed)
-        self.model = arch_mod.build_denoiser(cfg.arch, cfg.seed)
+        self.text_encoder = arch_mod.build_text_encoder(cfg.seed).to(self.device)
+        self.model = arch_mod.build_denoiser(cfg.arch, cfg.seed).to(self.device)
         self.ema = {k: v.detach().clone() for k, v in self._params().items()}
         self.scheduler = arch_mod.build_scheduler()
         ac = self.scheduler.alphas_cumprod.to(torch.float32)
         self.alpha = ac.sqrt()
         self.sigma = (1 - ac).sqrt()
         self.snr = ac / (1 - ac)
+        self.alpha, self.sigma, self.snr = (v.to(self.device) for v in (self.alpha, self.sigma, self.snr))
         self.opt = torch.optim.AdamW(self._params().values(), lr=cfg.lr, weight_decay=0.0)
         self.step = 0
         self.log: list[dict] = []
-        self.heldout = set(shapes.heldout_prompts())
+        self.heldout = frozenset(shapes.heldout_prompts())
+        self.data_workers = data_workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._ahead: dict[int, object] = {}
 
     def _params(self) -> dict[str, torch.nn.Parameter]:
         out = {f"model.{k}": p for k, p in self.model.named_parameters()}
@@ -98,18 +120,26 @@ class Trainer:
 
     # ---- data -------------------------------------------------------------
     def batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
-        seed = self.cfg.seed * 1_000_003 + step
-        specs = shapes.sample_specs(self.cfg.batch_size, seed, self.heldout)
-        rng = np.random.default_rng(seed + 7)
-        images = np.stack([shapes.render(s, rng) for s in specs])
+        args = (self.cfg.seed, self.cfg.batch_size, self.cfg.caption_dropout)
+        if self.data_workers > 0:
+            if self._pool is None:
+                # spawned, not forked: the trainer's process may hold a CUDA context
+                self._pool = ProcessPoolExecutor(self.data_workers,
+                                                 mp_context=multiprocessing.get_context("spawn"))
+            for k in range(step, min(step + 4 * self.data_workers, self.cfg.steps)):
+                if k not in self._ahead:
+                    self._ahead[k] = self._pool.submit(render_batch, *args, k, self.heldout)
+            future = self._ahead.pop(step, None)
+            images, captions = future.result() if future else render_batch(*args, step, self.heldout)
+        else:
+            images, captions = render_batch(*args, step, self.heldout)
         x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        captions = [s.caption if rng.random() >= self.cfg.caption_dropout else "" for s in specs]
         return x0, captions
 
     def encode(self, captions: list[str]) -> TextConditioning:
         ids = self.tokenizer(captions, padding="max_length", max_length=arch_mod.MAX_TOKENS,
                              truncation=True, return_tensors="pt").input_ids
-        out = self.text_encoder(ids)
+        out = self.text_encoder(ids.to(self.device))
         return TextConditioning(out.last_hidden_state, out.pooler_output)
 
     # ---- one step ----------------------------------------------------------
@@ -119,6 +149,7 @@ class Trainer:
         g = torch.Generator().manual_seed(cfg.seed * 7_000_001 + self.step)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g)
         noise = torch.randn(x0.shape, generator=g)
+        x0, t, noise = x0.to(self.device), t.to(self.device), noise.to(self.device)
         a = self.alpha[t].view(-1, 1, 1, 1)
         s = self.sigma[t].view(-1, 1, 1, 1)
         xt = a * x0 + s * noise
@@ -138,22 +169,23 @@ class Trainer:
         self.opt.step()
         decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
         with torch.no_grad():
-            for k, p in self._params().items():
-                self.ema[k].lerp_(p.detach(), 1 - decay)
+            torch._foreach_lerp_(list(self.ema.values()),
+                                 [p.detach() for p in self._params().values()], 1 - decay)
         self.step += 1
         return float(loss.detach())
 
     # ---- checkpoints -------------------------------------------------------
     def save(self) -> None:
-        tensors = {k: v.detach().contiguous() for k, v in self._params().items()}
-        tensors.update({f"ema.{k}": v.contiguous() for k, v in self.ema.items()})
+        tensors = {k: v.detach() for k, v in self._params().items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.items()})
         names = list(self._params())
         for i, p in enumerate(self._params().values()):
             st = self.opt.state.get(p)
             if st:
-                tensors[f"opt.{i}.exp_avg"] = st["exp_avg"].contiguous()
-                tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+                tensors[f"opt.{i}.exp_avg"] = st["exp_avg"]
+                tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"]
                 tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
+        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
         tmp = self.run_dir / "checkpoint.safetensors.tmp"
         save_file(tensors, str(tmp))
         tmp.replace(self.run_dir / "checkpoint.safetensors")
@@ -179,8 +211,8 @@ class Trainer:
                 self.ema[k].copy_(tensors[f"ema.{k}"])
                 if f"opt.{i}.exp_avg" in tensors:
                     self.opt.state[p] = {
-                        "exp_avg": tensors[f"opt.{i}.exp_avg"].clone(),
-                        "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].clone(),
+                        "exp_avg": tensors[f"opt.{i}.exp_avg"].to(self.device),
+                        "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].to(self.device),
                         "step": torch.tensor(float(tensors[f"opt.{i}.step"][0])),
                     }
         self.step = meta["step"]
@@ -188,7 +220,13 @@ class Trainer:
         return True
 
     def ema_state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix) + 1:]: v for k, v in self.ema.items() if k.startswith(prefix + ".")}
+        return {k[len(prefix) + 1:]: v.cpu() for k, v in self.ema.items() if k.startswith(prefix + ".")}
+
+    def close(self) -> None:
+        """Stop the data workers (a finished run needs them no more)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool, self._ahead = None, {}
 
     # ---- loop --------------------------------------------------------------
     def run(self, max_minutes: float | None = None, log_every: int = 50) -> None:
@@ -212,11 +250,14 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, run_dir: Path, max_minutes: float | None = None,
-          threads: int | None = None) -> Trainer:
+          threads: int | None = None, device: str = "cpu", data_workers: int = 0) -> Trainer:
     if threads:
         torch.set_num_threads(threads)
-    trainer = Trainer(cfg, run_dir)
+    trainer = Trainer(cfg, run_dir, device=device, data_workers=data_workers)
     if trainer.try_resume():
         print(f"resumed {run_dir} at step {trainer.step}", flush=True)
-    trainer.run(max_minutes)
+    try:
+        trainer.run(max_minutes)
+    finally:
+        trainer.close()
     return trainer
