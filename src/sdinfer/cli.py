@@ -18,6 +18,7 @@ examples:
   sdinfer generate "a blue square in the center" --model dit --steps 25 --cfg 4 --seed 3 -o sq.png
   sdinfer bench --model unet --steps 10,20 --prompts quick --json bench.json --plot bench.png
   sdinfer models
+  sdinfer calibrate --model unet --cfg 4
   sdinfer train-default --arch unet
 """
 
@@ -204,6 +205,42 @@ def cmd_models(args) -> int:
     return 0
 
 
+# ---- calibrate ----------------------------------------------------------------------
+def cmd_calibrate(args) -> int:
+    import torch
+
+    from .calibrate import calibrate_pipeline, statistics_path
+    from .eval.prompts import load_prompts
+    from .models.default import shapes
+    from .pipeline import Pipeline
+
+    if args.samples < 1:
+        raise UserError(f"--samples must be >= 1, got {args.samples}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _quiet_libraries()
+    pipe = Pipeline.from_pretrained(args.model)
+    out = Path(args.out) if args.out else statistics_path(pipe.model.path, args.cfg)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it or --out for another file")
+    if out.suffix != ".safetensors":
+        raise UserError(f"statistics are written as safetensors; give --out a .safetensors name, not {out}")
+    if args.prompts == "train":  # captions the default models were trained on, never held-out ones
+        specs = shapes.sample_specs(args.samples, 10**6 + args.seed, set(shapes.heldout_prompts()))
+        prompts = [s.caption for s in specs]
+    else:
+        base = load_prompts(args.prompts)
+        prompts = [base[i % len(base)] for i in range(args.samples)]
+    start = time.perf_counter()
+    ems = calibrate_pipeline(pipe, args.cfg, prompts, args.points, args.reduce, args.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ems.save(out)
+    print(f"wrote DPM-Solver-v3 statistics of {pipe.model.name} at cfg {args.cfg:g} "
+          f"({len(prompts)} trajectories, {args.points} points) to {out} "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 # ---- train-default --------------------------------------------------------------------
 def cmd_train_default(args) -> int:
     from .models.default.architectures import TRAIN_OVERRIDES
@@ -293,6 +330,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the shipped models")
     m.set_defaults(func=cmd_models)
+
+    c = sub.add_parser("calibrate", help="DPM-Solver-v3 statistics of a model at one guidance scale",
+                       description="Compute DPM-Solver-v3's empirical model statistics along sampling "
+                                   "trajectories and save them beside the model (or to --out), where "
+                                   "`--sampler dpm-solver-v3` finds them.")
+    c.add_argument("--model", default="default", help="default | unet | dit | PATH (default: default)")
+    c.add_argument("--cfg", type=float, default=4.0, help="guidance scale the statistics are for (default: 4)")
+    c.add_argument("--prompts", default="train",
+                   help="train (captions like the default models' training data) | quick | FILE")
+    c.add_argument("--samples", type=int, default=64, help="trajectories (default: 64)")
+    c.add_argument("--points", type=int, default=250, help="lambda grid points (default: 250)")
+    c.add_argument("--reduce", default="channel", choices=["channel", "all", "none"],
+                   help="average statistics over each channel's pixels, over all, or not (default: channel)")
+    c.add_argument("--seed", type=int, default=0, help="seed of noise and probes (default: 0)")
+    c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    c.add_argument("--out", default=None, help="file to write (default: MODEL/dpm_solver_v3/cfgCFG.safetensors)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing statistics file")
+    c.set_defaults(func=cmd_calibrate)
 
     t = sub.add_parser("train-default", help="train a default model on the shapes data (resumable)",
                        description="Train a default model from scratch, seeded; interrupted runs "

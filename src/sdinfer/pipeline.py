@@ -106,6 +106,22 @@ class Pipeline:
         return Denoiser(lambda x, t, text: call_denoiser(net, x, t, text), self.model.schedule,
                         self.model.prediction_type, guidance_scale)
 
+    def _attach_statistics(self, solver, guidance_scale: float) -> None:
+        """DPM-Solver-v3 without statistics given takes the ones the model ships for this scale."""
+        from .calibrate import statistics_path
+        from .samplers.dpm_solver_v3 import DPMSolverV3
+        from .samplers.ems import EMS
+
+        if not isinstance(solver, DPMSolverV3) or solver.stats is not None or solver.degenerated:
+            return
+        path = statistics_path(self.model.path, guidance_scale)
+        if not path.is_file():
+            raise UserError(f"dpm-solver-v3 needs statistics of model {self.model.name} at cfg "
+                            f"{guidance_scale:g} and {path} does not exist; make them with `sdinfer "
+                            f"calibrate --model {self.model.name} --cfg {guidance_scale:g}` or pass "
+                            "dpm-solver-v3:stats=PATH")
+        solver.stats = EMS.load(path)
+
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         vae = self.model.vae
@@ -139,6 +155,7 @@ class Pipeline:
         if steps < solver.min_steps:
             raise UserError(f"sampler {solver.name!r} needs at least {solver.min_steps} steps, "
                             f"got {steps}")
+        self._attach_statistics(solver, guidance_scale)
         size = self.check_size(size)
         seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
         start = time.perf_counter()

@@ -7,6 +7,7 @@ from .ddim import DDIM
 from .ddpm import DDPM
 from .dpm_solver import DPMSolverMultistep
 from .dpm_solver_singlestep import DPMSolverSinglestep
+from .dpm_solver_v3 import DPMSolverV3
 from .karras import Euler, Heun
 from .pndm import PLMS
 from .sampler_schedule import SamplerSchedule, is_schedule_spec
@@ -26,6 +27,7 @@ SAMPLERS = {
     "dpm-solver++-2s": lambda **kw: DPMSolverSinglestep(**kw, order=2, name="dpm-solver++-2s"),
     "dpm-solver-singlestep": lambda **kw: DPMSolverSinglestep(**{"order": 2, **kw}, algorithm="dpmsolver",
                                                               name="dpm-solver-singlestep"),
+    "dpm-solver-v3": lambda **kw: DPMSolverV3(**kw),
     "unipc": lambda **kw: UniPC(**kw),
     "euler": lambda **kw: Euler(**kw),
     "heun": lambda **kw: Heun(**kw),
@@ -65,4 +67,4 @@ def _option_value(text: str):
     return text
 
 
-__all__ = ["Sampler", "SAMPLERS", "get_sampler", "sample_loop", "timestep_grid", "continuous_grid", "DDIM", "DDPM", "DPMSolverMultistep", "DPMSolverSinglestep", "UniPC", "Euler", "Heun", "PLMS"]
+__all__ = ["Sampler", "SAMPLERS", "get_sampler", "sample_loop", "timestep_grid", "continuous_grid", "DDIM", "DDPM", "DPMSolverMultistep", "DPMSolverSinglestep", "DPMSolverV3", "UniPC", "Euler", "Heun", "PLMS"]

@@ -1,0 +1,111 @@
+"""``sdinfer calibrate``: DPM-Solver-v3's empirical model statistics for one model and one
+guidance scale (Zheng et al., NeurIPS 2023, Sec. 3.2-3.3 and App. C).
+
+Along ``samples`` probability-flow trajectories (the given prompts and guidance; ``points``
+steps of DPM-Solver++(2M) uniform in lambda from t = 1 to the first training step), at every
+grid point:
+
+- l = E[tr(d(sigma eps)/dx)] / D, the optimum of E||d(sigma eps - l x)/dx||_F^2 (Eq. 7),
+  with Hutchinson's estimate v . J^T v (Rademacher v, one vector-Jacobian product);
+- f = (sigma eps - l x) / alpha and its lambda-derivative f' along the trajectory (central
+  differences of neighbouring grid points), and s, b by least squares of f' on s f + b
+  (Eq. 8): s = Cov(f', f) / Var(f), b = E f' - s E f.
+
+Expectations run over the samples and, with ``reduce="channel"`` (the default), over the
+pixels of each channel, which keeps 64 trajectories enough; ``reduce="none"`` keeps one
+value per element as the paper does with thousands of samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .context import StepContext
+from .errors import UserError
+from .samplers.ems import EMS
+
+REDUCTIONS = ("channel", "all", "none")
+
+
+def _mean(v: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Expectation over samples (dim 0) and, per ``reduce``, pixels; keeps broadcastable dims."""
+    dims = {"none": (0,), "channel": (0, *range(2, v.ndim)), "all": tuple(range(v.ndim))}[reduce]
+    return v.mean(dim=dims, keepdim=True)[0]
+
+
+def compute_ems(denoiser, x_T: torch.Tensor, cond, uncond, points: int = 250, reduce: str = "channel",
+                generator: torch.Generator | None = None, meta: dict | None = None) -> EMS:
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduce!r}; choose one of {', '.join(REDUCTIONS)}")
+    if points < 10:
+        raise ValueError(f"calibration needs at least 10 lambda points, got {points}")
+    sched = denoiser.schedule
+    lam = torch.linspace(float(sched.lam(1.0)), float(sched.lam(sched.t_min)), points + 1,
+                         dtype=torch.float64)
+    times = [float(sched.inverse_lambda(v)) for v in lam]
+    x = x_T.clone()
+    ls, fs = [], []
+    prev_x0, prev_h = None, None
+    for i, t in enumerate(times):
+        ctx = StepContext(step_index=i, num_steps=points + 1, t=t,
+                          model_t=float(sched.model_time(t)), generation=0)
+        alpha, sigma = float(sched.alpha(t)), float(sched.sigma(t))
+        xg = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            pred = denoiser(xg, t, cond, uncond, ctx)
+            v = torch.randint(0, 2, x.shape, generator=generator, dtype=x.dtype) * 2 - 1
+            (vjp,) = torch.autograd.grad(sigma * pred.eps, xg, v)
+        eps, x0 = pred.eps.detach(), pred.x0.detach()
+        l = _mean(v * vjp, reduce)
+        ls.append(l)
+        fs.append((sigma * eps - l * x) / alpha)
+        if i == points:
+            break
+        # DPM-Solver++(2M) step to the next grid point
+        lam_s, lam_t = float(lam[i]), float(lam[i + 1])
+        h = lam_t - lam_s
+        alpha_t, sigma_t = float(sched.alpha(times[i + 1])), float(sched.sigma(times[i + 1]))
+        d = x0 if prev_x0 is None else x0 + 0.5 * (h / prev_h) * (x0 - prev_x0)
+        x = (sigma_t / sigma) * x - alpha_t * torch.expm1(torch.tensor(-h)).item() * d
+        prev_x0, prev_h = x0, h
+    f = torch.stack(fs)                                     # (K + 1, B, ...)
+    dlam = lam.to(f.dtype).view(-1, *([1] * (f.ndim - 1)))
+    df = torch.empty_like(f)
+    df[1:-1] = (f[2:] - f[:-2]) / (dlam[2:] - dlam[:-2])
+    df[0] = (f[1] - f[0]) / (dlam[1] - dlam[0])
+    df[-1] = (f[-1] - f[-2]) / (dlam[-1] - dlam[-2])
+    s_list, b_list = [], []
+    for k in range(points + 1):
+        mf, mdf = _mean(f[k], reduce), _mean(df[k], reduce)
+        cov = _mean((f[k] - mf) * (df[k] - mdf), reduce)
+        var = _mean((f[k] - mf).square(), reduce)
+        s = cov / var.clamp(min=1e-12)
+        s_list.append(s)
+        b_list.append(mdf - s * mf)
+    return EMS(lam, torch.stack(ls), torch.stack(s_list), torch.stack(b_list),
+               {**(meta or {}), "points": points, "samples": int(x_T.shape[0]), "reduce": reduce})
+
+
+def statistics_path(model_path: str | Path, guidance_scale: float) -> Path:
+    """Where a model keeps its statistics for one guidance scale (beside its weights)."""
+    return Path(model_path) / "dpm_solver_v3" / f"cfg{guidance_scale:g}.safetensors"
+
+
+def calibrate_pipeline(pipe, guidance_scale: float, prompts: list[str], points: int = 250,
+                       reduce: str = "channel", seed: int = 0) -> EMS:
+    """The statistics of ``pipe``'s model at ``guidance_scale`` over one trajectory per prompt."""
+    if not prompts:
+        raise UserError("calibration needs at least one prompt")
+    cond = pipe.encode(prompts)
+    use_cfg = guidance_scale != 1.0 and cond is not None
+    uncond = pipe.encode([""] * len(prompts)) if use_cfg else None
+    den = pipe.denoiser(guidance_scale if use_cfg else 1.0)
+    x_T = pipe.noise([seed + i for i in range(len(prompts))], pipe.check_size(None))
+    meta = {"model": pipe.model.name, "guidance_scale": guidance_scale, "seed": seed}
+    try:
+        return compute_ems(den, x_T, cond, uncond, points, reduce,
+                           torch.Generator().manual_seed(seed + 1), meta)
+    except ValueError as err:
+        raise UserError(str(err)) from None

@@ -1,0 +1,144 @@
+"""DPM-Solver-v3 (Zheng, Lu, Bao & Zhu, "DPM-Solver-v3: Improved Diffusion ODE Solver with
+Empirical Model Statistics", NeurIPS 2023): Algorithm 1, the multistep predictor with the
+UniPC-style corrector, on the model's empirical statistics (``ems.EMS``).
+
+Each step evaluates the model once at x_s.  The corrector (if any) first re-solves the last
+step from x_{s-1} to x_s with the fresh output included, one order higher, and keeps the
+output's x-independent part sigma eps - l x fixed (the model is not called again); the
+predictor then goes from x_s to x_t with the last ``order`` outputs:
+
+    x_t = (alpha_t / alpha_s) e^{-L_t} x_s - alpha_t e^{-L_t} (I_t g_s + C_t + sum_n H_n g^(n)),
+
+with g = e^{-S} f - B, f = (sigma eps - l x) / alpha (``ems`` gives the integrals).  The
+derivatives g^(n) at s solve the Taylor system through the other outputs, or, "pseudo", are
+the divided differences times n! (the paper's pseudo-order, for 5-10 steps).  The step to
+t = 0 returns the data prediction of the (corrected) last point.  With l = 1, s = b = 0
+(``degenerated=true``) the predictor is DPM-Solver++ with exact phi-functions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .ems import EMS
+
+
+@dataclass
+class _Point:
+    lam: float
+    x: torch.Tensor
+    eps: torch.Tensor
+    alpha: float
+    sigma: float
+
+
+@dataclass
+class DPMSolverV3:
+    stats: str | EMS | None = None
+    order: int = 2
+    use_corrector: bool = True
+    p_pseudo: bool = False
+    c_pseudo: bool = True
+    lower_order_final: bool = True
+    degenerated: bool = False
+    name: str = "dpm-solver-v3"
+    min_steps: int = 1
+    spacing: str = "logsnr"
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.order = int(self.order)
+        if self.order not in (1, 2, 3):
+            raise ValueError(f"{self.name} has orders 1, 2 and 3, not {self.order}")
+        if isinstance(self.stats, (str, Path)):
+            self.stats = EMS.load(self.stats)
+
+    def statistics(self, schedule, like: torch.Tensor) -> EMS:
+        if self.degenerated:
+            if not isinstance(self.stats, EMS) or not self.stats.meta.get("degenerate"):
+                lo, hi = float(schedule.lam(1.0)), float(schedule.lam(schedule.t_min))
+                self.stats = EMS.degenerate(lo - 1.0, hi + 1.0, shape=(1,) * (like.ndim - 1))
+            return self.stats
+        if self.stats is None:
+            raise ValueError("dpm-solver-v3 needs the model's statistics: pass stats=PATH, use a "
+                             "model that ships them for this guidance scale, or make them with "
+                             "`sdinfer calibrate`")
+        try:
+            torch.broadcast_shapes(self.stats.shape, like.shape[1:])
+        except RuntimeError:
+            raise ValueError(f"DPM-Solver-v3 statistics of shape {self.stats.shape} do not fit samples "
+                             f"of shape {tuple(like.shape[1:])}; calibrate them on this model") from None
+        return self.stats
+
+    def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
+        sched = denoiser.schedule
+        pred = denoiser(x, t, cond, uncond, ctx)
+        ems = self.statistics(sched, x)
+        hist: list[_Point] = state.setdefault("history", [])
+        hist.insert(0, _Point(float(sched.lam(t)), x, pred.eps, float(sched.alpha(t)), float(sched.sigma(t))))
+        del hist[self.order + 1:]
+        c_order = state.get("p_order", 0) + (1 if self.c_pseudo else 0)
+        if self.use_corrector and len(hist) >= 2 and c_order > 1:
+            now, before = hist[0], hist[1]
+            others = [now, *hist[2:]][:c_order - 1]
+            corrected = self._update(ems, before, now.lam, now.alpha, others, self.c_pseudo)
+            l_now = self._integrals(ems, before.lam, now.lam, others)[1].l_at[1].to(x.dtype)
+            fixed = now.sigma * now.eps - l_now * now.x
+            now.x, now.eps = corrected, (fixed + l_now * corrected) / now.sigma
+        if t_next == 0.0:
+            now = hist[0]
+            return (now.x - now.sigma * now.eps) / now.alpha
+        p_order = min(self.order, len(hist))
+        if self.lower_order_final:
+            p_order = min(p_order, ctx.num_steps - ctx.step_index)
+        state["p_order"] = p_order
+        return self._update(ems, hist[0], float(sched.lam(t_next)), float(sched.alpha(t_next)),
+                            hist[1:p_order], self.p_pseudo)
+
+    def _integrals(self, ems: EMS, lam_s: float, lam_t: float, others: list[_Point]):
+        key = (lam_s, lam_t, tuple(o.lam for o in others))
+        if key not in self._cache:
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[key] = (len(others), ems.integrals(lam_s, lam_t, list(key[2]), len(others) + 1))
+        return self._cache[key]
+
+    def _update(self, ems: EMS, s: _Point, lam_t: float, alpha_t: float, others: list[_Point],
+                pseudo: bool) -> torch.Tensor:
+        _, ints = self._integrals(ems, s.lam, lam_t, others)
+        dt = s.x.dtype
+
+        def f(p: _Point, l: torch.Tensor) -> torch.Tensor:
+            return (p.sigma * p.eps - l.to(dt) * p.x) / p.alpha
+
+        g_s = f(s, ints.l_at[0])
+        gs = [torch.exp(-S).to(dt) * f(p, l) - B.to(dt)
+              for p, S, B, l in zip(others, ints.S_at, ints.B_at, ints.l_at[2:])]
+        decay = torch.exp(-ints.L_t).to(dt)
+        x_t = (alpha_t / s.alpha) * decay * s.x - alpha_t * decay * (ints.I_t.to(dt) * g_s + ints.C_t.to(dt))
+        if others:
+            derivs = _derivatives([s.lam] + [p.lam for p in others], [g_s, *gs], pseudo)
+            for H, d in zip(ints.H, derivs):
+                x_t = x_t - alpha_t * decay * H.to(dt) * d
+        return x_t
+
+
+def _derivatives(lams: list[float], gs: list[torch.Tensor], pseudo: bool) -> list[torch.Tensor]:
+    """g', g'', ... at lams[0] from the values at all points: the Taylor system, or (pseudo)
+    the divided differences times n!."""
+    n = len(lams) - 1
+    if pseudo:
+        table = [list(gs)]
+        for i in range(1, n + 1):
+            prev = table[-1]
+            table.append([(prev[j] - prev[j + 1]) / (lams[j] - lams[i + j]) for j in range(n - i + 1)])
+        return [table[i][0] * math.factorial(i) for i in range(1, n + 1)]
+    offsets = torch.tensor([lam - lams[0] for lam in lams[1:]], dtype=torch.float64)
+    system = torch.stack([offsets**k for k in range(1, n + 1)], dim=1)          # (n, n)
+    inverse = torch.linalg.inv(system).to(gs[0].dtype)
+    diffs = [g - gs[0] for g in gs[1:]]
+    return [sum(inverse[k, i] * diffs[i] for i in range(n)) * math.factorial(k + 1) for k in range(n)]
