@@ -147,3 +147,34 @@ def test_bench_with_other_baseline(tmp_path, capsys):
 def test_bench_bad_prompt_set(capsys):
     code, _, err = run(capsys, "bench", "--prompts", "/no/such/file.txt")
     assert code == 2 and "prompt set" in err
+
+
+@pytest.mark.parametrize("model", ["unet", "dit"])
+def test_dpm_solver_v3_uses_the_shipped_statistics(model, tmp_path, capsys):
+    out = tmp_path / "v3.png"
+    code, _, err = run(capsys, "generate", "a red circle in the top left", "-o", str(out), "--model",
+                       model, "--sampler", "dpm-solver-v3", "--steps", "6", "--quiet")
+    assert code == 0 and out.exists(), err
+    code, _, err = run(capsys, "generate", "a red circle in the top left", "-o", str(tmp_path / "x.png"),
+                       "--model", model, "--sampler", "dpm-solver-v3", "--steps", "6", "--cfg", "7", "--quiet")
+    assert code == 2 and "sdinfer calibrate --model" in err and "--cfg 7" in err
+
+
+def test_calibrate_writes_statistics_and_keeps_existing_files(tmp_path, capsys):
+    from sdinfer.samplers.ems import EMS
+
+    out = tmp_path / "ems.safetensors"
+    args = ["calibrate", "--model", "unet", "--cfg", "3", "--samples", "2", "--points", "10",
+            "--out", str(out)]
+    code, stdout, err = run(capsys, *args)
+    assert code == 0 and out.exists(), err
+    ems = EMS.load(out)
+    assert ems.shape == (3, 1, 1) and ems.lam.shape == (11,)
+    assert ems.meta["guidance_scale"] == 3.0 and ems.meta["samples"] == 2
+    before = out.read_bytes()
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "--overwrite" in err and out.read_bytes() == before
+    code, _, err = run(capsys, *args[:-1], str(tmp_path / "ems.png"))
+    assert code == 2 and "safetensors" in err
+    code, _, err = run(capsys, *args[:-3], "5", "--out", str(tmp_path / "b.safetensors"))
+    assert code == 2 and "at least 10" in err

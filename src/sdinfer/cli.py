@@ -232,7 +232,7 @@ def cmd_calibrate(args) -> int:
         base = load_prompts(args.prompts)
         prompts = [base[i % len(base)] for i in range(args.samples)]
     start = time.perf_counter()
-    ems = calibrate_pipeline(pipe, args.cfg, prompts, args.points, args.reduce, args.seed)
+    ems = calibrate_pipeline(pipe, args.cfg, prompts, args.points, args.reduce, args.seed, args.smooth)
     out.parent.mkdir(parents=True, exist_ok=True)
     ems.save(out)
     print(f"wrote DPM-Solver-v3 statistics of {pipe.model.name} at cfg {args.cfg:g} "
@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--points", type=int, default=250, help="lambda grid points (default: 250)")
     c.add_argument("--reduce", default="channel", choices=["channel", "all", "none"],
                    help="average statistics over each channel's pixels, over all, or not (default: channel)")
+    c.add_argument("--smooth", type=float, default=0.1,
+                   help="width in log-SNR of the Gaussian that smooths the statistics; 0: none (default: 0.1)")
     c.add_argument("--seed", type=int, default=0, help="seed of noise and probes (default: 0)")
     c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     c.add_argument("--out", default=None, help="file to write (default: MODEL/dpm_solver_v3/cfgCFG.safetensors)")

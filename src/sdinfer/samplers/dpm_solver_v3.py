@@ -47,7 +47,6 @@ class DPMSolverV3:
     degenerated: bool = False
     name: str = "dpm-solver-v3"
     min_steps: int = 1
-    spacing: str = "logsnr"
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
