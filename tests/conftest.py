@@ -37,3 +37,20 @@ def default_pipe():
     from sdinfer.pipeline import Pipeline
 
     return Pipeline.from_pretrained("default")
+
+
+def lambda_grid(sched, steps):
+    """Model timesteps uniform in lambda from t = 1 to t_min; the loop then ends at t_min."""
+    lam = torch.linspace(float(sched.lam(1.0)), float(sched.lam(sched.t_min)), steps + 1,
+                         dtype=torch.float64)
+    return [float(sched.model_time(sched.inverse_lambda(v))) for v in lam[:-1]]
+
+
+@pytest.fixture(scope="module")
+def gm_problem():
+    """The Gaussian mixture's schedule, 64 noise samples and their exact solution at t_min."""
+    from sdinfer.eval import gaussian_mixture as gm
+
+    sched = gm.schedule()
+    x_T = torch.randn(64, 2, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return sched, x_T, gm.reference_solution(sched, x_T, sched.t_min)

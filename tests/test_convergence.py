@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import lambda_grid
 
 from sdinfer.eval import gaussian_mixture as gm
 from sdinfer.denoiser import Denoiser
@@ -12,20 +13,6 @@ STEPS = [20, 30, 40, 60, 80]
 # third-order solvers reach their asymptotic order later; multiples of 6 keep the singlestep
 # solvers' blocks whole
 STEPS_HIGH = [48, 72, 96, 144]
-
-
-def _grid(sched, steps):
-    """Model timesteps uniform in lambda from t = 1 to t_min; the loop then ends at t_min."""
-    lam = torch.linspace(float(sched.lam(1.0)), float(sched.lam(sched.t_min)), steps + 1,
-                         dtype=torch.float64)
-    return [float(sched.model_time(sched.inverse_lambda(v))) for v in lam[:-1]]
-
-
-@pytest.fixture(scope="module")
-def problem():
-    sched = gm.schedule()
-    x_T = torch.randn(64, 2, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    return sched, x_T, gm.reference_solution(sched, x_T, sched.t_min)
 
 
 @pytest.mark.parametrize("spec,low,high,steps", [
@@ -47,17 +34,17 @@ def problem():
     # UniC raises the order by one (UniPC paper, Theorem 3.2): measured 3.81
     ("unipc:order=3,lower_order_final=false", 3.5, 4.3, STEPS_HIGH),
 ])
-def test_convergence_order(problem, spec, low, high, steps):
-    slope = _measured_order(problem, spec, steps)
+def test_convergence_order(gm_problem, spec, low, high, steps):
+    slope = _measured_order(gm_problem, spec, steps)
     assert low <= slope <= high, (spec, slope)
 
 
-def test_diffusers_third_order_multistep_is_second_order(problem):
+def test_diffusers_third_order_multistep_is_second_order(gm_problem):
     """diffusers' DPMSolverMultistep 3M weighs its D2 term by half (dpm_solver.py), which
     caps it at second order; ours with the exact weight measures 2.92 on the same grid."""
-    theirs = _measured_order(problem, "dpm-solver++-3m:lower_order_final=false,match_diffusers=true",
+    theirs = _measured_order(gm_problem, "dpm-solver++-3m:lower_order_final=false,match_diffusers=true",
                              STEPS_HIGH)
-    ours = _measured_order(problem, "dpm-solver++-3m:lower_order_final=false", STEPS_HIGH)
+    ours = _measured_order(gm_problem, "dpm-solver++-3m:lower_order_final=false", STEPS_HIGH)
     assert theirs < 2.4 < 2.7 < ours, (theirs, ours)
 
 
@@ -67,6 +54,6 @@ def _measured_order(problem, spec, steps_list):
     for steps in steps_list:
         den = Denoiser(gm.model_fn(sched), sched, "sample")
         x = sample_loop(den, get_sampler(spec), x_T.clone(), steps, None, None,
-                        timesteps=_grid(sched, steps), final="sigma_min")
+                        timesteps=lambda_grid(sched, steps), final="sigma_min")
         errors.append(float((x - ref).square().mean().sqrt()))
     return -np.polyfit(np.log(steps_list), np.log(errors), 1)[0]

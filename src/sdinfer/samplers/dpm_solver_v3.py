@@ -14,6 +14,11 @@ derivatives g^(n) at s solve the Taylor system through the other outputs, or, "p
 the divided differences times n! (the paper's pseudo-order, for 5-10 steps).  The step to
 t = 0 returns the data prediction of the (corrected) last point.  With l = 1, s = b = 0
 (``degenerated=true``) the predictor is DPM-Solver++ with exact phi-functions.
+
+Default: order 1 with the pseudo-order corrector (so every step but the first uses two
+outputs).  On the default models at NFE 5-10 with guidance 4 it beat orders 2 and 3, with
+or without the corrector (bench/results/dpm_solver_v3-*.md); the paper uses order 2 for
+guided sampling.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ class _Point:
 @dataclass
 class DPMSolverV3:
     stats: str | EMS | None = None
-    order: int = 2
+    order: int = 1
     use_corrector: bool = True
     p_pseudo: bool = False
     c_pseudo: bool = True
