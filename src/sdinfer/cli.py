@@ -249,9 +249,11 @@ def cmd_train_default(args) -> int:
 
     given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
              "restarts": args.restarts}
+    settings = {**TRAIN_OVERRIDES[args.arch], **{k: v for k, v in given.items() if v is not None}}
+    if args.restarts is None and args.steps is not None:  # a shorter run keeps the defaults that fit
+        settings["restarts"] = tuple(r for r in settings.get("restarts", ()) if r < args.steps)
     try:
-        cfg = TrainConfig(arch=args.arch, **{**TRAIN_OVERRIDES[args.arch],
-                                             **{k: v for k, v in given.items() if v is not None}})
+        cfg = TrainConfig(arch=args.arch, **settings)
     except ValueError as err:
         raise UserError(f"{err}; give --steps larger than the last of --restarts") from None
     run_dir = Path(args.run_dir or f"runs/default-{args.arch}")
