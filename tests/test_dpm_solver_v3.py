@@ -89,7 +89,7 @@ def test_without_statistics_or_with_the_wrong_shape_it_says_so(gm_problem):
 
 def test_calibrated_statistics_beat_dpm_solver_plus_plus_at_low_nfe():
     """The paper's claim on the exact mixture: statistics from 512 trajectories, then NFE 5-10
-    on other noise (measured: v3 0.106/0.057/0.036/0.032 against ++ 0.156/0.110/0.092/0.064)."""
+    on other noise (measured: v3 0.101/0.059/0.036/0.031 against ++ 0.156/0.110/0.092/0.064)."""
     from sdinfer.calibrate import compute_ems
 
     sched = gm.schedule()
