@@ -90,7 +90,7 @@ class DPMSolverV3:
             now, before = hist[0], hist[1]
             others = [now, *hist[2:]][:c_order - 1]
             corrected = self._update(ems, before, now.lam, now.alpha, others, self.c_pseudo)
-            l_now = self._integrals(ems, before.lam, now.lam, others)[1].l_at[1].to(x.dtype)
+            l_now = self._integrals(ems, before.lam, now.lam, others).l_at[1].to(x.dtype)
             fixed = now.sigma * now.eps - l_now * now.x
             now.x, now.eps = corrected, (fixed + l_now * corrected) / now.sigma
         if t_next == 0.0:
@@ -104,16 +104,16 @@ class DPMSolverV3:
                             hist[1:p_order], self.p_pseudo)
 
     def _integrals(self, ems: EMS, lam_s: float, lam_t: float, others: list[_Point]):
-        key = (lam_s, lam_t, tuple(o.lam for o in others))
+        key = (id(ems), lam_s, lam_t, tuple(o.lam for o in others))
         if key not in self._cache:
             if len(self._cache) > 4096:
                 self._cache.clear()
-            self._cache[key] = (len(others), ems.integrals(lam_s, lam_t, list(key[2]), len(others) + 1))
+            self._cache[key] = ems.integrals(lam_s, lam_t, list(key[3]), len(others) + 1)
         return self._cache[key]
 
     def _update(self, ems: EMS, s: _Point, lam_t: float, alpha_t: float, others: list[_Point],
                 pseudo: bool) -> torch.Tensor:
-        _, ints = self._integrals(ems, s.lam, lam_t, others)
+        ints = self._integrals(ems, s.lam, lam_t, others)
         dt = s.x.dtype
 
         def f(p: _Point, l: torch.Tensor) -> torch.Tensor:
