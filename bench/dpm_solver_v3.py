@@ -46,7 +46,7 @@ def main() -> None:
 
     def run(spec: str, steps: int, grid: str | None = None) -> torch.Tensor:
         solver = get_sampler(spec)
-        pipe._attach_statistics(solver, CFG)
+        pipe.attach_statistics(solver, CFG)
         with torch.no_grad():
             return sample_loop(pipe.denoiser(CFG), solver, x_T.clone(), steps, cond, uncond, spacing=grid)
 

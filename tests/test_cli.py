@@ -158,6 +158,9 @@ def test_dpm_solver_v3_uses_the_shipped_statistics(model, tmp_path, capsys):
     code, _, err = run(capsys, "generate", "a red circle in the top left", "-o", str(tmp_path / "x.png"),
                        "--model", model, "--sampler", "dpm-solver-v3", "--steps", "6", "--cfg", "7", "--quiet")
     assert code == 2 and "sdinfer calibrate --model" in err and "--cfg 7" in err
+    code, _, err = run(capsys, "generate", "a red circle", "-o", str(tmp_path / "y.png"), "--model", model,
+                       "--sampler", f"dpm-solver-v3:stats={tmp_path / 'none.safetensors'}", "--quiet")
+    assert code == 2 and "no DPM-Solver-v3 statistics at" in err
 
 
 def test_calibrate_writes_statistics_and_keeps_existing_files(tmp_path, capsys):

@@ -106,7 +106,7 @@ class Pipeline:
         return Denoiser(lambda x, t, text: call_denoiser(net, x, t, text), self.model.schedule,
                         self.model.prediction_type, guidance_scale)
 
-    def _attach_statistics(self, solver, guidance_scale: float) -> None:
+    def attach_statistics(self, solver, guidance_scale: float) -> None:
         """DPM-Solver-v3 without statistics given takes the ones the model ships for this scale."""
         from .calibrate import statistics_path
         from .samplers.dpm_solver_v3 import DPMSolverV3
@@ -155,7 +155,7 @@ class Pipeline:
         if steps < solver.min_steps:
             raise UserError(f"sampler {solver.name!r} needs at least {solver.min_steps} steps, "
                             f"got {steps}")
-        self._attach_statistics(solver, guidance_scale)
+        self.attach_statistics(solver, guidance_scale)
         size = self.check_size(size)
         seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
         start = time.perf_counter()

@@ -59,7 +59,10 @@ class DPMSolverV3:
         if self.order not in (1, 2, 3):
             raise ValueError(f"{self.name} has orders 1, 2 and 3, not {self.order}")
         if isinstance(self.stats, (str, Path)):
-            self.stats = EMS.load(self.stats)
+            try:
+                self.stats = EMS.load(self.stats)
+            except FileNotFoundError as err:
+                raise ValueError(str(err)) from None
 
     def statistics(self, schedule, like: torch.Tensor) -> EMS:
         if self.degenerated:
