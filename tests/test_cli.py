@@ -181,3 +181,15 @@ def test_calibrate_writes_statistics_and_keeps_existing_files(tmp_path, capsys):
     assert code == 2 and "safetensors" in err
     code, _, err = run(capsys, *args[:-3], "5", "--out", str(tmp_path / "b.safetensors"))
     assert code == 2 and "at least 10" in err
+
+
+@pytest.mark.parametrize("device,message", [("gpu0", "unknown torch device"),
+                                            ("cuda", "no CUDA GPU")])
+def test_train_default_bad_device(device, message, tmp_path, capsys):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, _, err = run(capsys, "train-default", "--arch", "dit", "--steps", "2", "--device", device,
+                       "--run-dir", str(tmp_path / "run"))
+    assert code == 2 and message in err and not (tmp_path / "run").exists()

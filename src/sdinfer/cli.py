@@ -241,6 +241,17 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown torch device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but this torch sees no CUDA GPU; use --device cpu")
+
+
 # ---- train-default --------------------------------------------------------------------
 def cmd_train_default(args) -> int:
     from .models.default.architectures import TRAIN_OVERRIDES
@@ -256,6 +267,9 @@ def cmd_train_default(args) -> int:
         cfg = TrainConfig(arch=args.arch, **settings)
     except ValueError as err:
         raise UserError(f"{err}; give --steps larger than the last of --restarts") from None
+    _check_device(args.device)
+    if args.data_workers < 0:
+        raise UserError(f"--data-workers must be >= 0, got {args.data_workers}")
     run_dir = Path(args.run_dir or f"runs/default-{args.arch}")
     _quiet_libraries()
     trainer = train(cfg, run_dir, max_minutes=args.max_minutes, threads=args.threads,
