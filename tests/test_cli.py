@@ -1,4 +1,5 @@
 import json
+import math
 import os
 from pathlib import Path
 
@@ -168,18 +169,26 @@ def test_calibrate_writes_statistics_and_keeps_existing_files(tmp_path, capsys):
 
     out = tmp_path / "ems.safetensors"
     args = ["calibrate", "--model", "unet", "--cfg", "3", "--samples", "2", "--points", "10",
-            "--out", str(out)]
+            "--validation", "1", "--out", str(out)]
     code, stdout, err = run(capsys, *args)
     assert code == 0 and out.exists(), err
     ems = EMS.load(out)
     assert ems.shape == (3, 1, 1) and ems.lam.shape == (11,)
     assert ems.meta["guidance_scale"] == 3.0 and ems.meta["samples"] == 2
+    # the corrector setting chosen on the validation trajectory, and the errors it rests on
+    selection = ems.meta["corrector_selection"]
+    assert isinstance(ems.meta["use_corrector"], bool) and selection["trajectories"] == 1
+    log_mean = {k: sum(math.log(v) for v in selection[k]) for k in ("rms_with", "rms_without")}
+    assert ems.meta["use_corrector"] == (log_mean["rms_with"] <= log_mean["rms_without"])
+    assert selection["nfe"] == [5, 6, 8, 10] and "corrector o" in stdout
+    code, _, err = run(capsys, *args[:-2], "--validation", "-1", "--out", str(tmp_path / "c.safetensors"))
+    assert code == 2 and "--validation must be >= 0" in err
     before = out.read_bytes()
     code, _, err = run(capsys, *args)
     assert code == 2 and "--overwrite" in err and out.read_bytes() == before
     code, _, err = run(capsys, *args[:-1], str(tmp_path / "ems.png"))
     assert code == 2 and "safetensors" in err
-    code, _, err = run(capsys, *args[:-3], "5", "--out", str(tmp_path / "b.safetensors"))
+    code, _, err = run(capsys, *args[:-2], "--points", "5", "--out", str(tmp_path / "b.safetensors"))
     assert code == 2 and "at least 10" in err
 
 

@@ -216,6 +216,8 @@ def cmd_calibrate(args) -> int:
 
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
+    if args.validation < 0:
+        raise UserError(f"--validation must be >= 0, got {args.validation}")
     if args.threads:
         torch.set_num_threads(args.threads)
     _quiet_libraries()
@@ -226,18 +228,27 @@ def cmd_calibrate(args) -> int:
     if out.suffix != ".safetensors":
         raise UserError(f"statistics are written as safetensors; give --out a .safetensors name, not {out}")
     if args.prompts == "train":  # captions the default models were trained on, never held-out ones
-        specs = shapes.sample_specs(args.samples, 10**6 + args.seed, set(shapes.heldout_prompts()))
-        prompts = [s.caption for s in specs]
+        specs = shapes.sample_specs(args.samples + args.validation, 10**6 + args.seed,
+                                    set(shapes.heldout_prompts()))
+        texts = [s.caption for s in specs]
     else:
         base = load_prompts(args.prompts)
-        prompts = [base[i % len(base)] for i in range(args.samples)]
+        texts = [base[i % len(base)] for i in range(args.samples + args.validation)]
+    prompts, validation = texts[:args.samples], texts[args.samples:]
     start = time.perf_counter()
-    ems = calibrate_pipeline(pipe, args.cfg, prompts, args.points, args.reduce, args.seed, args.smooth)
+    ems = calibrate_pipeline(pipe, args.cfg, prompts, args.points, args.reduce, args.seed, args.smooth,
+                             validation_prompts=validation)
     out.parent.mkdir(parents=True, exist_ok=True)
     ems.save(out)
     print(f"wrote DPM-Solver-v3 statistics of {pipe.model.name} at cfg {args.cfg:g} "
           f"({len(prompts)} trajectories, {args.points} points) to {out} "
           f"in {time.perf_counter() - start:.1f} s")
+    if "use_corrector" in ems.meta:
+        sel = ems.meta["corrector_selection"]
+        print(f"corrector {'on' if ems.meta['use_corrector'] else 'off'}: RMS error on {len(validation)} "
+              f"validation trajectories at NFE {sel['nfe']}: with "
+              f"{', '.join(f'{v:.4f}' for v in sel['rms_with'])}; without "
+              f"{', '.join(f'{v:.4f}' for v in sel['rms_without'])}")
     return 0
 
 
@@ -361,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average statistics over each channel's pixels, over all, or not (default: channel)")
     c.add_argument("--smooth", type=float, default=0.1,
                    help="width in log-SNR of the Gaussian that smooths the statistics; 0: none (default: 0.1)")
+    c.add_argument("--validation", type=int, default=8,
+                   help="further trajectories on which to choose whether the solver's corrector pays; "
+                        "0: keep it on (default: 8)")
     c.add_argument("--seed", type=int, default=0, help="seed of noise and probes (default: 0)")
     c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     c.add_argument("--out", default=None, help="file to write (default: MODEL/dpm_solver_v3/cfgCFG.safetensors)")

@@ -20,6 +20,9 @@ class BlockGroup:
 
     path: str               # e.g. "down_blocks" or "mid_block"
     returns: str = "hidden"  # "hidden", "hidden+skips" (UNet down blocks), "encoder+hidden" (MM-DiT)
+    # children of each block whose outputs are attention / MLP results, added to the residual
+    # stream after the block's own gating (what FORA-style caches reuse); absent ones are skipped
+    sublayers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -27,32 +30,51 @@ class ModelAdapter:
     family: str                  # "unet" or "dit"
     groups: tuple[BlockGroup, ...]
 
-    def blocks(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-        """(qualified name, module) of every block, in forward order."""
-        out = []
+    def _grouped(self, model: torch.nn.Module):
         for group in self.groups:
             mod = model.get_submodule(group.path)
             if isinstance(mod, torch.nn.ModuleList):
-                out += [(f"{group.path}.{i}", m) for i, m in enumerate(mod)]
+                yield from ((group, f"{group.path}.{i}", m) for i, m in enumerate(mod))
             else:
-                out.append((group.path, mod))
-        return out
+                yield group, group.path, mod
+
+    def blocks(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """(qualified name, module) of every block, in forward order."""
+        return [(name, block) for _, name, block in self._grouped(model)]
+
+    def sublayers(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """(qualified name, module) of every declared attention / MLP child, in forward order."""
+        return [(f"{name}.{child}", getattr(block, child)) for group, name, block in self._grouped(model)
+                for child in group.sublayers if getattr(block, child, None) is not None]
 
 
 UNET = ModelAdapter("unet", (BlockGroup("down_blocks", "hidden+skips"), BlockGroup("mid_block"),
                              BlockGroup("up_blocks")))
-TRANSFORMER = ModelAdapter("dit", (BlockGroup("transformer_blocks"),))
+# diffusers' BasicTransformerBlock: self-attention, cross-attention (if any), feed-forward
+TRANSFORMER = ModelAdapter("dit", (BlockGroup("transformer_blocks", sublayers=("attn1", "attn2", "ff")),))
+MMDIT = ModelAdapter("dit", (BlockGroup("transformer_blocks", "encoder+hidden",
+                                        sublayers=("attn", "attn2", "ff", "ff_context")),))
+FLUX = ModelAdapter("dit", (BlockGroup("transformer_blocks", "encoder+hidden",
+                                       sublayers=("attn", "ff", "ff_context")),
+                            BlockGroup("single_transformer_blocks", "encoder+hidden",
+                                       sublayers=("attn", "proj_mlp", "proj_out"))))
 
 ADAPTERS: dict[str, ModelAdapter] = {
     "UNet2DConditionModel": UNET,
     "PixArtTransformer2DModel": TRANSFORMER,
     "DiTTransformer2DModel": TRANSFORMER,
-    "SD3Transformer2DModel": ModelAdapter("dit", (BlockGroup("transformer_blocks", "encoder+hidden"),)),
+    "SD3Transformer2DModel": MMDIT,
+    "FluxTransformer2DModel": FLUX,
 }
 
 
 def register_adapter(class_name: str, adapter: ModelAdapter) -> None:
     ADAPTERS[class_name] = adapter
+
+
+def supported(predicate) -> list[str]:
+    """Names of the classes whose adapters satisfy ``predicate`` (for error messages)."""
+    return sorted(name for name, adapter in ADAPTERS.items() if predicate(adapter))
 
 
 def adapter_for(model: torch.nn.Module) -> ModelAdapter:

@@ -15,10 +15,11 @@ the divided differences times n! (the paper's pseudo-order, for 5-10 steps).  Th
 t = 0 returns the data prediction of the (corrected) last point.  With l = 1, s = b = 0
 (``degenerated=true``) the predictor is DPM-Solver++ with exact phi-functions.
 
-Default: order 1 with the pseudo-order corrector (so every step but the first uses two
-outputs).  On the default models at NFE 5-10 with guidance 4 it beat orders 2 and 3, with
-or without the corrector (bench/results/dpm_solver_v3-*.md); the paper uses order 2 for
-guided sampling.
+Default: order 1, and the corrector as the statistics file says (``use_corrector`` in its
+metadata, which ``sdinfer calibrate`` chooses by the error on validation trajectories; on
+if the file does not say).  On the default models at NFE 5-10 with guidance 4 order 1 beat
+orders 2 and 3 (bench/results/dpm_solver_v3-*.md); the corrector helped on the DiT and hurt
+on the UNet.  The paper uses order 2 for guided sampling.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class _Point:
 class DPMSolverV3:
     stats: str | EMS | None = None
     order: int = 1
-    use_corrector: bool = True
+    use_corrector: bool | None = None   # None: as the statistics say
     p_pseudo: bool = False
     c_pseudo: bool = True
     lower_order_final: bool = True
@@ -89,7 +90,10 @@ class DPMSolverV3:
         hist.insert(0, _Point(float(sched.lam(t)), x, pred.eps, float(sched.alpha(t)), float(sched.sigma(t))))
         del hist[self.order + 1:]
         c_order = state.get("p_order", 0) + (1 if self.c_pseudo else 0)
-        if self.use_corrector and len(hist) >= 2 and c_order > 1:
+        use_corrector = self.use_corrector
+        if use_corrector is None:
+            use_corrector = bool(ems.meta.get("use_corrector", True))
+        if use_corrector and len(hist) >= 2 and c_order > 1:
             now, before = hist[0], hist[1]
             others = [now, *hist[2:]][:c_order - 1]
             corrected = self._update(ems, before, now.lam, now.alpha, others, self.c_pseudo)

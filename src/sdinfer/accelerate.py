@@ -1,0 +1,85 @@
+"""``sdinfer.accelerate``: one entry point that installs accelerators on sdinfer's pipeline, a
+stock diffusers pipeline or a bare diffusers model.
+
+    handle = sdinfer.accelerate(pipe, "deepcache:interval=3")
+    image = pipe(prompt).images[0]
+    handle.remove()   # the model is as it was
+
+Specs are strings (``NAME:key=value,...``, several joined by ``+``) or config objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import cache
+from .errors import UserError
+
+
+@dataclass
+class Accelerated:
+    """The accelerators installed by one ``accelerate`` call."""
+
+    model: torch.nn.Module
+    handles: list[cache.CacheHandle] = field(default_factory=list)
+
+    @property
+    def methods(self) -> list[str]:
+        return [h.method for h in self.handles]
+
+    def reset(self) -> None:
+        for h in self.handles:
+            h.reset()
+
+    def remove(self) -> None:
+        for h in reversed(self.handles):
+            h.remove()
+        self.handles.clear()
+
+
+def denoiser_of(target) -> tuple[torch.nn.Module, object]:
+    """The denoising network of ``target`` and the scheduler that knows its step count."""
+    from .pipeline import Pipeline
+
+    if isinstance(target, Pipeline):
+        return target.model.denoiser, None
+    for attr in ("transformer", "unet"):
+        model = getattr(target, attr, None)
+        if isinstance(model, torch.nn.Module):
+            return model, getattr(target, "scheduler", None)
+    if isinstance(target, torch.nn.Module):
+        return target, None
+    raise UserError(f"cannot accelerate a {type(target).__name__}: pass an sdinfer Pipeline, a diffusers "
+                    "pipeline (with .unet or .transformer) or a diffusers model")
+
+
+def _specs(spec) -> list:
+    if isinstance(spec, str):
+        parts = [p.strip() for p in spec.split("+") if p.strip()]
+        if not parts:
+            raise UserError("empty accelerator spec; give e.g. deepcache:interval=3")
+        return parts
+    if isinstance(spec, (list, tuple)):
+        return [p for s in spec for p in _specs(s)]
+    return [spec]
+
+
+def accelerate(target, spec) -> Accelerated:
+    """Install the accelerators of ``spec`` on ``target``'s denoiser; returns their handle."""
+    model, scheduler = denoiser_of(target)
+    num_steps = None
+    if scheduler is not None:
+        def num_steps() -> int:
+            steps = getattr(scheduler, "timesteps", None)
+            return 0 if steps is None else len(steps)
+    out = Accelerated(model)
+    try:
+        for item in _specs(spec):
+            config = cache.parse_spec(item) if isinstance(item, str) else item
+            out.handles.append(cache.apply(model, config, num_steps))
+    except (ValueError, TypeError) as err:
+        out.remove()
+        raise UserError(str(err)) from None
+    return out

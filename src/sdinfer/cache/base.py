@@ -1,0 +1,200 @@
+"""The cache framework: hooks on the blocks a model adapter names, reading the step context.
+
+Each cache method is one file: a config dataclass, a state with ``reset``, its hooks and
+one ``apply`` function.  Hooks go through diffusers' ``HookRegistry`` (the mechanism of
+diffusers' own caches): they need no edit to the model's code, stack with diffusers' hooks
+and come off cleanly (``CacheHandle.remove``).  Only the data-dependent decision (compute
+or reuse) is plain Python; the tensors' path is the model's own.
+
+Step context: inside sdinfer's loop the sampler sets it (``context.current_step``); inside a
+stock diffusers pipeline the ``StepTracker`` hook on the denoiser infers it from the
+timesteps of its calls: a new generation when the timestep rises (or after the last of the
+scheduler's steps), a new step when it falls, and a further call at the same timestep is
+another guidance branch (pipelines that run cond and uncond as separate calls).
+
+State is kept per generation and per branch (``BranchStates``): a new request starts clean
+whatever its step count, and cond / uncond calls never read each other's features.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Generic, TypeVar
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from ..context import StepContext, current_step, step_context
+
+STEP_TRACKER = "sdinfer_step_tracker"
+_inferred_generations = itertools.count(start=-1, step=-1)  # sdinfer's own loop counts up from 0
+
+
+def _timestep_of(args: tuple, kwargs: dict) -> float | None:
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return float(t.flatten()[0]) if t.numel() else None
+    return float(t)
+
+
+class StepTracker(ModelHook):
+    """Sets the step context around each call of the denoiser when no sdinfer loop did."""
+
+    def __init__(self, num_steps: Callable[[], int] | None = None):
+        super().__init__()
+        self.num_steps = num_steps
+        self.users = 0   # caches relying on this tracker; the last to go removes it
+        self.reset()
+
+    def reset(self) -> None:
+        self.last_t: float | None = None
+        self.step = 0
+        self.call = 0
+        self.generation = 0
+
+    def reset_state(self, module):
+        self.reset()
+        return module
+
+    def infer(self, t: float) -> StepContext:
+        total = self.num_steps() if self.num_steps is not None else 0
+        finished = total > 0 and self.step >= total - 1
+        if self.last_t is None or t > self.last_t or (t == self.last_t and finished and self.call > 0):
+            self.generation, self.step, self.call = next(_inferred_generations), 0, 0
+        elif t < self.last_t:
+            self.step, self.call = self.step + 1, 0
+        else:
+            self.call += 1
+        self.last_t = t
+        # num_steps 0: unknown (a bare model called outside any pipeline)
+        return StepContext(step_index=self.step, num_steps=total, t=float("nan"),
+                           model_t=t, branch="both" if self.call == 0 else f"call{self.call}",
+                           generation=self.generation)
+
+    def new_forward(self, module, *args, **kwargs):
+        if current_step() is not None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        t = _timestep_of(args, kwargs)
+        if t is None:
+            raise ValueError(f"a cached {type(module).__name__} needs the timestep of each call "
+                             "(as its second argument or timestep=...) to know the step")
+        with step_context(self.infer(t)):
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+
+S = TypeVar("S")
+
+
+class BranchStates(Generic[S]):
+    """One state per guidance branch, all dropped when a new generation starts."""
+
+    def __init__(self, factory: Callable[[], S]):
+        self.factory = factory
+        self.reset()
+
+    def reset(self) -> None:
+        self.generation: int | None = None
+        self.states: dict[str, S] = {}
+
+    def get(self, ctx: StepContext) -> S:
+        if ctx.generation != self.generation:
+            self.reset()
+            self.generation = ctx.generation
+        if ctx.branch not in self.states:
+            self.states[ctx.branch] = self.factory()
+        return self.states[ctx.branch]
+
+
+def require_step() -> StepContext:
+    ctx = current_step()
+    if ctx is None:
+        raise RuntimeError("a cache hook ran outside any step: install caches with sdinfer.accelerate, "
+                           "which also tracks the steps of stock diffusers pipelines")
+    return ctx
+
+
+@dataclass
+class CacheHandle:
+    """What ``apply`` installed; ``remove()`` takes it all off again."""
+
+    method: str
+    hooks: list[tuple[torch.nn.Module, str]] = field(default_factory=list)
+    states: list[BranchStates] = field(default_factory=list)
+    tracked: torch.nn.Module | None = None
+
+    def register(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+        self.hooks.append((module, name))
+
+    def track_steps(self, model: torch.nn.Module, num_steps: Callable[[], int] | None = None) -> None:
+        """Infer the step context on ``model``'s calls outside sdinfer's loop (shared by caches)."""
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        tracker = registry.get_hook(STEP_TRACKER)
+        if tracker is None:
+            tracker = StepTracker(num_steps)
+            registry.register_hook(tracker, STEP_TRACKER)
+        elif num_steps is not None and tracker.num_steps is None:
+            tracker.num_steps = num_steps
+        tracker.users += 1
+        self.tracked = model
+
+    def reset(self) -> None:
+        for states in self.states:
+            states.reset()
+
+    def remove(self) -> None:
+        for module, name in reversed(self.hooks):
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
+        self.hooks.clear()
+        if self.tracked is not None:
+            registry = HookRegistry.check_if_exists_or_initialize(self.tracked)
+            tracker = registry.get_hook(STEP_TRACKER)
+            if tracker is not None:
+                tracker.users -= 1
+                if tracker.users <= 0:
+                    registry.remove_hook(STEP_TRACKER, recurse=False)
+            self.tracked = None
+        self.reset()
+
+
+_names = itertools.count()
+
+
+def hook_name(method: str) -> str:
+    """A registry name unique to one application of a method."""
+    return f"sdinfer_{method}_{next(_names)}"
+
+
+class StepState:
+    """Per-branch state of a cache on a fixed schedule: the outputs kept from the last fully
+    computed step, and whether the current step computes (decided once per step)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.outputs: dict = {}
+        self.step: int | None = None
+        self.computing = True
+
+    def decide(self, ctx: StepContext, full: Callable[[StepContext], bool]) -> bool:
+        if self.step != ctx.step_index:
+            self.step = ctx.step_index
+            self.computing = not self.outputs or full(ctx)
+        return self.computing
+
+
+class ScheduleController:
+    """The shared decision of one applied cache: per branch, compute or reuse this step."""
+
+    def __init__(self, full: Callable[[StepContext], bool]):
+        self.full = full
+        self.states = BranchStates(StepState)
+
+    def state(self) -> tuple[StepState, bool]:
+        ctx = require_step()
+        state = self.states.get(ctx)
+        return state, state.decide(ctx, self.full)

@@ -1,0 +1,265 @@
+"""Feature caches: the skipped blocks really are skipped, refresh-every-step is exact, removal
+restores the model, state is per generation; on the default models and on stock diffusers
+pipelines built from tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sdinfer
+from sdinfer.errors import UserError
+from sdinfer.eval.metrics import psnr
+from sdinfer.models.adapters import BlockGroup, ModelAdapter, register_adapter
+from sdinfer.pipeline import Pipeline
+from sdinfer.samplers import SAMPLERS
+
+PROMPT = "a red circle in the top left"
+
+
+class CallCounter:
+    """Counts the forward calls of a module (a leaf inside a block: it runs only if the block does)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.calls = 0
+        self.handle = module.register_forward_hook(lambda *_: self._hit())
+
+    def _hit(self) -> None:
+        self.calls += 1
+
+
+@pytest.fixture(scope="module")
+def unet_pipe():
+    return Pipeline.from_pretrained("unet")
+
+
+@pytest.fixture(scope="module")
+def dit_pipe():
+    return Pipeline.from_pretrained("dit")
+
+
+def _generate(pipe, steps=6, sampler="ddim", cfg=4.0):
+    return pipe([PROMPT], steps=steps, sampler=sampler, guidance_scale=cfg).pixels
+
+
+def test_deepcache_skips_the_deep_path_on_the_default_unet(unet_pipe):
+    net = unet_pipe.model.denoiser
+    deep, shallow = CallCounter(net.mid_block.resnets[0]), CallCounter(net.down_blocks[0].resnets[0])
+    base = _generate(unet_pipe)
+    assert (deep.calls, shallow.calls) == (6, 6)
+    handle = sdinfer.accelerate(unet_pipe, "deepcache:interval=3")
+    try:
+        cached = _generate(unet_pipe)
+    finally:
+        handle.remove()
+    assert (deep.calls, shallow.calls) == (6 + 2, 6 + 6)   # full steps 0 and 3 only
+    assert not torch.equal(cached, base)
+    assert torch.equal(_generate(unet_pipe), base)          # removed: exactly the uncached model
+
+
+def test_caches_refreshing_every_step_are_exact(unet_pipe, dit_pipe):
+    for pipe, spec in [(unet_pipe, "deepcache:interval=1"), (unet_pipe, "deepcache:interval=1,branch=1"),
+                       (dit_pipe, "fora:interval=1")]:
+        base = _generate(pipe)
+        with_cache = sdinfer.accelerate(pipe, spec)
+        try:
+            assert torch.equal(_generate(pipe), base), spec
+        finally:
+            with_cache.remove()
+
+
+def test_fora_skips_attention_and_mlp_on_the_default_dit(dit_pipe):
+    block = dit_pipe.model.denoiser.transformer_blocks[1]
+    attn, mlp = CallCounter(block.attn.to_q), CallCounter(block.ff.net[0])
+    handle = sdinfer.accelerate(dit_pipe, "fora:interval=3")
+    try:
+        _generate(dit_pipe)
+    finally:
+        handle.remove()
+    assert (attn.calls, mlp.calls) == (3, 3)   # steps 0, 3 and the last (5)
+
+
+@pytest.mark.parametrize("spec", ["deepcache:interval=3", "deepcache:interval=2,schedule=nonuniform"])
+def test_a_new_generation_starts_clean(unet_pipe, spec):
+    handle = sdinfer.accelerate(unet_pipe, spec)
+    try:
+        _generate(unet_pipe, steps=7)
+        second = _generate(unet_pipe, steps=5)
+        handle.remove()
+        handle = sdinfer.accelerate(unet_pipe, spec)
+        fresh = _generate(unet_pipe, steps=5)
+    finally:
+        handle.remove()
+    assert torch.equal(second, fresh)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_caches_compose_with_every_sampler(unet_pipe, sampler):
+    base = _generate(unet_pipe, steps=20, sampler=sampler)
+    handle = sdinfer.accelerate(unet_pipe, "deepcache:interval=2")
+    try:
+        cached = _generate(unet_pipe, steps=20, sampler=sampler)
+    finally:
+        handle.remove()
+    assert not torch.equal(cached, base)
+    # measured 33.7-37.9 dB; PLMS 23.9 dB: its four-output history amplifies any perturbation
+    # (uncached, its own error at 20 steps is 15x DDIM's: bench/results/error_vs_nfe_unet.md)
+    assert psnr(cached, base) >= (20.0 if sampler == "plms" else 30.0)
+
+
+def test_deepcache_in_a_stock_stable_diffusion_pipeline():
+    from tiny_pipelines import build_tiny_sd
+
+    pipe = build_tiny_sd()
+    deep = CallCounter(pipe.unet.mid_block.resnets[0])
+
+    def run():
+        return pipe("a red circle", num_inference_steps=6, guidance_scale=4.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    base = run()
+    assert deep.calls == 6   # guidance batched: one call per step
+    for spec, calls, exact in [("deepcache:interval=3", 2, False), ("deepcache:interval=1", 6, True)]:
+        handle = sdinfer.accelerate(pipe, spec)
+        deep.calls = 0
+        try:
+            out = run()
+            again = run()   # a second generation through the same pipeline: the tracker restarts
+        finally:
+            handle.remove()
+        assert deep.calls == 2 * calls, spec
+        assert torch.equal(out, again)
+        assert torch.equal(out, base) == exact, spec
+    assert torch.equal(run(), base)
+
+
+def test_fora_in_a_stock_pixart_pipeline():
+    from tiny_pipelines import build_tiny_pixart
+
+    pipe = build_tiny_pixart()
+    attn = CallCounter(pipe.transformer.transformer_blocks[0].attn1.to_q)
+
+    def run():
+        return pipe("a red circle", num_inference_steps=6, guidance_scale=4.0, output_type="latent",
+                    use_resolution_binning=False, generator=torch.Generator().manual_seed(0)).images
+
+    base = run()
+    attn.calls = 0
+    handle = sdinfer.accelerate(pipe, "fora:interval=3")
+    try:
+        run()
+        assert attn.calls == 3
+        handle.remove()
+        handle = sdinfer.accelerate(pipe, "fora:interval=1")
+        assert torch.equal(run(), base)
+    finally:
+        handle.remove()
+
+
+def _tiny_transformers():
+    from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8)
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=1,
+                                  num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                  joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+                                norm_num_groups=2).eval()   # no label dropout
+
+    def call_sd3(t):
+        return sd3(torch.ones(1, 4, 8, 8), encoder_hidden_states=torch.ones(1, 3, 16),
+                   pooled_projections=torch.ones(1, 8), timestep=t, return_dict=False)[0]
+
+    def call_flux(t):
+        return flux(torch.ones(1, 16, 16), encoder_hidden_states=torch.ones(1, 3, 16),
+                    pooled_projections=torch.ones(1, 8), timestep=t / 1000, img_ids=torch.zeros(16, 3),
+                    txt_ids=torch.zeros(3, 3), return_dict=False)[0]
+
+    def call_dit(t):
+        return dit(torch.ones(1, 4, 8, 8), timestep=t, class_labels=torch.tensor([1]), return_dict=False)[0]
+
+    return [(sd3, call_sd3, sd3.transformer_blocks[0].attn.to_q),
+            (flux, call_flux, flux.single_transformer_blocks[0].attn.to_q),
+            (dit, call_dit, dit.transformer_blocks[0].ff.net[0])]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["SD3Transformer2DModel", "FluxTransformer2DModel",
+                                                   "DiTTransformer2DModel"])
+def test_fora_on_each_transformer_class(index):
+    model, call, leaf = _tiny_transformers()[index]
+    counter = CallCounter(leaf)
+    timesteps = torch.tensor([900.0, 700.0, 500.0, 300.0, 100.0, 10.0]).view(-1, 1)
+    with torch.no_grad():
+        base = [call(t) for t in timesteps]
+        handle = sdinfer.accelerate(model, "fora:interval=3")
+        counter.calls = 0
+        try:
+            cached = [call(t) for t in timesteps]
+        finally:
+            handle.remove()
+    assert counter.calls == 2   # steps 0 and 3 (the model alone does not know the last step)
+    assert torch.equal(cached[0], base[0]) and not torch.equal(cached[1], base[1])
+
+
+def test_a_declared_adapter_makes_a_new_class_cacheable():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mixer = torch.nn.Sequential(torch.nn.Linear(4, 4))
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU())
+
+        def forward(self, x, scale):
+            return x + scale * self.mixer(x) + scale * self.mlp(x)
+
+    class NewTransformer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Block(), Block()])
+
+        def forward(self, x, timestep):
+            for layer in self.layers:
+                x = layer(x, timestep / 1000)
+            return x
+
+    register_adapter("NewTransformer", ModelAdapter("dit", (BlockGroup("layers", sublayers=("mixer", "mlp")),)))
+    model = NewTransformer()
+    counter = CallCounter(model.layers[1].mixer[0])
+    handle = sdinfer.accelerate(model, "fora:interval=2")
+    try:
+        outs = [model(torch.ones(1, 4), torch.tensor(t)) for t in (900.0, 600.0, 300.0, 100.0)]
+    finally:
+        handle.remove()
+    assert counter.calls == 2
+    # a cached step reuses the sub-layers' outputs under the fresh scale
+    fresh = model(torch.ones(1, 4), torch.tensor(600.0))
+    assert not torch.equal(outs[1], fresh)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nocache:interval=2", "unknown cache method 'nocache'"),
+    ("deepcache:intervl=2", "deepcache has no option 'intervl'"),
+    ("deepcache:interval=0", "interval must be a whole number >= 1"),
+    ("deepcache:interval=two", "is not a int"),
+    ("deepcache:branch=5", "branch 5 leaves no deep block"),
+    ("deepcache:schedule=cubic", "schedule must be one of uniform, nonuniform"),
+    ("fora:interval=-1", "interval must be a whole number >= 1"),
+    ("", "empty accelerator spec"),
+])
+def test_bad_specs_are_clear_errors(unet_pipe, spec, message):
+    with pytest.raises(UserError, match=message):
+        sdinfer.accelerate(unet_pipe, spec)
+    assert not hasattr(unet_pipe.model.denoiser, "_diffusers_hook") or \
+        not unet_pipe.model.denoiser._diffusers_hook.hooks   # nothing left installed
+
+
+def test_a_method_on_a_family_it_does_not_support_names_the_supported(unet_pipe, dit_pipe):
+    with pytest.raises(UserError, match="deepcache supports UNets.*UNet2DConditionModel"):
+        sdinfer.accelerate(dit_pipe, "deepcache")
+    with pytest.raises(UserError, match="fora supports transformers.*SD3Transformer2DModel"):
+        sdinfer.accelerate(unet_pipe, "fora")
+    with pytest.raises(UserError, match="no adapter for Linear"):
+        sdinfer.accelerate(torch.nn.Linear(2, 2), "fora")
