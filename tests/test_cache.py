@@ -263,3 +263,45 @@ def test_a_method_on_a_family_it_does_not_support_names_the_supported(unet_pipe,
         sdinfer.accelerate(unet_pipe, "fora")
     with pytest.raises(UserError, match="no adapter for Linear"):
         sdinfer.accelerate(torch.nn.Linear(2, 2), "fora")
+
+
+def test_generate_and_bench_take_accelerate(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+    from test_cli import run
+
+    out = tmp_path / "c.png"
+    code, stdout, err = run(capsys, "generate", PROMPT, "-o", str(out), "--steps", "6", "--quiet",
+                            "--accelerate", "deepcache:interval=3")
+    assert code == 0, err
+    assert "deepcache:interval=3" in stdout
+    assert Image.open(out).text["accelerate"] == "deepcache:interval=3"
+    code, _, err = run(capsys, "generate", PROMPT, "-o", str(tmp_path / "d.png"), "--quiet",
+                       "--accelerate", "deepcache:interval=zero")
+    assert code == 2 and "deepcache option interval='zero'" in err and not (tmp_path / "d.png").exists()
+    code, _, err = run(capsys, "generate", PROMPT, "-o", str(tmp_path / "e.png"), "--quiet", "--model", "dit",
+                       "--accelerate", "deepcache")
+    assert code == 2 and "deepcache supports UNets" in err
+    report = tmp_path / "b.json"
+    code, stdout, err = run(capsys, "bench", "--model", "dit", "--steps", "6", "--limit", "2", "--repeats", "1",
+                            "--accelerate", "fora:interval=2", "--accelerate", "fora:interval=3",
+                            "--json", str(report))
+    assert code == 0, err
+    records = json.loads(report.read_text())["records"]
+    assert [r["accelerate"] for r in records] == ["", "fora:interval=2", "fora:interval=3"]
+    assert records[0]["psnr"] == 100.0 and records[1]["psnr"] < 100.0
+    assert records[2]["macs"] < records[1]["macs"] < records[0]["macs"]   # skipped work is not counted
+
+
+def test_train_default_help_names_the_shipped_settings(capsys):
+    from test_cli import run
+
+    from sdinfer.models.default.architectures import TRAIN_OVERRIDES
+
+
+    with pytest.raises(SystemExit):
+        run(capsys, "train-default", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    for arch, settings in TRAIN_OVERRIDES.items():
+        assert f"{arch} {settings['steps']}" in text and f"{arch} {settings['batch_size']}" in text

@@ -18,6 +18,8 @@ examples:
   sdinfer generate "a blue square in the center" --model dit --steps 25 --cfg 4 --seed 3 -o sq.png
   sdinfer bench --model unet --steps 10,20 --prompts quick --json bench.json --plot bench.png
   sdinfer models
+  sdinfer generate "a red circle in the top left" --accelerate deepcache:interval=3
+  sdinfer bench --model dit --accelerate fora:interval=2 --accelerate fora:interval=3
   sdinfer calibrate --model unet --cfg 4
   sdinfer train-default --arch unet
 """
@@ -98,12 +100,18 @@ def cmd_generate(args) -> int:
     start = time.perf_counter()
     _quiet_libraries()
     pipe = Pipeline.from_pretrained(args.model)
+    if args.accelerate:
+        from .accelerate import accelerate
+
+        accelerate(pipe, args.accelerate)
     loaded = time.perf_counter() - start
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = pipe([args.prompt] * args.batch, steps=args.steps, sampler=args.sampler,
                       guidance_scale=args.cfg, seed=args.seed, size=args.size,
                       progress=not args.quiet, predictor=args.predictor)
+    if args.accelerate:
+        result.params["accelerate"] = args.accelerate
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     for i, (image, path) in enumerate(zip(result.images, outputs)):
@@ -116,8 +124,9 @@ def cmd_generate(args) -> int:
             raise UserError(f"cannot write {path}: {err.strerror or err}; choose another -o") from None
     total = time.perf_counter() - start
     names = ", ".join(str(p) for p in outputs)
+    extra = f", {args.accelerate}" if args.accelerate else ""
     print(f"wrote {names} ({result.params['size']}x{result.params['size']}, "
-          f"{result.params['sampler']} {result.params['steps']} steps, {result.nfe} NFE) "
+          f"{result.params['sampler']} {result.params['steps']} steps, {result.nfe} NFE{extra}) "
           f"in {total:.2f} s (model load {loaded:.2f} s, generation {result.seconds:.2f} s)")
     return 0
 
@@ -143,11 +152,14 @@ def cmd_bench(args) -> int:
         steps = [int(s) for s in args.steps.split(",")]
     except ValueError:
         raise UserError(f"--steps {args.steps!r} must be whole numbers separated by commas") from None
-    specs = [bench.RunSpec(sampler=args.sampler, steps=s, cfg=args.cfg) for s in steps]
+    specs = [bench.RunSpec(sampler=args.sampler, steps=s, cfg=args.cfg, accelerate=a)
+             for a in (args.accelerate or [""]) for s in steps]
     baseline = (bench.RunSpec.parse_baseline(args.baseline, args.cfg) if args.baseline
                 else bench.RunSpec(sampler=args.sampler, steps=max(steps), cfg=args.cfg))
     _quiet_libraries()
     pipe = Pipeline.from_pretrained(args.model)
+    for spec in args.accelerate or []:   # a bad spec fails before any timing starts
+        _check_accelerate(pipe, spec)
     if args.min_steps:
         return _bench_min_steps(args, pipe, prompts, steps, baseline)
     if args.save_predictor:
@@ -163,6 +175,12 @@ def cmd_bench(args) -> int:
         bench.plot(report, Path(args.plot))
         print(f"wrote {args.plot}")
     return 0
+
+
+def _check_accelerate(pipe, spec: str):
+    from .accelerate import accelerate
+
+    accelerate(pipe, spec).remove()
 
 
 def _bench_min_steps(args, pipe, prompts, candidates, baseline) -> int:
@@ -328,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--predictor", default=None,
                    help="StepSaver predictor for --steps auto (default: the one beside the model)")
+    g.add_argument("--accelerate", default=None, metavar="SPEC",
+                   help="feature cache to install, e.g. deepcache:interval=3 (UNets) or fora:interval=3 "
+                        "(transformers); several joined by +")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
@@ -344,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     b.add_argument("--batch", type=int, default=50, help="prompts per batch (default: 50)")
     b.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (default: 3)")
+    b.add_argument("--accelerate", action="append", default=None, metavar="SPEC",
+                   help="a configuration with this accelerator installed, e.g. deepcache:interval=3; "
+                        "repeat for a sweep (each at every --steps)")
     b.add_argument("--json", default=None, help="write the records to this JSON file")
     b.add_argument("--plot", default=None, help="write a quality-vs-speed-up plot to this PNG file")
     b.add_argument("--min-steps", action="store_true",
@@ -385,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a default model from scratch, seeded; interrupted runs "
                                    "resume from their last checkpoint when the command is repeated.")
     t.add_argument("--arch", choices=["unet", "dit"], required=True)
-    t.add_argument("--steps", type=int, default=None, help="training steps (default: unet 8500, dit 6000)")
-    t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 32)")
+    t.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: unet 8500, dit 8100: models/default/architectures.py)")
+    t.add_argument("--batch-size", type=int, default=None, help="images per step (default: unet 32, dit 128)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3)")
     t.add_argument("--seed", type=int, default=None, help="seed of data, noise and weights (default: 0)")
     t.add_argument("--restarts", type=_whole_number, nargs="*", default=None,

@@ -35,10 +35,12 @@ class RunSpec:
     sampler: str = "ddim"
     steps: int = DEFAULT_STEPS
     cfg: float = DEFAULT_GUIDANCE
+    accelerate: str = ""   # accelerator spec installed for this configuration only
 
     @property
     def label(self) -> str:
-        return f"{self.sampler}:{self.steps} cfg={self.cfg:g}"
+        extra = f" + {self.accelerate}" if self.accelerate else ""
+        return f"{self.sampler}:{self.steps} cfg={self.cfg:g}{extra}"
 
     @classmethod
     def parse_baseline(cls, text: str, cfg: float) -> "RunSpec":
@@ -70,6 +72,19 @@ def _batches(items: list, size: int) -> list[list]:
 
 def measure(pipe: Pipeline, spec: RunSpec, prompts: list[str], batch: int, seed: int,
             repeats: int, size: int | None = None) -> Measurement:
+    if not spec.accelerate:
+        return _measure(pipe, spec, prompts, batch, seed, repeats, size)
+    from ..accelerate import accelerate
+
+    installed = accelerate(pipe, spec.accelerate)
+    try:
+        return _measure(pipe, spec, prompts, batch, seed, repeats, size)
+    finally:
+        installed.remove()
+
+
+def _measure(pipe: Pipeline, spec: RunSpec, prompts: list[str], batch: int, seed: int,
+             repeats: int, size: int | None = None) -> Measurement:
     if repeats < 1:
         raise UserError(f"repeats must be >= 1, got {repeats}")
     if batch < 1:

@@ -7,10 +7,11 @@ for every x_i in a sliding window [a, a + p) and updates them all at once,
 
 with the p drifts d_j evaluated in one batched model call (one *round*).  The
 window then slides past the leading steps whose update moved less than the
-tolerance, ||x_new - x_old||^2 / (D sigma_{t_{j+1}}^2) <= tau^2 for every sample
-of the batch (the error normalised by the noise variance at that step, as in the
-paper), and always by
-at least one step, whose value is exact.  Latency falls to the number of
+tolerance, ||x_new - x_old||^2 / (D v_{j+1}) <= tau^2 for every sample of the
+batch, with v_i the DDPM posterior variance of the step from t_i to t_{i+1} (the
+noise a DDPM step would add there; the paper's and diffusers' ``_get_variance``
+normalisation; the final state takes the last step's), and always by at least one
+step, whose value is exact.  Latency falls to the number of
 rounds; total evaluations rise.  Drifts here are DDIM's (eta = 0; DPM-Solver-1)
 or DDPM's with its noise drawn up front.
 """
@@ -36,6 +37,16 @@ class ParallelResult:
     steps: int
 
 
+def step_variances(alpha: torch.Tensor) -> torch.Tensor:
+    """v_1..v_N for a grid's alpha_0..alpha_N: the DDPM posterior variance of the step from
+    t_i to t_{i+1}, (1 - abar_{i+1}) / (1 - abar_i) (1 - abar_i / abar_{i+1}); v_N = v_{N-1}."""
+    abar = alpha.double() ** 2
+    if len(abar) < 3:   # one step: exact after one round whatever the tolerance
+        return torch.ones(1, dtype=torch.float64)
+    v = (1 - abar[2:]) / (1 - abar[1:-1]) * (1 - abar[1:-1] / abar[2:])
+    return torch.cat([v, v[-1:]]).clamp(min=1e-12)
+
+
 def _repeat(cond, times: int):
     return None if cond is None else concat_text(*([cond] * times))
 
@@ -53,7 +64,7 @@ def paradigms(denoiser, x_T: torch.Tensor, steps: int, cond=None, uncond=None, w
     noise = None
     if drift == "ddpm":
         noise = torch.randn((steps, *x_T.shape), generator=generator, dtype=x_T.dtype)
-    var_floor = float(sigma[steps - 1]) ** 2
+    var = step_variances(alpha).to(x_T.dtype)
     b = x_T.shape[0]
     xs = [x_T] * (steps + 1)
     a, rounds, evaluations = 0, 0, 0
@@ -86,8 +97,7 @@ def paradigms(denoiser, x_T: torch.Tensor, steps: int, cond=None, uncond=None, w
         new = xs[a] + torch.cumsum(x_next - x_cur, dim=0)
         old = torch.stack(xs[a + 1:end + 1])
         # per sample, worst sample decides: (p, B) -> (p,)
-        err = (new - old).square().flatten(2).mean(2).amax(1) / \
-            (sigma[idx + 1].to(x_T.dtype) ** 2).clamp(min=var_floor)
+        err = (new - old).square().flatten(2).mean(2).amax(1) / var[idx]
         for k in range(p):
             xs[a + 1 + k] = new[k]
         bad = torch.nonzero(err > tolerance**2)

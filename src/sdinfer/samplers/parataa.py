@@ -11,8 +11,10 @@ dX, dR of the last m rounds, gamma = argmin ||R - dR gamma|| and
 X <- X + R - (dX + dR) gamma.  The system is triangular (x_i depends on x_{<i} only), so
 ParaTAA solves one least-squares problem per block i over the rows of blocks <= i
 (cumulative Gram matrices), which keeps every block causal.  Iteration stops when every
-block's update is within the tolerance of ParaDiGMS, ||R_i||^2 / (D sigma_i^2) <= tau^2,
-and returns G(X) (the update of that last round).  memory = 0 is plain Picard iteration.
+block's update is within the tolerance of ParaDiGMS, ||R_i||^2 / (D v_i) <= tau^2,
+and returns G(X) (the update of that last round).  As in ParaDiGMS, the leading blocks
+within tolerance become final after each round (at least one, which is exact), and later
+rounds evaluate only the steps after them.  memory = 0 is ParaDiGMS with one window of N.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from ..context import StepContext
 from .base import continuous_grid
-from .parallel import ParallelResult, _repeat
+from .parallel import ParallelResult, _repeat, step_variances
 
 
 def parataa(denoiser, x_T: torch.Tensor, steps: int, cond=None, uncond=None, tolerance: float = 0.1,
@@ -33,7 +35,7 @@ def parataa(denoiser, x_T: torch.Tensor, steps: int, cond=None, uncond=None, tol
     sched = denoiser.schedule
     times = torch.tensor(continuous_grid(denoiser, steps, spacing), dtype=torch.float64)
     alpha, sigma = sched.alpha(times).to(x_T.dtype), sched.sigma(times).to(x_T.dtype)
-    var = (sigma[1:] ** 2).clamp(min=float(sigma[steps - 1]) ** 2)
+    var = step_variances(alpha)
     view = (-1,) + (1,) * x_T.ndim
     b = x_T.shape[0]
     xs = x_T.unsqueeze(0).repeat(steps + 1, *([1] * x_T.ndim))   # (N+1, B, ...)
@@ -42,21 +44,24 @@ def parataa(denoiser, x_T: torch.Tensor, steps: int, cond=None, uncond=None, tol
     ctx = StepContext(step_index=0, num_steps=steps, t=float(times[0]),
                       model_t=float(sched.model_time(times[0])), generation=generation)
     max_rounds = steps if max_rounds is None else max_rounds
-    rounds = 0
+    rounds, evaluations, a = 0, 0, 0
     while True:
+        p = steps - a   # blocks a+1..N are still moving; x_0..x_a are final
         with torch.no_grad():
-            pred = denoiser(xs[:steps].reshape(steps * b, *x_T.shape[1:]),
-                            times[:steps].repeat_interleave(b), _repeat(cond, steps),
-                            _repeat(uncond, steps), ctx)
-        rounds += 1
-        x0, eps = pred.x0.view(steps, *x_T.shape), pred.eps.view(steps, *x_T.shape)
-        drift = alpha[1:].view(view) * x0 + sigma[1:].view(view) * eps - xs[:steps]
+            pred = denoiser(xs[a:steps].reshape(p * b, *x_T.shape[1:]),
+                            times[a:steps].repeat_interleave(b), _repeat(cond, p),
+                            _repeat(uncond, p), ctx)
+        rounds, evaluations = rounds + 1, evaluations + p
+        x0, eps = pred.x0.view(p, *x_T.shape), pred.eps.view(p, *x_T.shape)
+        drift = alpha[a + 1:].view(view) * x0 + sigma[a + 1:].view(view) * eps - xs[a:steps]
         residual = torch.zeros_like(xs)
-        residual[1:] = xs[0] + torch.cumsum(drift, dim=0) - xs[1:]
-        err = residual[1:].square().flatten(2).mean(2).amax(1) / var
-        if bool((err <= tolerance**2).all()) or rounds >= max_rounds:
+        residual[a + 1:] = xs[a] + torch.cumsum(drift, dim=0) - xs[a + 1:]
+        err = residual[a + 1:].square().flatten(2).mean(2).amax(1) / var[a:]
+        bad = torch.nonzero(err > tolerance**2)
+        stride = max(1, int(bad[0])) if len(bad) else p   # leading blocks within tolerance: final
+        if a + stride >= steps or rounds >= max_rounds:
             return ParallelResult(x=xs[steps] + residual[steps], rounds=rounds,
-                                  evaluations=rounds * steps, steps=steps)
+                                  evaluations=evaluations, steps=steps)
         if previous is not None and memory > 0:
             history.append((xs - previous[0], residual - previous[1]))
             del history[:-memory]
@@ -65,6 +70,7 @@ def parataa(denoiser, x_T: torch.Tensor, steps: int, cond=None, uncond=None, tol
         if history:
             new = new - _triangular_anderson(history, residual, ridge)
         xs = new
+        a += stride
 
 
 def _triangular_anderson(history, residual: torch.Tensor, ridge: float) -> torch.Tensor:
