@@ -59,7 +59,7 @@ def test_deepcache_skips_the_deep_path_on_the_default_unet(unet_pipe):
 
 def test_caches_refreshing_every_step_are_exact(unet_pipe, dit_pipe):
     for pipe, spec in [(unet_pipe, "deepcache:interval=1"), (unet_pipe, "deepcache:interval=1,branch=1"),
-                       (dit_pipe, "fora:interval=1")]:
+                       (dit_pipe, "fora:interval=1"), (dit_pipe, "fbcache:threshold=0")]:
         base = _generate(pipe)
         with_cache = sdinfer.accelerate(pipe, spec)
         try:
@@ -79,15 +79,30 @@ def test_fora_skips_attention_and_mlp_on_the_default_dit(dit_pipe):
     assert (attn.calls, mlp.calls) == (3, 3)   # steps 0, 3 and the last (5)
 
 
-@pytest.mark.parametrize("spec", ["deepcache:interval=3", "deepcache:interval=2,schedule=nonuniform"])
-def test_a_new_generation_starts_clean(unet_pipe, spec):
-    handle = sdinfer.accelerate(unet_pipe, spec)
+def test_fbcache_skips_the_blocks_after_the_first_on_the_default_dit(dit_pipe):
+    base = _generate(dit_pipe, steps=50)
+    first = CallCounter(dit_pipe.model.denoiser.transformer_blocks[0].attn.to_q)
+    later = CallCounter(dit_pipe.model.denoiser.transformer_blocks[3].attn.to_q)
+    handle = sdinfer.accelerate(dit_pipe, "fbcache:threshold=0.08")
     try:
-        _generate(unet_pipe, steps=7)
-        second = _generate(unet_pipe, steps=5)
+        cached = _generate(dit_pipe, steps=50)
+    finally:
         handle.remove()
-        handle = sdinfer.accelerate(unet_pipe, spec)
-        fresh = _generate(unet_pipe, steps=5)
+    assert first.calls == 50 and later.calls < 35   # measured: 24 of 50 steps computed
+    assert psnr(cached, base) > 30.0
+
+
+@pytest.mark.parametrize("spec", ["deepcache:interval=3", "deepcache:interval=2,schedule=nonuniform",
+                                  "fbcache:threshold=0.1"])
+def test_a_new_generation_starts_clean(unet_pipe, dit_pipe, spec):
+    pipe = dit_pipe if spec.startswith("fbcache") else unet_pipe
+    handle = sdinfer.accelerate(pipe, spec)
+    try:
+        _generate(pipe, steps=7)
+        second = _generate(pipe, steps=5)
+        handle.remove()
+        handle = sdinfer.accelerate(pipe, spec)
+        fresh = _generate(pipe, steps=5)
     finally:
         handle.remove()
     assert torch.equal(second, fresh)
@@ -182,27 +197,31 @@ def _tiny_transformers():
     def call_dit(t):
         return dit(torch.ones(1, 4, 8, 8), timestep=t, class_labels=torch.tensor([1]), return_dict=False)[0]
 
-    return [(sd3, call_sd3, sd3.transformer_blocks[0].attn.to_q),
+    return [(sd3, call_sd3, sd3.transformer_blocks[1].attn.to_q),
             (flux, call_flux, flux.single_transformer_blocks[0].attn.to_q),
-            (dit, call_dit, dit.transformer_blocks[0].ff.net[0])]
+            (dit, call_dit, dit.transformer_blocks[1].ff.net[0])]
 
 
+@pytest.mark.parametrize("spec, computed", [("fora:interval=3", 2),   # steps 0 and 3 (no known last step)
+                                            ("fbcache:threshold=100", 1),   # only the first call
+                                            ("fbcache:threshold=0", 6)])
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["SD3Transformer2DModel", "FluxTransformer2DModel",
                                                    "DiTTransformer2DModel"])
-def test_fora_on_each_transformer_class(index):
+def test_transformer_caches_on_each_transformer_class(index, spec, computed):
     model, call, leaf = _tiny_transformers()[index]
     counter = CallCounter(leaf)
     timesteps = torch.tensor([900.0, 700.0, 500.0, 300.0, 100.0, 10.0]).view(-1, 1)
     with torch.no_grad():
         base = [call(t) for t in timesteps]
-        handle = sdinfer.accelerate(model, "fora:interval=3")
+        handle = sdinfer.accelerate(model, spec)
         counter.calls = 0
         try:
             cached = [call(t) for t in timesteps]
         finally:
             handle.remove()
-    assert counter.calls == 2   # steps 0 and 3 (the model alone does not know the last step)
-    assert torch.equal(cached[0], base[0]) and not torch.equal(cached[1], base[1])
+    assert counter.calls == computed
+    assert torch.equal(cached[0], base[0])
+    assert torch.equal(cached[1], base[1]) == (computed == 6)
 
 
 def test_a_declared_adapter_makes_a_new_class_cacheable():
@@ -247,6 +266,8 @@ def test_a_declared_adapter_makes_a_new_class_cacheable():
     ("deepcache:branch=5", "branch 5 leaves no deep block"),
     ("deepcache:schedule=cubic", "schedule must be one of uniform, nonuniform"),
     ("fora:interval=-1", "interval must be a whole number >= 1"),
+    ("fbcache:threshold=-0.1", "threshold must be >= 0"),
+    ("fbcache:warmup=1.5", "warmup must be a whole number >= 0"),
     ("", "empty accelerator spec"),
 ])
 def test_bad_specs_are_clear_errors(unet_pipe, spec, message):
@@ -261,6 +282,8 @@ def test_a_method_on_a_family_it_does_not_support_names_the_supported(unet_pipe,
         sdinfer.accelerate(dit_pipe, "deepcache")
     with pytest.raises(UserError, match="fora supports transformers.*SD3Transformer2DModel"):
         sdinfer.accelerate(unet_pipe, "fora")
+    with pytest.raises(UserError, match="fbcache supports transformers.*FluxTransformer2DModel"):
+        sdinfer.accelerate(unet_pipe, "fbcache")
     with pytest.raises(UserError, match="no adapter for Linear"):
         sdinfer.accelerate(torch.nn.Linear(2, 2), "fora")
 

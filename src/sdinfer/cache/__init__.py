@@ -13,11 +13,13 @@ import torch
 
 from .base import CacheHandle
 from .deepcache import DeepCacheConfig, apply_deepcache
+from .first_block_cache import FirstBlockCacheConfig, apply_first_block_cache
 from .fora import FORAConfig, apply_fora
 
 METHODS: dict[str, tuple[type, Callable]] = {
     "deepcache": (DeepCacheConfig, apply_deepcache),
     "fora": (FORAConfig, apply_fora),
+    "fbcache": (FirstBlockCacheConfig, apply_first_block_cache),
 }
 
 
@@ -78,4 +80,4 @@ def apply(model: torch.nn.Module, config, num_steps: Callable[[], int] | None = 
     return handle
 
 
-__all__ = ["CacheHandle", "METHODS", "apply", "parse_spec", "DeepCacheConfig", "FORAConfig"]
+__all__ = ["CacheHandle", "METHODS", "apply", "parse_spec", "DeepCacheConfig", "FORAConfig", "FirstBlockCacheConfig"]

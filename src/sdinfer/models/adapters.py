@@ -30,7 +30,8 @@ class ModelAdapter:
     family: str                  # "unet" or "dit"
     groups: tuple[BlockGroup, ...]
 
-    def _grouped(self, model: torch.nn.Module):
+    def grouped(self, model: torch.nn.Module):
+        """(group, qualified name, block) of every block, in forward order."""
         for group in self.groups:
             mod = model.get_submodule(group.path)
             if isinstance(mod, torch.nn.ModuleList):
@@ -40,11 +41,11 @@ class ModelAdapter:
 
     def blocks(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         """(qualified name, module) of every block, in forward order."""
-        return [(name, block) for _, name, block in self._grouped(model)]
+        return [(name, block) for _, name, block in self.grouped(model)]
 
     def sublayers(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         """(qualified name, module) of every declared attention / MLP child, in forward order."""
-        return [(f"{name}.{child}", getattr(block, child)) for group, name, block in self._grouped(model)
+        return [(f"{name}.{child}", getattr(block, child)) for group, name, block in self.grouped(model)
                 for child in group.sublayers if getattr(block, child, None) is not None]
 
 
