@@ -56,10 +56,10 @@ def main() -> None:
     tolerances = [float(v) for v in args.tolerances.split(",")]
     runs = [("ParaDiGMS", f"window {w}", tol,
              lambda tol=tol, w=w: paradigms(den, x_T.clone(), STEPS, cond, uncond, window=w, tolerance=tol))
-            for w in map(int, args.windows.split(",")) for tol in tolerances]
+            for w in map(int, filter(None, args.windows.split(","))) for tol in tolerances]
     runs += [("ParaTAA", f"memory {m}", tol,
               lambda tol=tol, m=m: parataa(den, x_T.clone(), STEPS, cond, uncond, tolerance=tol, memory=m))
-             for m in map(int, args.memories.split(",")) for tol in tolerances]
+             for m in map(int, filter(None, args.memories.split(","))) for tol in tolerances]
     for name, knob, tol, run in runs:
         t0 = time.perf_counter()
         res = run()

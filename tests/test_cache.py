@@ -328,3 +328,25 @@ def test_train_default_help_names_the_shipped_settings(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for arch, settings in TRAIN_OVERRIDES.items():
         assert f"{arch} {settings['steps']}" in text and f"{arch} {settings['batch_size']}" in text
+
+
+@pytest.mark.slow
+def test_a_cached_model_runs_under_torch_compile():
+    from tiny_pipelines import build_tiny_sd
+
+    pipe = build_tiny_sd()
+
+    def run():
+        return pipe("a red circle", num_inference_steps=6, guidance_scale=4.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    base = run()
+    handle = sdinfer.accelerate(pipe, "deepcache:interval=3")
+    try:
+        eager = run()
+        pipe.unet = torch.compile(pipe.unet)
+        compiled = run()
+    finally:
+        handle.remove()
+    assert not torch.equal(eager, base)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

@@ -67,8 +67,10 @@ def _specs(spec) -> list:
 
 
 def accelerate(target, spec) -> Accelerated:
-    """Install the accelerators of ``spec`` on ``target``'s denoiser; returns their handle."""
+    """Install the accelerators of ``spec`` on ``target``'s denoiser; returns their handle.
+    A ``torch.compile``d model is accelerated through the module it wraps."""
     model, scheduler = denoiser_of(target)
+    model = getattr(model, "_orig_mod", model)
     num_steps = None
     if scheduler is not None:
         def num_steps() -> int:

@@ -66,9 +66,10 @@ def parataa(denoiser, x_T: torch.Tensor, steps: int, cond=None, uncond=None, tol
             history.append((xs - previous[0], residual - previous[1]))
             del history[:-memory]
         previous = (xs, residual)
-        new = xs + residual
-        if history:
-            new = new - _triangular_anderson(history, residual, ridge)
+        picard = xs + residual
+        new = picard - _triangular_anderson(history, residual, ridge) if history else picard
+        # blocks that become final take their fixed-point update, as in ParaDiGMS
+        new[a + 1:a + stride + 1] = picard[a + 1:a + stride + 1]
         xs = new
         a += stride
 
