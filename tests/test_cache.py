@@ -350,3 +350,18 @@ def test_a_cached_model_runs_under_torch_compile():
         handle.remove()
     assert not torch.equal(eager, base)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_the_step_tracker_finds_a_positional_timestep():
+    """SD3's forward takes the timestep fourth: (hidden, encoder, pooled, timestep)."""
+    sd3, _, leaf = _tiny_transformers()[0]
+    counter = CallCounter(leaf)
+    handle = sdinfer.accelerate(sd3, "fora:interval=3")
+    try:
+        with torch.no_grad():
+            for t in (900.0, 700.0, 500.0, 300.0):
+                sd3(torch.ones(1, 4, 8, 8), torch.ones(1, 3, 16), torch.ones(1, 8), torch.tensor([t]),
+                    return_dict=False)
+    finally:
+        handle.remove()
+    assert counter.calls == 2   # steps 0 and 3: read as four steps, not one step called four times

@@ -18,6 +18,7 @@ whatever its step count, and cond / uncond calls never read each other's feature
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Generic, TypeVar
@@ -31,8 +32,17 @@ STEP_TRACKER = "sdinfer_step_tracker"
 _inferred_generations = itertools.count(start=-1, step=-1)  # sdinfer's own loop counts up from 0
 
 
-def _timestep_of(args: tuple, kwargs: dict) -> float | None:
-    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+def _timestep_index(forward) -> int:
+    """Position of the ``timestep`` argument in a model's forward (diffusers' name for it)."""
+    try:
+        names = [n for n in inspect.signature(forward).parameters if n != "self"]
+    except (TypeError, ValueError):
+        return 1
+    return names.index("timestep") if "timestep" in names else 1
+
+
+def _timestep_of(args: tuple, kwargs: dict, index: int) -> float | None:
+    t = kwargs.get("timestep", args[index] if len(args) > index else None)
     if t is None:
         return None
     if isinstance(t, torch.Tensor):
@@ -47,6 +57,7 @@ class StepTracker(ModelHook):
         super().__init__()
         self.num_steps = num_steps
         self.users = 0   # caches relying on this tracker; the last to go removes it
+        self.t_index: int | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -77,7 +88,9 @@ class StepTracker(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         if current_step() is not None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        t = _timestep_of(args, kwargs)
+        if self.t_index is None:
+            self.t_index = _timestep_index(self.fn_ref.original_forward)
+        t = _timestep_of(args, kwargs, self.t_index)
         if t is None:
             raise ValueError(f"a cached {type(module).__name__} needs the timestep of each call "
                              "(as its second argument or timestep=...) to know the step")
