@@ -365,3 +365,15 @@ def test_the_step_tracker_finds_a_positional_timestep():
     finally:
         handle.remove()
     assert counter.calls == 2   # steps 0 and 3: read as four steps, not one step called four times
+
+
+def test_deepcache_nonuniform_schedule_is_denser_around_its_center():
+    from sdinfer.cache import DeepCacheConfig
+
+    steps = sorted(DeepCacheConfig(interval=3, schedule="nonuniform", center=0.5).full_steps(50))
+    assert steps[0] == 0 and steps[-1] == 49 and 14 <= len(steps) <= 17   # about 50 / 3 full steps
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    middle = [g for a, g in zip(steps, gaps) if 15 <= a <= 33]
+    ends = [g for a, g in zip(steps, gaps) if a < 8 or a > 40]
+    assert max(middle) < min(ends)
+    assert sorted(DeepCacheConfig(interval=3).full_steps(10)) == [0, 3, 6, 9]
