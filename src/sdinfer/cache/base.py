@@ -211,3 +211,28 @@ class ScheduleController:
         ctx = require_step()
         state = self.states.get(ctx)
         return state, state.decide(ctx, self.full)
+
+
+class ScheduledHook(ModelHook):
+    """A hook of a fixed-schedule cache: on computing steps the module runs and ``computed``
+    may keep its output; on the others ``reuse`` answers without running it."""
+
+    def __init__(self, controller: ScheduleController):
+        super().__init__()
+        self.controller = controller
+
+    def new_forward(self, module, *args, **kwargs):
+        state, computing = self.controller.state()
+        if computing:
+            return self.computed(state, self.fn_ref.original_forward(*args, **kwargs))
+        return self.reuse(state, args, kwargs)
+
+    def computed(self, state: StepState, output):
+        return output
+
+    def reuse(self, state: StepState, args: tuple, kwargs: dict):
+        raise NotImplementedError
+
+
+def hidden_states_of(args: tuple, kwargs: dict):
+    return kwargs.get("hidden_states", args[0] if args else None)

@@ -23,10 +23,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from diffusers.hooks import ModelHook
 
 from ..models.adapters import adapter_for, supported
-from .base import CacheHandle, ScheduleController, hook_name
+from .base import CacheHandle, ScheduleController, ScheduledHook, hidden_states_of, hook_name
 
 SCHEDULES = ("uniform", "nonuniform")
 
@@ -71,47 +70,36 @@ class DeepCacheConfig:
         return steps
 
 
-class SkipDownHook(ModelHook):
+class SkipDownHook(ScheduledHook):
     """A deep down block: runs on full steps, hands placeholders to the skip list otherwise."""
 
     def __init__(self, controller: ScheduleController, n_skips: int):
-        super().__init__()
-        self.controller, self.n_skips = controller, n_skips
+        super().__init__(controller)
+        self.n_skips = n_skips
 
-    def new_forward(self, module, *args, **kwargs):
-        _, computing = self.controller.state()
-        if computing:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
+    def reuse(self, state, args, kwargs):
+        hidden = hidden_states_of(args, kwargs)
         return hidden, (hidden,) * self.n_skips
 
 
-class SkipMidHook(ModelHook):
-    def __init__(self, controller: ScheduleController):
-        super().__init__()
-        self.controller = controller
-
-    def new_forward(self, module, *args, **kwargs):
-        _, computing = self.controller.state()
-        if computing:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        return kwargs.get("hidden_states", args[0] if args else None)
+class SkipMidHook(ScheduledHook):
+    def reuse(self, state, args, kwargs):
+        return hidden_states_of(args, kwargs)
 
 
-class SkipUpHook(ModelHook):
+class SkipUpHook(ScheduledHook):
     """A deep up block; the last one's output is the cached deep feature."""
 
     def __init__(self, controller: ScheduleController, last: bool):
-        super().__init__()
-        self.controller, self.last = controller, last
+        super().__init__(controller)
+        self.last = last
 
-    def new_forward(self, module, *args, **kwargs):
-        state, computing = self.controller.state()
-        if computing:
-            out = self.fn_ref.original_forward(*args, **kwargs)
-            if self.last:
-                state.outputs["deep"] = out
-            return out
+    def computed(self, state, output):
+        if self.last:
+            state.outputs["deep"] = output
+        return output
+
+    def reuse(self, state, args, kwargs):
         return state.outputs["deep"]
 
 

@@ -20,7 +20,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..models.adapters import BlockGroup, adapter_for, supported
-from .base import BranchStates, CacheHandle, hook_name, require_step
+from .base import BranchStates, CacheHandle, hidden_states_of, hook_name, require_step
 
 
 @dataclass
@@ -61,7 +61,7 @@ def _pack(hidden, encoder, returns: str, like):
 
 
 def _inputs(args, kwargs) -> tuple:
-    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    hidden = hidden_states_of(args, kwargs)
     encoder = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
     return hidden, encoder
 

@@ -17,10 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers.hooks import ModelHook
 
 from ..models.adapters import adapter_for, supported
-from .base import CacheHandle, ScheduleController, hook_name
+from .base import CacheHandle, ScheduleController, ScheduledHook, hook_name
 
 
 @dataclass
@@ -36,18 +35,18 @@ class FORAConfig:
         return ctx.step_index % self.interval == 0 or ctx.step_index == ctx.num_steps - 1  # 0: unknown
 
 
-class ReuseOutputHook(ModelHook):
+class ReuseOutputHook(ScheduledHook):
     """A sub-layer: computes and keeps its output on full steps, returns the kept one otherwise."""
 
     def __init__(self, controller: ScheduleController, key: str):
-        super().__init__()
-        self.controller, self.key = controller, key
+        super().__init__(controller)
+        self.key = key
 
-    def new_forward(self, module, *args, **kwargs):
-        state, computing = self.controller.state()
-        if computing:
-            state.outputs[self.key] = self.fn_ref.original_forward(*args, **kwargs)
-            return state.outputs[self.key]
+    def computed(self, state, output):
+        state.outputs[self.key] = output
+        return output
+
+    def reuse(self, state, args, kwargs):
         if self.key not in state.outputs:  # not run on the last full step: compute, keep nothing
             return self.fn_ref.original_forward(*args, **kwargs)
         return state.outputs[self.key]
