@@ -33,6 +33,21 @@ def tiny_pixart(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def unet_pipe():
+    """The default UNet's pipeline, shared: a test that installs an accelerator removes it."""
+    from sdinfer.pipeline import Pipeline
+
+    return Pipeline.from_pretrained("unet")
+
+
+@pytest.fixture(scope="session")
+def dit_pipe():
+    from sdinfer.pipeline import Pipeline
+
+    return Pipeline.from_pretrained("dit")
+
+
+@pytest.fixture(scope="session")
 def default_pipe():
     from sdinfer.pipeline import Pipeline
 

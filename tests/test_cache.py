@@ -11,31 +11,11 @@ import sdinfer
 from sdinfer.errors import UserError
 from sdinfer.eval.metrics import psnr
 from sdinfer.models.adapters import BlockGroup, ModelAdapter, register_adapter
-from sdinfer.pipeline import Pipeline
 from sdinfer.samplers import SAMPLERS
 
+from cache_helpers import CallCounter, tiny_transformers
+
 PROMPT = "a red circle in the top left"
-
-
-class CallCounter:
-    """Counts the forward calls of a module (a leaf inside a block: it runs only if the block does)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.calls = 0
-        self.handle = module.register_forward_hook(lambda *_: self._hit())
-
-    def _hit(self) -> None:
-        self.calls += 1
-
-
-@pytest.fixture(scope="module")
-def unet_pipe():
-    return Pipeline.from_pretrained("unet")
-
-
-@pytest.fixture(scope="module")
-def dit_pipe():
-    return Pipeline.from_pretrained("dit")
 
 
 def _generate(pipe, steps=6, sampler="ddim", cfg=4.0):
@@ -171,44 +151,13 @@ def test_fora_in_a_stock_pixart_pipeline():
         handle.remove()
 
 
-def _tiny_transformers():
-    from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
-
-    torch.manual_seed(0)
-    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
-                                caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8)
-    flux = FluxTransformer2DModel(patch_size=1, in_channels=16, out_channels=16, num_layers=1,
-                                  num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-                                  joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
-    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-                                norm_num_groups=2).eval()   # no label dropout
-
-    def call_sd3(t):
-        return sd3(torch.ones(1, 4, 8, 8), encoder_hidden_states=torch.ones(1, 3, 16),
-                   pooled_projections=torch.ones(1, 8), timestep=t, return_dict=False)[0]
-
-    def call_flux(t):
-        return flux(torch.ones(1, 16, 16), encoder_hidden_states=torch.ones(1, 3, 16),
-                    pooled_projections=torch.ones(1, 8), timestep=t / 1000, img_ids=torch.zeros(16, 3),
-                    txt_ids=torch.zeros(3, 3), return_dict=False)[0]
-
-    def call_dit(t):
-        return dit(torch.ones(1, 4, 8, 8), timestep=t, class_labels=torch.tensor([1]), return_dict=False)[0]
-
-    return [(sd3, call_sd3, sd3.transformer_blocks[1].attn.to_q),
-            (flux, call_flux, flux.single_transformer_blocks[0].attn.to_q),
-            (dit, call_dit, dit.transformer_blocks[1].ff.net[0])]
-
-
 @pytest.mark.parametrize("spec, computed", [("fora:interval=3", 2),   # steps 0 and 3 (no known last step)
                                             ("fbcache:threshold=100", 1),   # only the first call
                                             ("fbcache:threshold=0", 6)])
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["SD3Transformer2DModel", "FluxTransformer2DModel",
                                                    "DiTTransformer2DModel"])
 def test_transformer_caches_on_each_transformer_class(index, spec, computed):
-    model, call, leaf = _tiny_transformers()[index]
+    model, call, leaf = tiny_transformers()[index]
     counter = CallCounter(leaf)
     timesteps = torch.tensor([900.0, 700.0, 500.0, 300.0, 100.0, 10.0]).view(-1, 1)
     with torch.no_grad():
@@ -354,7 +303,7 @@ def test_a_cached_model_runs_under_torch_compile():
 
 def test_the_step_tracker_finds_a_positional_timestep():
     """SD3's forward takes the timestep fourth: (hidden, encoder, pooled, timestep)."""
-    sd3, _, leaf = _tiny_transformers()[0]
+    sd3, _, leaf = tiny_transformers()[0]
     counter = CallCounter(leaf)
     handle = sdinfer.accelerate(sd3, "fora:interval=3")
     try:
