@@ -224,14 +224,64 @@ def cmd_models(args) -> int:
 
 
 # ---- calibrate ----------------------------------------------------------------------
+def calibration_prompts(spec: str, count: int, seed: int) -> list[str]:
+    from .eval.prompts import load_prompts
+    from .models.default import shapes
+
+    if spec == "train":  # captions the default models were trained on, never held-out ones
+        specs = shapes.sample_specs(count, 10**6 + seed, set(shapes.heldout_prompts()))
+        return [s.caption for s in specs]
+    base = load_prompts(spec)
+    return [base[i % len(base)] for i in range(count)]
+
+
+def calibrate_cache(args) -> int:
+    """``sdinfer calibrate --method CACHE``: record a cache method's calibration beside the model."""
+    import torch
+
+    from .cache import calibration
+    from .pipeline import Pipeline
+
+    if args.method not in calibration.CALIBRATORS:
+        raise UserError(f"unknown calibration method {args.method!r}; available: "
+                        f"{', '.join(['dpm-solver-v3', *sorted(calibration.CALIBRATORS)])}")
+    args.samples = 16 if args.samples is None else args.samples
+    if args.samples < 1:
+        raise UserError(f"--samples must be >= 1, got {args.samples}")
+    if args.steps < 2:
+        raise UserError(f"--steps must be >= 2 for a cache calibration, got {args.steps}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _quiet_libraries()
+    pipe = Pipeline.from_pretrained(args.model)
+    out = Path(args.out) if args.out else calibration.default_path(pipe.model.denoiser, args.method)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it or --out for another file")
+    if out.suffix != ".safetensors":
+        raise UserError(f"calibrations are written as safetensors; give --out a .safetensors name, not {out}")
+    run = calibration.CalibrationRun(pipe, calibration_prompts(args.prompts, args.samples, args.seed),
+                                     steps=args.steps, sampler=args.sampler, guidance_scale=args.cfg,
+                                     seed=args.seed)
+    start = time.perf_counter()
+    try:
+        result = calibration.CALIBRATORS[args.method](run)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    result.save(out)
+    print(f"wrote {args.method} calibration of {pipe.model.name} ({args.samples} prompts, {args.sampler} "
+          f"{args.steps} steps, cfg {args.cfg:g}) to {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     import torch
 
     from .calibrate import calibrate_pipeline, statistics_path
-    from .eval.prompts import load_prompts
-    from .models.default import shapes
     from .pipeline import Pipeline
 
+    if args.method != "dpm-solver-v3":
+        return calibrate_cache(args)
+    args.samples = 64 if args.samples is None else args.samples
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
     if args.validation < 0:
@@ -245,13 +295,7 @@ def cmd_calibrate(args) -> int:
         raise UserError(f"{out} exists; pass --overwrite to replace it or --out for another file")
     if out.suffix != ".safetensors":
         raise UserError(f"statistics are written as safetensors; give --out a .safetensors name, not {out}")
-    if args.prompts == "train":  # captions the default models were trained on, never held-out ones
-        specs = shapes.sample_specs(args.samples + args.validation, 10**6 + args.seed,
-                                    set(shapes.heldout_prompts()))
-        texts = [s.caption for s in specs]
-    else:
-        base = load_prompts(args.prompts)
-        texts = [base[i % len(base)] for i in range(args.samples + args.validation)]
+    texts = calibration_prompts(args.prompts, args.samples + args.validation, args.seed)
     prompts, validation = texts[:args.samples], texts[args.samples:]
     start = time.perf_counter()
     ems = calibrate_pipeline(pipe, args.cfg, prompts, args.points, args.reduce, args.seed, args.smooth,
@@ -382,15 +426,22 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the shipped models")
     m.set_defaults(func=cmd_models)
 
-    c = sub.add_parser("calibrate", help="DPM-Solver-v3 statistics of a model at one guidance scale",
-                       description="Compute DPM-Solver-v3's empirical model statistics along sampling "
-                                   "trajectories and save them beside the model (or to --out), where "
-                                   "`--sampler dpm-solver-v3` finds them.")
+    c = sub.add_parser("calibrate", help="learn a model's statistics for DPM-Solver-v3 or a cache method",
+                       description="Record what an accelerator learns from the model and save it beside "
+                                   "the model (or to --out), where the accelerator finds it: "
+                                   "DPM-Solver-v3's empirical model statistics at one guidance scale "
+                                   "(the default), or a cache method's calibration (--method teacache, "
+                                   "...), recorded on --samples training-like prompts.")
+    c.add_argument("--method", default="dpm-solver-v3",
+                   help="dpm-solver-v3, or a cache method that calibrates (default: dpm-solver-v3)")
     c.add_argument("--model", default="default", help="default | unet | dit | PATH (default: default)")
     c.add_argument("--cfg", type=float, default=4.0, help="guidance scale the statistics are for (default: 4)")
     c.add_argument("--prompts", default="train",
                    help="train (captions like the default models' training data) | quick | FILE")
-    c.add_argument("--samples", type=int, default=64, help="trajectories (default: 64)")
+    c.add_argument("--samples", type=int, default=None,
+                   help="trajectories (default: 64 for dpm-solver-v3, 16 for a cache)")
+    c.add_argument("--steps", type=int, default=50, help="cache methods: sampling steps (default: 50)")
+    c.add_argument("--sampler", default="ddim", help="cache methods: sampler (default: ddim)")
     c.add_argument("--points", type=int, default=250, help="lambda grid points (default: 250)")
     c.add_argument("--reduce", default="channel", choices=["channel", "all", "none"],
                    help="average statistics over each channel's pixels, over all, or not (default: channel)")
@@ -401,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "0: keep it on (default: 8)")
     c.add_argument("--seed", type=int, default=0, help="seed of noise and probes (default: 0)")
     c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    c.add_argument("--out", default=None, help="file to write (default: MODEL/dpm_solver_v3/cfgCFG.safetensors)")
+    c.add_argument("--out", default=None,
+                   help="file to write (default: MODEL/dpm_solver_v3/cfgCFG.safetensors, or for a cache "
+                        "DENOISER/sdinfer_calibration/METHOD.safetensors)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing statistics file")
     c.set_defaults(func=cmd_calibrate)
 
