@@ -37,8 +37,24 @@ def test_deepcache_skips_the_deep_path_on_the_default_unet(unet_pipe):
     assert torch.equal(_generate(unet_pipe), base)          # removed: exactly the uncached model
 
 
+def test_deepcache_layer_branch_skips_inside_the_branch_blocks(unet_pipe):
+    """DeepCache's branch id 0 (block 0, layer 0): of the shallow blocks only the last up layer runs."""
+    net = unet_pipe.model.denoiser
+    down, first_up, last_up = (CallCounter(m.conv1) for m in (net.down_blocks[0].resnets[0],
+                                                                  *net.up_blocks[-1].resnets))
+    base = _generate(unet_pipe)
+    handle = sdinfer.accelerate(unet_pipe, "deepcache:interval=3,layer=0")
+    try:
+        cached = _generate(unet_pipe)
+    finally:
+        handle.remove()
+    assert (down.calls, first_up.calls, last_up.calls) == (6 + 2, 6 + 2, 6 + 6)
+    assert not torch.equal(cached, base)
+
+
 def test_caches_refreshing_every_step_are_exact(unet_pipe, dit_pipe):
     for pipe, spec in [(unet_pipe, "deepcache:interval=1"), (unet_pipe, "deepcache:interval=1,branch=1"),
+                       (unet_pipe, "deepcache:interval=1,layer=0"),
                        (dit_pipe, "fora:interval=1"), (dit_pipe, "fbcache:threshold=0")]:
         base = _generate(pipe)
         with_cache = sdinfer.accelerate(pipe, spec)
@@ -214,6 +230,8 @@ def test_a_declared_adapter_makes_a_new_class_cacheable():
     ("deepcache:interval=two", "is not a int"),
     ("deepcache:branch=5", "branch 5 leaves no deep block"),
     ("deepcache:schedule=cubic", "schedule must be one of uniform, nonuniform"),
+    ("deepcache:layer=-2", "layer must be a whole number >= 0, or -1"),
+    ("deepcache:layer=2", "layer 2 is not a layer of branch 0's blocks, which have 2 up layers"),
     ("fora:interval=-1", "interval must be a whole number >= 1"),
     ("fbcache:threshold=-0.1", "threshold must be >= 0"),
     ("fbcache:warmup=1.5", "warmup must be a whole number >= 0"),

@@ -66,6 +66,14 @@ def _specs(spec) -> list:
     return [spec]
 
 
+def _guidance_of(target):
+    """Whether a diffusers pipeline batches its guidance branches on this call, where it says
+    (``do_classifier_free_guidance``; PixArt's pipelines, for one, do not)."""
+    if not hasattr(type(target), "do_classifier_free_guidance"):
+        return None
+    return lambda: bool(target.do_classifier_free_guidance)
+
+
 def accelerate(target, spec) -> Accelerated:
     """Install the accelerators of ``spec`` on ``target``'s denoiser; returns their handle.
     A ``torch.compile``d model is accelerated through the module it wraps."""
@@ -80,7 +88,7 @@ def accelerate(target, spec) -> Accelerated:
     try:
         for item in _specs(spec):
             config = cache.parse_spec(item) if isinstance(item, str) else item
-            out.handles.append(cache.apply(model, config, num_steps))
+            out.handles.append(cache.apply(model, config, num_steps, _guidance_of(target)))
     except (ValueError, TypeError) as err:
         out.remove()
         raise UserError(str(err)) from None

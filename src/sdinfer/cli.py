@@ -19,6 +19,8 @@ examples:
   sdinfer bench --model unet --steps 10,20 --prompts quick --json bench.json --plot bench.png
   sdinfer models
   sdinfer generate "a red circle in the top left" --accelerate deepcache:interval=3
+  sdinfer generate "a red circle in the top left" --model dit --parallel ulysses --world-size 2
+  torchrun --nproc-per-node 2 -m sdinfer generate "a red circle" --model dit --parallel cfg
   sdinfer bench --model dit --accelerate fora:interval=2 --accelerate fora:interval=3
   sdinfer calibrate --model unet --cfg 4
   sdinfer train-default --arch unet
@@ -90,11 +92,19 @@ def _save_png(image, path: Path, metadata: dict) -> None:
 
 
 def cmd_generate(args) -> int:
+    if args.parallel or args.world_size is not None:
+        return _generate_parallel(args)
+    return _generate(args)
+
+
+def _generate(args, setup=None, rank: int = 0) -> int:
+    """Generate and (on rank 0) write; ``setup(pipe)`` installs a parallel strategy."""
     from . import __version__
     from .pipeline import Pipeline
 
     outputs = _output_paths(Path(args.output), args.batch)
-    _check_outputs(outputs, args.overwrite)
+    if rank == 0:
+        _check_outputs(outputs, args.overwrite)
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
     start = time.perf_counter()
@@ -104,14 +114,20 @@ def cmd_generate(args) -> int:
         from .accelerate import accelerate
 
         accelerate(pipe, args.accelerate)
+    if setup is not None:
+        setup(pipe)
     loaded = time.perf_counter() - start
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = pipe([args.prompt] * args.batch, steps=args.steps, sampler=args.sampler,
                       guidance_scale=args.cfg, seed=args.seed, size=args.size,
-                      progress=not args.quiet, predictor=args.predictor)
+                      progress=not args.quiet and rank == 0, predictor=args.predictor)
+    if rank != 0:
+        return 0
     if args.accelerate:
         result.params["accelerate"] = args.accelerate
+    if args.parallel:
+        result.params["parallel"] = args.parallel
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     for i, (image, path) in enumerate(zip(result.images, outputs)):
@@ -125,10 +141,63 @@ def cmd_generate(args) -> int:
     total = time.perf_counter() - start
     names = ", ".join(str(p) for p in outputs)
     extra = f", {args.accelerate}" if args.accelerate else ""
+    extra += f", {args.parallel} parallel" if args.parallel else ""
     print(f"wrote {names} ({result.params['size']}x{result.params['size']}, "
           f"{result.params['sampler']} {result.params['steps']} steps, {result.nfe} NFE{extra}) "
           f"in {total:.2f} s (model load {loaded:.2f} s, generation {result.seconds:.2f} s)")
     return 0
+
+
+def _generate_parallel(args) -> int:
+    """``--parallel``: in a rank (torchrun's or ours) join and generate; else start the ranks."""
+    from .parallel import launch
+
+    info = launch.RankInfo.from_env()
+    world = _check_parallel(args, info)
+    if info is None:
+        _check_outputs(_output_paths(Path(args.output), args.batch), args.overwrite)
+        codes = launch.launch_local([sys.executable, "-m", "sdinfer", *args.argv], world)
+        return launch.exit_code(codes)
+    return launch.run_rank(lambda: _generate_rank(args, info), info.rank)
+
+
+def _check_parallel(args, info) -> int:
+    """The world size, once the flags are known to fit together (before any rank starts)."""
+    from .parallel import launch, parse_spec
+
+    if not args.parallel:
+        raise UserError("--world-size goes with --parallel SPEC, e.g. --parallel cfg --world-size 2")
+    config = parse_spec(args.parallel)
+    if args.accelerate:
+        raise UserError("--accelerate under --parallel is not supported yet (a cache must decide alike on "
+                        "every rank); drop one of them")
+    if getattr(config, "needs_guidance", False) and args.cfg == 1:
+        raise UserError(f"--parallel {args.parallel} splits the guidance branches and --cfg 1 turns guidance "
+                        "off; use a --cfg other than 1, or another strategy")
+    if launch.check_backend(args.backend) == "nccl":
+        raise UserError("sdinfer generate runs the model on the CPU, whose tensors nccl does not carry; "
+                        "use --backend gloo")
+    if info is not None and args.world_size not in (None, info.world_size):
+        raise UserError(f"--world-size {args.world_size} disagrees with the launcher's WORLD_SIZE "
+                        f"{info.world_size}; leave --world-size out under torchrun")
+    world = info.world_size if info is not None else args.world_size
+    if world is None:
+        raise UserError("--parallel needs several ranks: add --world-size 2, or start them with "
+                        "torchrun --nproc-per-node 2 -m sdinfer generate ...")
+    if world < 2:
+        raise UserError(f"--world-size must be >= 2, got {world}")
+    try:
+        config.check_world_size(world)
+    except ValueError as err:
+        raise UserError(f"{err}; change --world-size") from None
+    return world
+
+
+def _generate_rank(args, info) -> int:
+    from .parallel import apply, launch
+
+    launch.init_process_group(args.backend, info=info)
+    return _generate(args, setup=lambda pipe: apply(pipe, args.parallel), rank=info.rank)
 
 
 # ---- bench ----------------------------------------------------------------------------
@@ -393,6 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--accelerate", default=None, metavar="SPEC",
                    help="feature cache to install, e.g. deepcache:interval=3 (UNets) or fora:interval=3 "
                         "(transformers); several joined by +")
+    g.add_argument("--parallel", default=None, metavar="SPEC",
+                   help="run on several ranks (torch.distributed): cfg (the guidance branches on 2 ranks), "
+                        "ulysses or ring (a transformer's image tokens split over the ranks); exact")
+    g.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="with --parallel: start N ranks on this machine (under torchrun leave it out)")
+    g.add_argument("--backend", default="gloo",
+                   help="torch.distributed backend of the ranks (default: gloo; generate runs on the CPU)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
@@ -483,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # what --world-size's ranks re-run
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

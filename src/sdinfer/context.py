@@ -21,6 +21,10 @@ class StepContext:
     model_t: float       # the model's own timestep convention
     branch: str = "both"  # classifier-free guidance branch: "cond", "uncond" or "both" (batched)
     generation: int = 0   # increments with every generation, so state can tell a new request
+    # the branch held by each half of a batched-guidance call (branch "both"), in batch order:
+    # sdinfer's denoiser batches [cond, uncond], diffusers' text-to-image pipelines [uncond, cond];
+    # None where the batch is not split between guidance branches (or its split is unknown)
+    guidance_halves: tuple[str, str] | None = ("cond", "uncond")
 
     @property
     def is_first(self) -> bool:

@@ -77,12 +77,12 @@ class Denoiser:
         if self.uses_guidance:
             x_in = torch.cat([x, x])
             text = concat_text(cond, uncond)
-            with step_context(ctx):
+            with step_context(replace(ctx, guidance_halves=("cond", "uncond"))):
                 out = self.model_fn(x_in, torch.cat([model_t, model_t]), text)
             out_c, out_u = out.chunk(2)
             out = out_u + self.guidance_scale * (out_c - out_u)
         else:
-            with step_context(replace(ctx, branch="cond")):
+            with step_context(replace(ctx, branch="cond", guidance_halves=None)):
                 out = self.model_fn(x, model_t, cond)
         self.model_calls += 1
         self.nfe += 1

@@ -12,14 +12,28 @@ from typing import Callable
 import torch
 
 from .base import CacheHandle
+from .block_caching import BlockCachingConfig, apply_block_caching
+from .dbcache import DBCacheConfig, apply_dbcache
 from .deepcache import DeepCacheConfig, apply_deepcache
 from .first_block_cache import FirstBlockCacheConfig, apply_first_block_cache
 from .fora import FORAConfig, apply_fora
+from .learning_to_cache import LearningToCacheConfig, apply_learning_to_cache
+from .magcache import MagCacheConfig, apply_magcache
+from .taylorseer import TaylorSeerConfig, apply_taylorseer
+from .teacache import TeaCacheConfig, apply_teacache
+from .tgate import TGateConfig, apply_tgate
 
 METHODS: dict[str, tuple[type, Callable]] = {
     "deepcache": (DeepCacheConfig, apply_deepcache),
     "fora": (FORAConfig, apply_fora),
     "fbcache": (FirstBlockCacheConfig, apply_first_block_cache),
+    "dbcache": (DBCacheConfig, apply_dbcache),
+    "taylorseer": (TaylorSeerConfig, apply_taylorseer),
+    "tgate": (TGateConfig, apply_tgate),
+    "blockcache": (BlockCachingConfig, apply_block_caching),
+    "l2c": (LearningToCacheConfig, apply_learning_to_cache),
+    "teacache": (TeaCacheConfig, apply_teacache),
+    "magcache": (MagCacheConfig, apply_magcache),
 }
 
 
@@ -34,13 +48,14 @@ def _typed(text: str, like):
     return text
 
 
-def parse_spec(spec: str):
-    """A method's config from ``NAME[:key=value,...]``."""
+def parse_spec(spec: str, methods: dict | None = None, kind: str = "cache method"):
+    """A method's config from ``NAME[:key=value,...]`` (of ``methods``: default the caches)."""
+    methods = METHODS if methods is None else methods
     name, _, opts = spec.partition(":")
     name = name.strip().lower()
-    if name not in METHODS:
-        raise ValueError(f"unknown cache method {name!r}; available: {', '.join(sorted(METHODS))}")
-    config_cls = METHODS[name][0]
+    if name not in methods:
+        raise ValueError(f"unknown {kind} {name!r}; available: {', '.join(sorted(methods))}")
+    config_cls = methods[name][0]
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     defaults = config_cls()
     kwargs = {}
@@ -50,7 +65,7 @@ def parse_spec(spec: str):
         if not eq:
             raise ValueError(f"{name} option {item!r} must look like key=value")
         if key not in fields:
-            raise ValueError(f"{name} has no option {key!r}; its options: {', '.join(fields)}")
+            raise ValueError(f"{name} has no option {key!r}; its options: {', '.join(fields) or 'none'}")
         try:
             kwargs[key] = _typed(value.strip(), getattr(defaults, key))
         except ValueError:
@@ -67,17 +82,22 @@ def method_of(config) -> str:
                     f"known: {', '.join(c.__name__ for c, _ in METHODS.values())}")
 
 
-def apply(model: torch.nn.Module, config, num_steps: Callable[[], int] | None = None) -> CacheHandle:
-    """Install ``config``'s method on ``model`` (a denoiser with a declared adapter)."""
+def apply(model: torch.nn.Module, config, num_steps: Callable[[], int] | None = None,
+          guided: Callable[[], bool] | None = None) -> CacheHandle:
+    """Install ``config``'s method on ``model`` (a denoiser with a declared adapter).  Outside
+    sdinfer's loop ``num_steps()`` and ``guided()`` tell the step count and whether the pipeline
+    batches its guidance branches."""
     name = method_of(config)
     handle = CacheHandle(name)
     try:
         METHODS[name][1](model, config, handle)
-        handle.track_steps(model, num_steps)
+        handle.track_steps(model, num_steps, guided)
     except BaseException:
         handle.remove()
         raise
     return handle
 
 
-__all__ = ["CacheHandle", "METHODS", "apply", "parse_spec", "DeepCacheConfig", "FORAConfig", "FirstBlockCacheConfig"]
+__all__ = ["CacheHandle", "METHODS", "apply", "parse_spec", "DeepCacheConfig", "FORAConfig", "FirstBlockCacheConfig",
+           "DBCacheConfig", "TaylorSeerConfig", "TGateConfig",
+           "BlockCachingConfig", "LearningToCacheConfig", "TeaCacheConfig", "MagCacheConfig"]

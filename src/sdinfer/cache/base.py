@@ -25,10 +25,12 @@ from typing import Callable, Generic, TypeVar
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.utils import BaseOutput
 
 from ..context import StepContext, current_step, step_context
 
 STEP_TRACKER = "sdinfer_step_tracker"
+DIFFUSERS_HALVES = ("uncond", "cond")   # how diffusers' text-to-image pipelines batch guidance
 _inferred_generations = itertools.count(start=-1, step=-1)  # sdinfer's own loop counts up from 0
 
 
@@ -50,12 +52,25 @@ def _timestep_of(args: tuple, kwargs: dict, index: int) -> float | None:
     return float(t)
 
 
-class StepTracker(ModelHook):
-    """Sets the step context around each call of the denoiser when no sdinfer loop did."""
+@torch.compiler.disable
+def _repeated_twice(sample) -> bool:
+    if not isinstance(sample, torch.Tensor) or sample.ndim == 0 or sample.shape[0] % 2:
+        return False
+    first, second = sample.chunk(2)
+    return bool(torch.equal(first, second))
 
-    def __init__(self, num_steps: Callable[[], int] | None = None):
+
+class StepTracker(ModelHook):
+    """Sets the step context around each call of the denoiser when no sdinfer loop did.
+
+    A call is taken as a batched guidance call (``guidance_halves`` in diffusers' order) where
+    ``guided()`` says the pipeline guides (its ``do_classifier_free_guidance``) and the call's
+    sample is one batch repeated twice; many pipelines that guide call each branch separately."""
+
+    def __init__(self, num_steps: Callable[[], int] | None = None, guided: Callable[[], bool] | None = None):
         super().__init__()
         self.num_steps = num_steps
+        self.guided = guided
         self.users = 0   # caches relying on this tracker; the last to go removes it
         self.t_index: int | None = None
         self.reset()
@@ -70,7 +85,7 @@ class StepTracker(ModelHook):
         self.reset()
         return module
 
-    def infer(self, t: float) -> StepContext:
+    def infer(self, t: float, sample: torch.Tensor | None = None) -> StepContext:
         total = self.num_steps() if self.num_steps is not None else 0
         finished = total > 0 and self.step >= total - 1
         if self.last_t is None or t > self.last_t or (t == self.last_t and finished and self.call > 0):
@@ -80,10 +95,11 @@ class StepTracker(ModelHook):
         else:
             self.call += 1
         self.last_t = t
+        batched = self.call == 0 and self.guided is not None and self.guided() and _repeated_twice(sample)
         # num_steps 0: unknown (a bare model called outside any pipeline)
         return StepContext(step_index=self.step, num_steps=total, t=float("nan"),
                            model_t=t, branch="both" if self.call == 0 else f"call{self.call}",
-                           generation=self.generation)
+                           generation=self.generation, guidance_halves=DIFFUSERS_HALVES if batched else None)
 
     def new_forward(self, module, *args, **kwargs):
         if current_step() is not None:
@@ -94,8 +110,24 @@ class StepTracker(ModelHook):
         if t is None:
             raise ValueError(f"a cached {type(module).__name__} needs the timestep of each call "
                              "(as its second argument or timestep=...) to know the step")
-        with step_context(self.infer(t)):
+        with step_context(self.infer(t, hidden_states_of(args, kwargs))):
             return self.fn_ref.original_forward(*args, **kwargs)
+
+
+def remove_hook(module: torch.nn.Module, name: str) -> None:
+    """Take hook ``name`` off ``module``, wherever it sits in the module's stack of hooks."""
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    order, refs = registry._hook_order, registry._fn_refs
+    if name not in order:
+        return
+    index = order.index(name)
+    above = refs[index + 1] if index + 1 < len(order) else None
+    wrapper = None if above is None or above.original_forward is None else above.forward
+    registry.remove_hook(name, recurse=False)
+    if wrapper is not None:
+        # diffusers relinks the hook above by its `forward`, which for a `new_forward` hook is
+        # the hook itself: give it back and link the forward it wraps instead
+        above.original_forward, above.forward = above.forward, wrapper
 
 
 S = TypeVar("S")
@@ -142,15 +174,19 @@ class CacheHandle:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
         self.hooks.append((module, name))
 
-    def track_steps(self, model: torch.nn.Module, num_steps: Callable[[], int] | None = None) -> None:
-        """Infer the step context on ``model``'s calls outside sdinfer's loop (shared by caches)."""
+    def track_steps(self, model: torch.nn.Module, num_steps: Callable[[], int] | None = None,
+                    guided: Callable[[], bool] | None = None) -> None:
+        """Infer the step context on ``model``'s calls outside sdinfer's loop (shared by caches).
+        The tracker stays the outermost hook, so hooks on the model itself see the step."""
         registry = HookRegistry.check_if_exists_or_initialize(model)
         tracker = registry.get_hook(STEP_TRACKER)
         if tracker is None:
-            tracker = StepTracker(num_steps)
-            registry.register_hook(tracker, STEP_TRACKER)
-        elif num_steps is not None and tracker.num_steps is None:
-            tracker.num_steps = num_steps
+            tracker = StepTracker(num_steps, guided)
+        else:
+            remove_hook(model, STEP_TRACKER)
+            tracker.num_steps = tracker.num_steps or num_steps
+            tracker.guided = tracker.guided or guided
+        registry.register_hook(tracker, STEP_TRACKER)
         tracker.users += 1
         self.tracked = model
 
@@ -160,7 +196,7 @@ class CacheHandle:
 
     def remove(self) -> None:
         for module, name in reversed(self.hooks):
-            HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
+            remove_hook(module, name)
         self.hooks.clear()
         if self.tracked is not None:
             registry = HookRegistry.check_if_exists_or_initialize(self.tracked)
@@ -168,7 +204,7 @@ class CacheHandle:
             if tracker is not None:
                 tracker.users -= 1
                 if tracker.users <= 0:
-                    registry.remove_hook(STEP_TRACKER, recurse=False)
+                    remove_hook(self.tracked, STEP_TRACKER)
             self.tracked = None
         self.reset()
 
@@ -193,6 +229,14 @@ class StepState:
         self.step: int | None = None
         self.computing = True
 
+    def keep(self, key: str, output) -> None:
+        """Keep a computed output (subclasses may keep more, e.g. a forecast's history)."""
+        self.outputs[key] = output
+
+    def recall(self, key: str):
+        """What stands in for ``key``'s output on this step: here the kept one."""
+        return self.outputs[key]
+
     def decide(self, ctx: StepContext, full: Callable[[StepContext], bool]) -> bool:
         if self.step != ctx.step_index:
             self.step = ctx.step_index
@@ -203,9 +247,9 @@ class StepState:
 class ScheduleController:
     """The shared decision of one applied cache: per branch, compute or reuse this step."""
 
-    def __init__(self, full: Callable[[StepContext], bool]):
+    def __init__(self, full: Callable[[StepContext], bool], state: Callable[[], StepState] = StepState):
         self.full = full
-        self.states = BranchStates(StepState)
+        self.states = BranchStates(state)
 
     def state(self) -> tuple[StepState, bool]:
         ctx = require_step()
@@ -235,4 +279,69 @@ class ScheduledHook(ModelHook):
 
 
 def hidden_states_of(args: tuple, kwargs: dict):
-    return kwargs.get("hidden_states", args[0] if args else None)
+    """The sample of a block's or model's call (diffusers' UNets name it ``sample``)."""
+    return kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
+
+
+class LayerPlanState:
+    """Per-branch state of a per-layer cache: each layer's kept output and the step it was computed at."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.outputs: dict[int, object] = {}
+        self.computed_at: dict[int, int] = {}
+
+
+class PlannedLayerHook(ModelHook):
+    """A layer block of a cache that plans each layer's steps (Block Caching, Learning-to-Cache).
+
+    Where ``computes(ctx, index)`` says so, or where nothing is kept yet, the layer runs and its
+    output is kept; otherwise the kept output stands in, passed through ``adjust(kept,
+    computed_at, ctx)`` where one is given."""
+
+    def __init__(self, states: BranchStates[LayerPlanState], computes: Callable[[StepContext, int], bool],
+                 index: int, adjust: Callable[[object, int, StepContext], object] | None = None):
+        super().__init__()
+        self.states, self.computes, self.index, self.adjust = states, computes, index, adjust
+
+    def new_forward(self, module, *args, **kwargs):
+        ctx = require_step()
+        state = self.states.get(ctx)
+        if self.index in state.outputs and not self.computes(ctx, self.index):
+            kept = state.outputs[self.index]
+            return kept if self.adjust is None else self.adjust(kept, state.computed_at[self.index], ctx)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        state.outputs[self.index] = output
+        state.computed_at[self.index] = ctx.step_index
+        return output
+
+
+def tensors_of(output) -> list[torch.Tensor]:
+    """The tensors in a module's output (a tensor, or tuples, lists or dicts of them), in order."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in tensors_of(item)]
+    return []
+
+
+def map_tensors(fn: Callable[[int, torch.Tensor], torch.Tensor], output):
+    """``output`` with its i-th tensor ``t`` (in ``tensors_of`` order) replaced by ``fn(i, t)``."""
+    counter = itertools.count()
+
+    def walk(item):
+        if isinstance(item, torch.Tensor):
+            return fn(next(counter), item)
+        if isinstance(item, (tuple, list)):
+            return type(item)(walk(x) for x in item)
+        if isinstance(item, BaseOutput):   # a model's output with return_dict=True
+            return type(item)(**{key: walk(value) for key, value in item.items()})
+        if isinstance(item, dict):
+            return {key: walk(value) for key, value in item.items()}
+        return item
+
+    return walk(output)

@@ -43,25 +43,30 @@ class ReuseOutputHook(ScheduledHook):
         self.key = key
 
     def computed(self, state, output):
-        state.outputs[self.key] = output
+        state.keep(self.key, output)
         return output
 
     def reuse(self, state, args, kwargs):
         if self.key not in state.outputs:  # not run on the last full step: compute, keep nothing
             return self.fn_ref.original_forward(*args, **kwargs)
-        return state.outputs[self.key]
+        return state.recall(self.key)
 
 
-def apply_fora(model: torch.nn.Module, config: FORAConfig, handle: CacheHandle) -> None:
+def hook_sublayers(model: torch.nn.Module, controller: ScheduleController, handle: CacheHandle,
+                   method: str) -> None:
+    """Put every declared attention / MLP sub-layer of ``model`` on ``controller``'s schedule."""
     adapter = adapter_for(model)
     sublayers = adapter.sublayers(model)
     if not sublayers:
         names = supported(lambda a: any(g.sublayers for g in a.groups))
-        raise ValueError(f"fora supports transformers whose adapter declares attention and MLP sub-layers "
+        raise ValueError(f"{method} supports transformers whose adapter declares attention and MLP sub-layers "
                          f"({', '.join(names)}); {type(model).__name__} declares none"
                          + (": use deepcache" if adapter.family == "unet" else ""))
-    controller = ScheduleController(config.is_full)
     handle.states.append(controller.states)
-    name = hook_name("fora")
+    name = hook_name(method)
     for key, module in sublayers:
         handle.register(module, ReuseOutputHook(controller, key), name)
+
+
+def apply_fora(model: torch.nn.Module, config: FORAConfig, handle: CacheHandle) -> None:
+    hook_sublayers(model, ScheduleController(config.is_full), handle, "fora")

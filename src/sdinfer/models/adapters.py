@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_processor import Attention
 
 
 @dataclass(frozen=True)
@@ -23,12 +25,45 @@ class BlockGroup:
     # children of each block whose outputs are attention / MLP results, added to the residual
     # stream after the block's own gating (what FORA-style caches reuse); absent ones are skipped
     sublayers: tuple[str, ...] = ()
+    # sub-modules (dotted paths) of each block that act on the text tokens alone: an MM-DiT's
+    # text stream, which takes the place of cross-attention; absent ones are skipped
+    text_stream: tuple[str, ...] = ()
+    # module lists inside each block whose members are its layer blocks (a UNet block's resnets
+    # and attentions): the units that Block Caching and Learning-to-Cache cache one by one
+    layers: tuple[str, ...] = ()
+    # how each block modulates its input by the timestep (the input TeaCache watches, read
+    # off the first block): "adaln-emb" (its norm1(x, emb=temb): SD3 / FLUX joint blocks),
+    # "basic" (a BasicTransformerBlock, by its norm_type), "resnet" (a UNet block's first ResNet:
+    # norm1(x) shifted by time_emb_proj(temb)); "" where none is declared
+    modulation: str = ""
+
+
+def _child(block: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    try:
+        return block.get_submodule(path)
+    except AttributeError:   # absent, or None in this block (e.g. SD3's last block has no ff_context)
+        return None
+
+
+def _attention_modules(block: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The diffusers attention modules in ``block`` (not those nested inside another one)."""
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, module in block.named_modules():
+        if isinstance(module, (Attention, AttentionModuleMixin)) and \
+                not any(name.startswith(f"{outer}.") for outer, _ in found):
+            found.append((name, module))
+    return found
 
 
 @dataclass(frozen=True)
 class ModelAdapter:
     family: str                  # "unet" or "dit"
     groups: tuple[BlockGroup, ...]
+    conditioning: str = "text"   # "text" (prompts) or "class" (class labels, e.g. DiT)
+    # (first, last): the modules whose outputs open and close the per-token image stream
+    # (batch, tokens, width), the patch embedding and the final projection before unpatchifying;
+    # between them every op but attention is token-local (what sequence parallelism shards)
+    image_tokens: tuple[str, ...] = ()
 
     def grouped(self, model: torch.nn.Module):
         """(group, qualified name, block) of every block, in forward order."""
@@ -48,22 +83,52 @@ class ModelAdapter:
         return [(f"{name}.{child}", getattr(block, child)) for group, name, block in self.grouped(model)
                 for child in group.sublayers if getattr(block, child, None) is not None]
 
+    def layer_blocks(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """(qualified name, module) of every layer block, in forward order: the members of the
+        declared layer lists, interleaved by index (resnet 0, attention 0, resnet 1, ...), or where
+        none are declared the attention / MLP sub-layers."""
+        found = []
+        for group, name, block in self.grouped(model):
+            lists = [(child, getattr(block, child, None) or ()) for child in group.layers]
+            for i in range(max((len(members) for _, members in lists), default=0)):
+                found += [(f"{name}.{child}.{i}", members[i]) for child, members in lists if i < len(members)]
+        return found or self.sublayers(model)
 
-UNET = ModelAdapter("unet", (BlockGroup("down_blocks", "hidden+skips"), BlockGroup("mid_block"),
-                             BlockGroup("up_blocks")))
+    def attentions(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, bool]]:
+        """(qualified name, module, is cross-attention) of every diffusers attention module in
+        the blocks, block by block: found by type, so any declared class is covered."""
+        return [(f"{name}.{child}", module, bool(getattr(module, "is_cross_attention", False)))
+                for _, name, block in self.grouped(model) for child, module in _attention_modules(block)]
+
+    def text_stream(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """(qualified name, module) of every declared text-stream sub-module, in forward order."""
+        return [(f"{name}.{path}", module) for group, name, block in self.grouped(model)
+                for path in group.text_stream if (module := _child(block, path)) is not None]
+
+
+UNET_LAYERS = ("resnets", "attentions")
+UNET = ModelAdapter("unet", (BlockGroup("down_blocks", "hidden+skips", layers=UNET_LAYERS, modulation="resnet"),
+                             BlockGroup("mid_block", layers=UNET_LAYERS), BlockGroup("up_blocks", layers=UNET_LAYERS)))
 # diffusers' BasicTransformerBlock: self-attention, cross-attention (if any), feed-forward
-TRANSFORMER = ModelAdapter("dit", (BlockGroup("transformer_blocks", sublayers=("attn1", "attn2", "ff")),))
+TRANSFORMER = ModelAdapter("dit", (BlockGroup("transformer_blocks", sublayers=("attn1", "attn2", "ff"),
+                                                modulation="basic"),), image_tokens=("pos_embed", "proj_out"))
+DIT = ModelAdapter("dit", TRANSFORMER.groups, conditioning="class", image_tokens=("pos_embed", "proj_out_2"))
+# MM-DiT joint blocks: the text tokens' projections in the joint attention and their MLP
+JOINT_TEXT_STREAM = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context")
 MMDIT = ModelAdapter("dit", (BlockGroup("transformer_blocks", "encoder+hidden",
-                                        sublayers=("attn", "attn2", "ff", "ff_context")),))
+                                        sublayers=("attn", "attn2", "ff", "ff_context"),
+                                        text_stream=JOINT_TEXT_STREAM, modulation="adaln-emb"),),
+                    image_tokens=("pos_embed", "proj_out"))
 FLUX = ModelAdapter("dit", (BlockGroup("transformer_blocks", "encoder+hidden",
-                                       sublayers=("attn", "ff", "ff_context")),
+                                       sublayers=("attn", "ff", "ff_context"), text_stream=JOINT_TEXT_STREAM,
+                                       modulation="adaln-emb"),
                             BlockGroup("single_transformer_blocks", "encoder+hidden",
                                        sublayers=("attn", "proj_mlp", "proj_out"))))
 
 ADAPTERS: dict[str, ModelAdapter] = {
     "UNet2DConditionModel": UNET,
     "PixArtTransformer2DModel": TRANSFORMER,
-    "DiTTransformer2DModel": TRANSFORMER,
+    "DiTTransformer2DModel": DIT,
     "SD3Transformer2DModel": MMDIT,
     "FluxTransformer2DModel": FLUX,
 }

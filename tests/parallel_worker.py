@@ -1,0 +1,178 @@
+"""A rank of the parallel tests, started by ``sdinfer.parallel.launch.launch_local`` or torchrun.
+
+``strategies OUT``: every strategy against one device on the default DiT and UNet, a stock tiny
+PixArt pipeline and a tiny DiTTransformer2DModel, what each sends, and bad inputs; rank 0
+writes the findings to OUT (JSON) for the tests to judge.
+``three OUT``: Ulysses and ring on 3 ranks, on a tiny SD3 transformer.
+``raise STAMP`` / ``kill STAMP``: rank 1 fails (an exception / SIGKILL) while the ranks exchange
+tensors, after writing the time to STAMP; rank 0 would go on for 90 s if nobody stopped it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from sdinfer.errors import UserError
+from sdinfer.parallel import Communicator, apply, launch
+
+PROMPT = "a red circle in the top left"
+STEPS = 3
+
+
+def fail(mode: str, stamp: str) -> int:
+    launch.init_process_group("gloo")
+    comm = Communicator()
+    start = time.monotonic()
+    step = 0
+    while time.monotonic() - start < 90:
+        if comm.rank == 1 and step == 3:
+            with open(stamp, "w") as f:   # when it failed, for the tests' clock
+                f.write(str(time.time()))
+            if mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("an injected failure")
+        comm.all_gather(torch.ones(4), dim=0)
+        step += 1
+        time.sleep(0.01)
+    return 0
+
+
+def record(found: dict, key: str, run, target, spec: str, reference: torch.Tensor, leaf=None) -> None:
+    """Run under ``spec``; keep the max abs error, the bytes and calls of one step, and the
+    first dimensions of what ``leaf`` (a module inside the model) saw."""
+    seen = []
+    hook = leaf.register_forward_hook(lambda m, args, out: seen.append(list(args[0].shape[:2]))) if leaf else None
+    handle = apply(target, spec)
+    try:
+        out = run()
+    finally:
+        handle.remove()
+        if hook is not None:
+            hook.remove()
+    found[key] = {"max_abs_error": float((out - reference).abs().max()),
+                  "bytes": dict(handle.comm.bytes_sent), "calls": dict(handle.comm.calls),
+                  "leaf_shapes": seen[:1]}
+
+
+def error_of(fn) -> str | None:
+    try:
+        fn()
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def tiny_sd3(heads: int):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=heads, joint_attention_dim=16,
+                                 caption_projection_dim=8 * heads, pooled_projection_dim=8, pos_embed_max_size=8)
+
+
+def call_sd3(model, side: int):
+    return model(torch.ones(2, 4, side, side), encoder_hidden_states=torch.ones(2, 3, 16),
+                 pooled_projections=torch.ones(2, 8), timestep=torch.tensor([500, 500]), return_dict=False)[0]
+
+
+def three_ranks(out_path: str) -> int:
+    """Ulysses and ring on 3 ranks (ring shifts chained, heads and tokens split 3 ways): a tiny
+    SD3 transformer with 6 heads on 12x12 latents (36 image tokens, 5 text tokens)."""
+    info = launch.init_process_group("gloo")
+    model = tiny_sd3(6).eval()
+    generator = torch.Generator().manual_seed(1)
+    x, text, pooled = (torch.randn(*shape, generator=generator) for shape in ((2, 4, 12, 12), (2, 5, 16), (2, 8)))
+
+    @torch.no_grad()
+    def run():
+        return model(x, encoder_hidden_states=text, pooled_projections=pooled, timestep=torch.tensor([300, 700]),
+                     return_dict=False)[0]
+
+    found: dict = {}
+    reference = run()
+    for spec in ("ulysses", "ring"):
+        record(found, spec, run, model, spec, reference)
+    if info.rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(found, f, indent=1)
+    return 0
+
+
+def strategies(out_path: str) -> int:
+    from cache_helpers import tiny_transformers
+    from tiny_pipelines import build_tiny_pixart
+
+    from sdinfer.pipeline import Pipeline
+
+    info = launch.init_process_group("gloo")
+    found: dict = {}
+    dit, unet = Pipeline.from_pretrained("dit"), Pipeline.from_pretrained("unet")
+    pixart = build_tiny_pixart()
+    tiny_dit = tiny_transformers()[2][0]
+
+    def generate(pipe, cfg=4.0):
+        return lambda: pipe([PROMPT], steps=STEPS, sampler="ddim", guidance_scale=cfg).pixels
+
+    def run_pixart():   # the first call's model output (random weights blow the latents up to ~700)
+        outputs = []
+        hook = pixart.transformer.register_forward_hook(lambda m, args, out: outputs.append(out[0]))
+        try:
+            pixart("a red circle", num_inference_steps=2, guidance_scale=4.0, output_type="latent",
+                   use_resolution_binning=False, generator=torch.Generator().manual_seed(0))
+        finally:
+            hook.remove()
+        return outputs[0]
+
+    @torch.no_grad()
+    def run_tiny_dit():
+        return tiny_dit(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+                        timestep=torch.tensor([10, 10]), class_labels=torch.tensor([1, 3]), return_dict=False)[0]
+
+    cases = [("dit", dit, generate(dit), ("cfg", "ulysses", "ring"), dit.model.denoiser.transformer_blocks[0].ff),
+             ("unet", unet, generate(unet), ("cfg",), unet.model.denoiser.conv_in),
+             ("pixart", pixart, run_pixart, ("cfg", "ulysses", "ring"), pixart.transformer.transformer_blocks[0].ff),
+             ("tiny-dit", tiny_dit, run_tiny_dit, ("ulysses", "ring"), tiny_dit.transformer_blocks[0].ff)]
+    references = {}
+    for name, target, run, specs, leaf in cases:
+        references[name] = run()
+        for spec in specs:
+            record(found, f"{name}/{spec}", run, target, spec, references[name], leaf)
+        found[f"{name}/restored"] = bool(torch.equal(run(), references[name]))
+
+    single = torch.distributed.new_group([0]), torch.distributed.new_group([1])
+    three_heads, two_heads = tiny_sd3(3), tiny_sd3(2)
+
+    def under(target, spec, fn):
+        handle = apply(target, spec)
+        try:
+            fn()
+        finally:
+            handle.remove()
+
+    found["errors"] = {
+        "ulysses on a UNet": error_of(lambda: apply(unet, "ulysses")),
+        "ring on a UNet": error_of(lambda: apply(unet, "ring")),
+        "ulysses with 3 heads on 2 ranks": error_of(lambda: apply(three_heads, "ulysses")),
+        "ring with 9 tokens on 2 ranks": error_of(lambda: under(two_heads, "ring", lambda: call_sd3(two_heads, 6))),
+        "cfg on 1 rank": error_of(lambda: apply(dit, "cfg", group=single[info.rank])),
+        "cfg without guidance": error_of(lambda: under(dit, "cfg", generate(dit, cfg=1.0))),
+        "unknown strategy": error_of(lambda: apply(dit, "pipefusion")),
+    }
+    found["dit/restored after errors"] = bool(torch.equal(generate(dit)(), references["dit"]))
+    if info.rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(found, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    mode, path = sys.argv[1:3]
+    modes = {"strategies": strategies, "three": three_ranks}
+    sys.exit(launch.run_rank(lambda: modes[mode](path) if mode in modes else fail(mode, path)))
