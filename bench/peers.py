@@ -397,14 +397,15 @@ class Pair:
 
 
 def pairs(steps: int) -> list[Pair]:
-    """Each peer configuration and sdinfer's counterpart.  Knobs: where both sides have the same
+    """Each peer configuration and sdinfer's counterpart.  DeepCache's helper at branch 0 is block 0,
+    layer 0, ours ``layer=0``.  Knobs: where both sides have the same
     knob, the same value, chosen on the default models at 50 steps to land between 30 and 45 dB;
     T-GATE's gate at 40% of the run (10 of 25 steps in its paper)."""
     gate = max(1, round(0.4 * steps))
     return [
-        Pair("unet", deepcache(interval=2), "deepcache:interval=2"),
-        Pair("unet", deepcache(interval=3), "deepcache:interval=3"),
-        Pair("unet", deepcache(interval=5), "deepcache:interval=5"),
+        Pair("unet", deepcache(interval=2), "deepcache:interval=2,layer=0"),
+        Pair("unet", deepcache(interval=3), "deepcache:interval=3,layer=0"),
+        Pair("unet", deepcache(interval=5), "deepcache:interval=5,layer=0"),
         Pair("unet", tgate(gate_step=gate, sp_interval=1), f"tgate:gate_step={gate},sp_interval=1"),
         Pair("unet", tgate(gate_step=gate, sp_interval=5, warm_up=2),
              f"tgate:gate_step={gate},sp_interval=5,warm_up=2"),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sdinfer
+from sdinfer.cache.tgate import TGateConfig
 from sdinfer.context import StepContext, step_context
 from sdinfer.errors import UserError
 from sdinfer.models.calling import call_denoiser
@@ -41,6 +42,17 @@ def _cached(pipe, spec, **kwargs):
         handle.remove()
 
 
+def test_the_schedule_is_the_reference_ones():
+    """HaozheLiu-ST/T-GATE's tgate_scheduler at gate_step 10, sp_interval 5, fi_interval 2,
+    warm_up 2 over 25 steps: which steps compute each attention and where the gate keeps."""
+    config = TGateConfig(gate_step=10, sp_interval=5, fi_interval=2, warm_up=2)
+    steps = [StepContext(s, 25, t=0.5, model_t=500.0) for s in range(25)]
+    assert [c.step_index for c in steps if config.computes_self(c)] == [0, 1, 2, 5, 9] + list(range(10, 25, 2))
+    assert [c.step_index for c in steps if config.computes_cross(c)] == list(range(10))
+    assert [c.step_index for c in steps if config.keeps_cross(c)] == [9]
+    assert TGateConfig(gate=0.4).planning_steps(steps[0]) == 10   # the paper's 10 of 25
+
+
 def test_tgate_gates_cross_attention_and_merges_branches_on_the_default_unet(unet_pipe):
     block = unet_pipe.model.denoiser.down_blocks[2].attentions[0].transformer_blocks[0]
     cross, self_attn, batches = CallCounter(block.attn2.to_q), CallCounter(block.attn1.to_q), BatchSizes(block.ff)
@@ -65,7 +77,8 @@ def test_tgate_freezes_the_text_stream_and_merges_branches_on_the_default_dit(di
     assert torch.equal(_generate(dit_pipe), base)
 
 
-@pytest.mark.parametrize("spec", ["tgate:gate=1", "tgate:gate_step=6,fi_interval=3", "tgate:gate_step=50,merge=false"])
+@pytest.mark.parametrize("spec", ["tgate:gate=1,sp_interval=1", "tgate:gate_step=6,sp_interval=1,fi_interval=3",
+                                  "tgate:gate_step=50,sp_interval=1,merge=false"])
 def test_tgate_with_the_gate_past_the_last_step_is_exact(unet_pipe, dit_pipe, spec):
     for pipe in (unet_pipe, dit_pipe):
         assert torch.equal(_cached(pipe, spec), _generate(pipe)), spec
@@ -137,7 +150,7 @@ def test_tgate_in_a_stock_stable_diffusion_pipeline():
         handle.remove()
     assert torch.equal(out, again)
     assert not torch.equal(out, base) and not torch.equal(unguided, base_unguided)
-    handle = sdinfer.accelerate(pipe, "tgate:gate=1")
+    handle = sdinfer.accelerate(pipe, "tgate:gate=1,sp_interval=1")
     try:
         assert torch.equal(run(), base)
     finally:
@@ -165,7 +178,7 @@ def test_tgate_in_a_stock_pixart_pipeline_gates_without_merging():
         out = run()
         assert (cross.calls, batches.sizes) == (3, [2] * 6)
         handle.remove()
-        handle = sdinfer.accelerate(pipe, "tgate:gate=1")
+        handle = sdinfer.accelerate(pipe, "tgate:gate=1,sp_interval=1")
         assert torch.equal(run(), base)
     finally:
         handle.remove()

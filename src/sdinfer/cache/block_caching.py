@@ -6,7 +6,7 @@ on the block and the step.  Calibration (``sdinfer calibrate --method blockcache
 uncached model on calibration prompts and records, for each layer block i and step t, the
 relative change L1_rel(i, t) = ||o_{i,t} - o_{i,t-1}||_1 / ||o_{i,t}||_1 (the paper's change
 metric, per sample, averaged over the runs), and the mean and standard deviation of each of the
-block's output channels at each step (kept at every tenth of the run: they change smoothly).
+block's output channels at each step (kept at every fifth of the run: they change smoothly).
 
 Schedule (the paper's automatic cache schedule): step 0 computes every block; after it a block is
 recomputed on the step where the change accumulated since its last refresh reaches ``threshold``,
@@ -48,12 +48,12 @@ from .base import (BranchStates, CacheHandle, LayerPlanState, PlannedLayerHook, 
 from .calibration import Calibration, CalibrationRun, load_for, register_calibrator
 
 METHOD = "blockcache"
-STAT_KNOTS = 11   # channel statistics are kept at every tenth of the run (they change smoothly)
+STAT_KNOTS = 6   # channel statistics are kept at every fifth of the run (they change smoothly)
 
 
 @dataclass
 class BlockCachingConfig:
-    threshold: float = 0.2
+    threshold: float = 0.05
     align: bool = True
     calibration: str = ""   # a calibration file; empty: the one beside the model's weights
 

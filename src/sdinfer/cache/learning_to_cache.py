@@ -7,18 +7,21 @@ every layer either computes or reuses its output of the step before, so a reuse 
 step old.  A router holds one logit per cache step t and layer l, beta_{t,l} = sigmoid(logit).
 Training (the paper's relaxation): on cache step t each layer's output becomes
 beta * (its fresh output) + (1 - beta) * (its output at step t - 1), and with the model frozen only
-the router is trained, step by step, to minimize
+the router is trained, step by step (Adam on the logits, kept in [-5, 5]), to minimize
     ||model_beta(x_t) - model(x_t)||^2 / ||model(x_t)||^2 + lambda * mean_l(beta_{t,l}),
 the error against the uncached model's output (relative, so one lambda fits every model) plus
 the L1 push towards reuse.  As in the paper's training, x_t and the step t - 1 layer outputs come
-from the uncached model: here its own sampling trajectories on calibration prompts.
+from the uncached model: here its own sampling trajectories on a batch of calibration prompts.
 ``sdinfer calibrate --method l2c`` learns the router and saves its logits.
 
-Inference: the router is cut to a compute budget: on the cache steps the layer-steps with the
-highest beta are computed, ``budget`` of them (a fraction of the cache steps' layer-steps), and the
-others reuse (the paper's straight-through threshold on beta, placed where the budget is met).
-Routers are specific to the step count, as in the paper: a run with another count is an error
-that names the calibrated count.
+Cutting to a compute budget needs the layer-steps in order of need, across steps; one lambda's
+betas saturate near 0 and 1 and lose that order.  So each step's router is trained along a
+regularization path (lambda = 1e-4, 1e-3, 1e-2, 1e-1, each warm-started from the last, all kept),
+and a layer-step's need is its beta averaged over the path: a layer that stays computed under a
+stronger push towards reuse ranks higher.  Inference keeps the ``budget`` (a fraction of the cache
+steps' layer-steps) with the highest need and lets the others reuse: the paper's straight-through
+threshold on beta, placed where the budget is met.  Routers are specific to the step count, as in
+the paper: a run with another count is an error that names the calibrated count.
 
 Layers (the adapter's ``layer_blocks``): on transformers the attention and MLP sub-layers of each
 block (the paper's two routers per block; the block still applies its fresh gates); on UNets, which
@@ -31,6 +34,7 @@ every cache step.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +51,7 @@ L1_WEIGHTS = (1e-4, 1e-3, 1e-2, 1e-1)
 ITERATIONS = 5          # optimizer steps per lambda (each cache step's router is its own problem)
 LEARNING_RATE = 0.4
 LOGIT_RANGE = 5.0       # logits are kept in [-5, 5], as in the paper's training
+ROUTER_PROMPTS = 4      # the router learns on one batch of this many calibration prompts (CPU minutes)
 
 
 @dataclass
@@ -208,6 +213,7 @@ def _learn_step(net, hooks: RouterHooks, calls: list, targets: list[torch.Tensor
 def calibrate_learning_to_cache(run: CalibrationRun) -> Calibration:
     net = run.pipe.model.denoiser
     blocks = layer_blocks(net, METHOD)
+    run = dataclasses.replace(run, prompts=run.prompts[:ROUTER_PROMPTS])
     generations = record_calls(run)
     logits = learn_router(net, [m for _, m in blocks], generations)
     meta = {"units": [name for name, _ in blocks], "steps": run.steps, "sampler": run.sampler,

@@ -15,7 +15,9 @@ p is fitted per model, as TeaCache fits it (``sdinfer calibrate --method teacach
 the calibration runs, each sample's (rel of m, relative L1 change of the stack's residual)
 between consecutive steps, and the least-squares polynomial of degree 4 through those pairs
 (numpy.polyfit).  The calibration is found beside the model's weights or at ``calibration``.
-An estimate below zero (a polynomial's wiggle) counts as no change.
+Outside the range of changes it was fitted on, p is read at the nearer end and scaled in
+proportion (a quartic's tails turn over, and would call the largest changes small); an
+estimate below zero counts as none.
 
 Cached: the residual of the whole block stack (per stream on MM-DiT).  Refreshed: on computed
 calls.  ``threshold=0`` computes every step and is exact.
@@ -125,9 +127,21 @@ class TeaCacheState(StackState):
         self.accumulated = 0.0                       # sum of p(rel) since the last computed call
 
 
+class Rescaling:
+    """The calibrated polynomial p, trusted on the range of indicator changes it was fitted on;
+    outside it, p at the nearer end scaled in proportion to the change (a quartic's tails turn)."""
+
+    def __init__(self, coefficients: np.ndarray, fitted_range: np.ndarray):
+        self.coefficients, (self.low, self.high) = coefficients, fitted_range
+
+    def __call__(self, rel: float) -> float:
+        end = min(max(rel, self.low), self.high)
+        return max(0.0, float(np.polyval(self.coefficients, end))) * rel / end if end > 0 else 0.0
+
+
 class TeaCachePolicy:
-    def __init__(self, threshold: float, coefficients: np.ndarray, indicator: Callable):
-        self.threshold, self.coefficients, self.indicator = threshold, coefficients, indicator
+    def __init__(self, threshold: float, rescale: Rescaling, indicator: Callable):
+        self.threshold, self.rescale, self.indicator = threshold, rescale, indicator
 
     def skip(self, state: TeaCacheState, ctx, first_block, args, kwargs) -> bool:
         current = self.indicator(first_block, args, kwargs)
@@ -144,7 +158,7 @@ class TeaCachePolicy:
     @torch.compiler.disable
     def _estimated_change(self, current: torch.Tensor, previous: torch.Tensor) -> float:
         rel = float((current - previous).abs().mean() / previous.abs().mean().clamp(min=1e-12))
-        return max(0.0, float(np.polyval(self.coefficients, rel)))
+        return self.rescale(rel)
 
     def computed(self, state, ctx, residual) -> None:
         pass
@@ -153,7 +167,8 @@ class TeaCachePolicy:
 def apply_teacache(model: torch.nn.Module, config: TeaCacheConfig, handle: CacheHandle) -> None:
     indicator = indicator_for(model)
     calibration = load_stack_calibration(model, METHOD, config.calibration)
-    policy = TeaCachePolicy(config.threshold, calibration.tensors["coefficients"].double().numpy(), indicator)
+    tensors = {k: v.double().numpy() for k, v in calibration.tensors.items()}
+    policy = TeaCachePolicy(config.threshold, Rescaling(tensors["coefficients"], tensors["fitted_range"]), indicator)
     states = BranchStates(TeaCacheState)
     handle.states.append(states)
     install_stack_hooks(model, adapter_for(model), policy, states, handle, METHOD)
@@ -203,9 +218,9 @@ def calibrate_teacache(run: CalibrationRun) -> Calibration:
     fitted = np.polyval(coefficients, x)
     meta = {"denoiser": type(model).__name__, "samples": len(run.prompts), "steps": run.steps,
             "sampler": run.sampler, "guidance_scale": run.guidance_scale, "pairs": int(len(x)),
-            "indicator_change_range": [float(x.min()), float(x.max())],
             "r2": float(1 - ((y - fitted) ** 2).sum() / ((y - y.mean()) ** 2).sum())}
-    return Calibration(METHOD, {"coefficients": torch.from_numpy(coefficients)}, meta)
+    fitted_range = torch.tensor([x.min(), x.max()], dtype=torch.float64)
+    return Calibration(METHOD, {"coefficients": torch.from_numpy(coefficients), "fitted_range": fitted_range}, meta)
 
 
 register_calibrator(METHOD, calibrate_teacache)

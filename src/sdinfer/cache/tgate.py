@@ -71,7 +71,7 @@ def _whole(value, minimum: int) -> bool:
 class TGateConfig:
     gate: float = 0.4        # fraction of the steps in the planning phase (paper: 10 of 25)
     gate_step: int = 0       # the planning phase's step count; 0 takes it from ``gate``
-    sp_interval: int = 1     # v2: self-attention computed every sp_interval steps while planning
+    sp_interval: int = 5     # v2: self-attention computed every sp_interval steps while planning
     fi_interval: int = 1     # v2: and every fi_interval steps after the gate
     warm_up: int = 2         # v2: steps 0..warm_up always compute self-attention
     merge: bool = True       # merge the guidance branches after the gate
