@@ -134,7 +134,8 @@ def test_the_calibrator_runs_end_to_end_and_drives_a_stock_stable_diffusion_pipe
                     generator=torch.Generator().manual_seed(0)).images
 
     base = generate()
-    for threshold, exact in [(0.1, False), (0.0, True)]:
+    # random weights change a lot per step: a large threshold makes the plan reuse blocks
+    for threshold, exact in [(5.0, False), (0.0, True)]:
         spec = f"blockcache:threshold={threshold},calibration={out}"
         counter.calls = 0
         handle = sdinfer.accelerate(pipe, spec)

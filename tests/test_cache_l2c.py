@@ -51,13 +51,13 @@ def test_l2c_skips_layers_on_the_default_models(unet_pipe, dit_pipe, which):
                   else ("transformer_blocks.1.ff", net.transformer_blocks[1].ff.net[0]))
     base = _generate(pipe)
     counter = CallCounter(leaf)
-    handle = sdinfer.accelerate(pipe, "l2c:budget=0.3")   # the shipped router: 50 DDIM steps
+    handle = sdinfer.accelerate(pipe, "l2c")   # budget 0.35 and the shipped router: 50 DDIM steps
     try:
         cached = _generate(pipe)
     finally:
         handle.remove()
-    planned = _planned(net, 0.3, _units(net).index(unit))
-    assert counter.calls == planned and 25 <= planned < 50   # every even step, and measured MEASURED
+    planned = _planned(net, 0.35, _units(net).index(unit))
+    assert counter.calls == planned and 25 <= planned < 50   # the even steps and more: 25 (unet), 34 (dit)
     assert not torch.equal(cached, base)
     assert torch.equal(_generate(pipe), base)   # removed: exactly the uncached model
 

@@ -48,15 +48,15 @@ from .calibration import Calibration, CalibrationRun, load_for, register_calibra
 METHOD = "l2c"
 # lambda, the mean beta's weight against the relative error: a regularization path, warm-started
 L1_WEIGHTS = (1e-4, 1e-3, 1e-2, 1e-1)
-ITERATIONS = 5          # optimizer steps per lambda (each cache step's router is its own problem)
+ITERATIONS = 3          # optimizer steps per lambda (each cache step's router is its own problem)
 LEARNING_RATE = 0.4
 LOGIT_RANGE = 5.0       # logits are kept in [-5, 5], as in the paper's training
-ROUTER_PROMPTS = 4      # the router learns on one batch of this many calibration prompts (CPU minutes)
+ROUTER_PROMPTS = 2      # the router learns on one batch of this many calibration prompts (CPU minutes)
 
 
 @dataclass
 class LearningToCacheConfig:
-    budget: float = 0.5
+    budget: float = 0.35
     calibration: str = ""   # a calibration file; empty: the one beside the model's weights
 
     def __post_init__(self) -> None:
