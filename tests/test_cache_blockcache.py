@@ -104,7 +104,7 @@ def test_alignment_moves_reused_outputs_towards_the_uncached_ones(unet_pipe):
 
     plain = [error(outputs[s], outputs[s + 1]) for s in range(9)]
     aligned = [error(align(outputs[s], s, StepContext(s + 1, 10, 0.0, 0.0)), outputs[s + 1]) for s in range(9)]
-    assert sum(aligned) < 0.8 * sum(plain)   # measured MEASURED
+    assert sum(aligned) < 0.85 * sum(plain)   # measured: 0.75 of the unaligned error
 
 
 def test_the_schedule_accumulates_change_and_reads_other_step_counts_by_progress():

@@ -186,7 +186,8 @@ def learn_router(net: torch.nn.Module, modules: list[torch.nn.Module],
     return logits
 
 
-def _learn_step(net, hooks: RouterHooks, calls: list, targets: list[torch.Tensor], previous: list[dict]) -> torch.Tensor:
+def _learn_step(net: torch.nn.Module, hooks: RouterHooks, calls: list, targets: list[torch.Tensor],
+                previous: list[dict]) -> torch.Tensor:
     """One cache step's router: (lambdas, layers) logits, each lambda's warm-started from the last."""
     logit = torch.zeros(len(hooks.handles), requires_grad=True)
     optimizer = torch.optim.Adam([logit], lr=LEARNING_RATE)
