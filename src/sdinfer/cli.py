@@ -304,30 +304,38 @@ def calibration_prompts(spec: str, count: int, seed: int) -> list[str]:
     return [base[i % len(base)] for i in range(count)]
 
 
-def calibrate_cache(args) -> int:
-    """``sdinfer calibrate --method CACHE``: record a cache method's calibration beside the model."""
+def _calibration_target(args, default_samples: int, what: str, default_out):
+    """The pipeline to calibrate and the file to write (checked before any work is done)."""
     import torch
 
-    from .cache import calibration
     from .pipeline import Pipeline
 
-    if args.method not in calibration.CALIBRATORS:
-        raise UserError(f"unknown calibration method {args.method!r}; available: "
-                        f"{', '.join(['dpm-solver-v3', *sorted(calibration.CALIBRATORS)])}")
-    args.samples = 16 if args.samples is None else args.samples
+    args.samples = default_samples if args.samples is None else args.samples
     if args.samples < 1:
         raise UserError(f"--samples must be >= 1, got {args.samples}")
-    if args.steps < 2:
-        raise UserError(f"--steps must be >= 2 for a cache calibration, got {args.steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
     _quiet_libraries()
     pipe = Pipeline.from_pretrained(args.model)
-    out = Path(args.out) if args.out else calibration.default_path(pipe.model.denoiser, args.method)
+    out = Path(args.out) if args.out else default_out(pipe)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it or --out for another file")
     if out.suffix != ".safetensors":
-        raise UserError(f"calibrations are written as safetensors; give --out a .safetensors name, not {out}")
+        raise UserError(f"{what} are written as safetensors; give --out a .safetensors name, not {out}")
+    return pipe, out
+
+
+def calibrate_cache(args) -> int:
+    """``sdinfer calibrate --method CACHE``: record a cache method's calibration beside the model."""
+    from .cache import calibration
+
+    if args.method not in calibration.CALIBRATORS:
+        raise UserError(f"unknown calibration method {args.method!r}; available: "
+                        f"{', '.join(['dpm-solver-v3', *sorted(calibration.CALIBRATORS)])}")
+    if args.steps < 2:
+        raise UserError(f"--steps must be >= 2 for a cache calibration, got {args.steps}")
+    pipe, out = _calibration_target(args, 16, "calibrations",
+                                    lambda pipe: calibration.default_path(pipe.model.denoiser, args.method))
     run = calibration.CalibrationRun(pipe, calibration_prompts(args.prompts, args.samples, args.seed),
                                      steps=args.steps, sampler=args.sampler, guidance_scale=args.cfg,
                                      seed=args.seed)
@@ -343,27 +351,13 @@ def calibrate_cache(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    import torch
-
     from .calibrate import calibrate_pipeline, statistics_path
-    from .pipeline import Pipeline
 
     if args.method != "dpm-solver-v3":
         return calibrate_cache(args)
-    args.samples = 64 if args.samples is None else args.samples
-    if args.samples < 1:
-        raise UserError(f"--samples must be >= 1, got {args.samples}")
     if args.validation < 0:
         raise UserError(f"--validation must be >= 0, got {args.validation}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    _quiet_libraries()
-    pipe = Pipeline.from_pretrained(args.model)
-    out = Path(args.out) if args.out else statistics_path(pipe.model.path, args.cfg)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out} exists; pass --overwrite to replace it or --out for another file")
-    if out.suffix != ".safetensors":
-        raise UserError(f"statistics are written as safetensors; give --out a .safetensors name, not {out}")
+    pipe, out = _calibration_target(args, 64, "statistics", lambda pipe: statistics_path(pipe.model.path, args.cfg))
     texts = calibration_prompts(args.prompts, args.samples + args.validation, args.seed)
     prompts, validation = texts[:args.samples], texts[args.samples:]
     start = time.perf_counter()
