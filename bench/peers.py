@@ -400,7 +400,8 @@ def pairs(steps: int) -> list[Pair]:
     """Each peer configuration and sdinfer's counterpart.  DeepCache's helper at branch 0 is block 0,
     layer 0, ours ``layer=0``.  Knobs: where both sides have the same
     knob, the same value, chosen on the default models at 50 steps to land between 30 and 45 dB;
-    T-GATE's gate at 40% of the run (10 of 25 steps in its paper)."""
+    T-GATE's gate at 40% of the run (10 of 25 steps in its paper).  cache-dit's DBCache without
+    its TaylorSeer calibrator is ours with ``taylorseer=false`` (on by default in ours)."""
     gate = max(1, round(0.4 * steps))
     return [
         Pair("unet", deepcache(interval=2), "deepcache:interval=2,layer=0"),
@@ -412,7 +413,8 @@ def pairs(steps: int) -> list[Pair]:
         Pair("dit", para_attn_fbcache(0.15), "fbcache:threshold=0.15"),
         Pair("dit", diffusers_fbcache(0.15), "fbcache:threshold=0.15"),
         Pair("dit", cache_dit(fn=1, bn=0, threshold=0.15, warmup=0), "fbcache:threshold=0.15"),
-        Pair("dit", cache_dit(fn=1, bn=1, threshold=0.2, warmup=2), "dbcache:fn=1,bn=1,threshold=0.2,warmup=2"),
+        Pair("dit", cache_dit(fn=1, bn=1, threshold=0.2, warmup=2),
+             "dbcache:fn=1,bn=1,threshold=0.2,warmup=2,taylorseer=false"),
         Pair("dit", cache_dit(fn=1, bn=0, threshold=0.2, warmup=2, taylorseer=True),
              "dbcache:fn=1,bn=0,threshold=0.2,warmup=2,taylorseer=true"),
         Pair("dit", cache_dit(fn=1, bn=1, threshold=0.2, warmup=2, taylorseer=True),
@@ -421,8 +423,13 @@ def pairs(steps: int) -> list[Pair]:
         Pair("dit", diffusers_taylorseer(3, 2, sublayers=True), "taylorseer:interval=3,warmup=2"),
         Pair("dit", diffusers_taylorseer(5, 2, sublayers=True), "taylorseer:interval=5,warmup=2"),
         Pair("dit", diffusers_magcache(0.06), "magcache:threshold=0.06"),
+        # the same peer against our setting at its PSNR (the magnitude ratios differ: ours are the
+        # whole residual's, diffusers' the mean over tokens)
+        Pair("dit", diffusers_magcache(0.06), "magcache:threshold=0.24,max_skip_steps=2,retention=0.1"),
         Pair("dit", diffusers_magcache(0.2), "magcache:threshold=0.2"),
-        Pair("dit", diffusers_pab(2, (100, 800)), "fora:interval=2"),
+        # PAB (attention outputs broadcast over a timestep range) has no sdinfer twin: ours is
+        # the feature forecast at the interval that matches its PSNR
+        Pair("dit", diffusers_pab(2, (100, 800)), "taylorseer:interval=2,warmup=2"),
     ]
 
 
@@ -510,7 +517,7 @@ def run_model(model: str, prompts: list[str], settings: Settings, args, log) -> 
         base_rec.update(config=f"uncached ({type(session.loop).__name__})", side="baseline", status="ok")
         records = [base_rec]
         for index, pair in enumerate(p for p in pairs(settings.steps) if p.model == model):
-            if args.only and args.only not in pair.peer.label and args.only not in pair.ours:
+            if args.only and not any(part in pair.peer.label or part in pair.ours for part in args.only):
                 continue
             records += [{"pair": index, **rec} for rec in run_pair(pair, session, log)]
         meta = run_meta(model, pipe, session, args)
@@ -612,7 +619,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1, help="timed runs per row (median)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", default=None, help="only the pairs whose peer label or spec contains this")
+    p.add_argument("--only", action="append", default=None,
+                   help="only the pairs whose peer label or spec contains this (repeatable: any of them)")
     p.add_argument("--out", default=str(RESULTS), help="folder for peers-{model}.{json,md}")
     args = p.parse_args(argv)
     missing = [name for name in PEERS if _version(name) is None]

@@ -4,6 +4,9 @@
 PixArt pipeline and a tiny DiTTransformer2DModel, what each sends, and bad inputs; rank 0
 writes the findings to OUT (JSON) for the tests to judge.
 ``three OUT``: Ulysses and ring on 3 ranks, on a tiny SD3 transformer.
+``four OUT``: CFG parallel combined with Ulysses and with AsyncDiff on 4 ranks.
+``caches OUT``: caches under the exact strategies (each against the same cache on one device),
+and the combinations refused.
 ``raise STAMP`` / ``kill STAMP``: rank 1 fails (an exception / SIGKILL) while the ranks exchange
 tensors, after writing the time to STAMP; rank 0 would go on for 90 s if nobody stopped it.
 """
@@ -17,6 +20,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 from sdinfer.errors import UserError
 from sdinfer.parallel import Communicator, apply, launch
@@ -163,7 +167,9 @@ def strategies(out_path: str) -> int:
         "ring with 9 tokens on 2 ranks": error_of(lambda: under(two_heads, "ring", lambda: call_sd3(two_heads, 6))),
         "cfg on 1 rank": error_of(lambda: apply(dit, "cfg", group=single[info.rank])),
         "cfg without guidance": error_of(lambda: under(dit, "cfg", generate(dit, cfg=1.0))),
-        "unknown strategy": error_of(lambda: apply(dit, "pipefusion")),
+        "unknown strategy": error_of(lambda: apply(dit, "tensorparallel")),
+        "two strategies without cfg": error_of(lambda: apply(dit, "ulysses+ring")),
+        "cfg+ulysses on 2 ranks": error_of(lambda: apply(dit, "cfg+ulysses")),
     }
     found["dit/restored after errors"] = bool(torch.equal(generate(dit)(), references["dit"]))
     if info.rank == 0:
@@ -172,7 +178,83 @@ def strategies(out_path: str) -> int:
     return 0
 
 
+def four_ranks(out_path: str) -> int:
+    """cfg+ulysses and cfg+ring (2 x 2) on the default DiT, cfg+asyncdiff with every step a
+    warm-up step on the default UNet, 3 DDIM steps at cfg 4, against one device."""
+    from sdinfer.pipeline import Pipeline
+
+    info = launch.init_process_group("gloo")
+    found: dict = {}
+    for model, specs in (("dit", ("cfg+ulysses", "cfg+ring")), ("unet", (f"cfg+asyncdiff:warmup_steps={STEPS}",))):
+        pipe = Pipeline.from_pretrained(model)
+        reference = pipe([PROMPT], steps=STEPS, sampler="ddim", guidance_scale=4.0).pixels
+        for spec in specs:
+            record(found, f"{model}/{spec}", lambda: pipe([PROMPT], steps=STEPS, sampler="ddim",
+                                                            guidance_scale=4.0).pixels, pipe, spec, reference,
+                   pipe.model.denoiser.transformer_blocks[0].ff if model == "dit" else None)
+    if info.rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(found, f, indent=1)
+    return 0
+
+
+def caches(out_path: str) -> int:
+    """Data-dependent caches (their decisions summed over the ranks) and a scheduled one under
+    cfg parallel and sequence parallelism, DDIM 10 steps on the default DiT and UNet."""
+    from sdinfer import accelerate
+    from sdinfer.pipeline import Pipeline
+
+    launch.init_process_group("gloo")
+    found: dict = {}
+    pipes = {"dit": Pipeline.from_pretrained("dit"), "unet": Pipeline.from_pretrained("unet")}
+
+    def generate(pipe):
+        return pipe([PROMPT, "a blue square in the bottom right"], steps=10, sampler="ddim",
+                    guidance_scale=4.0).pixels
+
+    cases = [("dit", "ulysses", "fbcache:threshold=0.12"), ("dit", "ring", "teacache:threshold=0.2"),
+             ("dit", "cfg", "dbcache:threshold=0.12"), ("dit", "ulysses", "fora:interval=3"),
+             ("unet", "cfg", "teacache:threshold=0.2")]
+    for model, strategy, spec in cases:
+        pipe = pipes[model]
+        cached = accelerate(pipe, spec)
+        reference, calls = generate(pipe), None
+        cached.remove()
+        handle = apply(pipe, strategy)
+        cached = accelerate(pipe, spec)
+        try:
+            out = generate(pipe)
+            calls = dict(handle.comm.calls)
+        finally:
+            cached.remove()
+            handle.remove()
+        found[f"{model}/{strategy}/{spec}"] = {"max_abs_error": float((out - reference).abs().max()),
+                                               "calls": calls}
+
+    def combine(strategy, spec):
+        handle = apply(pipes["dit"], strategy)
+        try:
+            accelerate(pipes["dit"], spec).remove()
+        finally:
+            handle.remove()
+
+    def cache_then_strategy():
+        cached = accelerate(pipes["dit"], "fora")
+        try:
+            apply(pipes["dit"], "ulysses").remove()
+        finally:
+            cached.remove()
+
+    found["errors"] = {"tgate under cfg": error_of(lambda: combine("cfg", "tgate")),
+                       "fora under asyncdiff": error_of(lambda: combine("asyncdiff", "fora")),
+                       "strategy after a cache": error_of(cache_then_strategy)}
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(found, f, indent=1)
+    return 0
+
+
 if __name__ == "__main__":
     mode, path = sys.argv[1:3]
-    modes = {"strategies": strategies, "three": three_ranks}
+    modes = {"strategies": strategies, "three": three_ranks, "four": four_ranks, "caches": caches}
     sys.exit(launch.run_rank(lambda: modes[mode](path) if mode in modes else fail(mode, path)))

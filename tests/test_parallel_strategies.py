@@ -97,7 +97,9 @@ def test_bytes_per_step_on_pixart_and_the_unet(findings):
     ("ring with 9 tokens on 2 ranks", ["9 tokens do not divide by 2 ranks"]),
     ("cfg on 1 rank", ["needs a world size of 2, got 1"]),
     ("cfg without guidance", ["guidance is off (cfg 1)"]),
-    ("unknown strategy", ["unknown parallel strategy 'pipefusion'", "cfg, ring, ulysses"]),
+    ("unknown strategy", ["unknown parallel strategy 'tensorparallel'", "asyncdiff, cfg", "ring, ulysses"]),
+    ("two strategies without cfg", ["the one combination is cfg+NAME"]),
+    ("cfg+ulysses on 2 ranks", ["needs an even world size of 4 or more, got 2"]),
 ])
 def test_bad_input_is_a_clear_error(findings, case, words):
     message = findings["errors"][case]
@@ -120,3 +122,16 @@ def test_three_ranks_chain_the_ring_and_split_heads_three_ways(tmp_path):
     assert found["ulysses"]["bytes"] == {"all_to_all": layers * 4 * shard * (n - 1) // n * F32,
                                          "all_gather": layers * b * (h // n) * t * d * (n - 1) * F32 + gather}
     assert found["ring"]["bytes"] == {"ring": layers * 2 * shard * (n - 1) * F32, "all_gather": gather}
+
+
+def test_cfg_combined_with_another_strategy_on_four_ranks(tmp_path):
+    """Ranks {0, 2} and {1, 3} hold the two guidance branches, {0, 1} and {2, 3} split the
+    work within a branch: the default DiT's image tokens (256) in halves, or the default UNet's
+    blocks (AsyncDiff, every step a warm-up step)."""
+    out = tmp_path / "four.json"
+    assert launch_local([sys.executable, str(WORKER), "four", str(out)], 4) == [0, 0, 0, 0]
+    found = json.loads(out.read_text())
+    for case in ("dit/cfg+ulysses", "dit/cfg+ring", f"unet/cfg+asyncdiff:warmup_steps={STEPS}"):
+        assert found[case]["max_abs_error"] <= 1e-5, case
+    assert found["dit/cfg+ulysses"]["leaf_shapes"] == [[1, 128]]   # half the batch, half the tokens
+    assert found["dit/cfg+ulysses"]["bytes"]["all_gather"] > 0 and found["dit/cfg+ring"]["bytes"]["ring"] > 0

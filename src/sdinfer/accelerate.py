@@ -11,6 +11,7 @@ Specs are strings (``NAME:key=value,...``, several joined by ``+``) or config ob
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -66,7 +67,7 @@ def _specs(spec) -> list:
     return [spec]
 
 
-def _guidance_of(target):
+def guidance_of(target):
     """Whether a diffusers pipeline batches its guidance branches on this call, where it says
     (``do_classifier_free_guidance``; PixArt's pipelines, for one, do not)."""
     if not hasattr(type(target), "do_classifier_free_guidance"):
@@ -74,21 +75,31 @@ def _guidance_of(target):
     return lambda: bool(target.do_classifier_free_guidance)
 
 
+def steps_of(scheduler) -> Callable[[], int] | None:
+    """A diffusers pipeline's step count of the generation under way, read from its scheduler."""
+    if scheduler is None:
+        return None
+
+    def num_steps() -> int:
+        steps = getattr(scheduler, "timesteps", None)
+        return 0 if steps is None else len(steps)
+    return num_steps
+
+
 def accelerate(target, spec) -> Accelerated:
     """Install the accelerators of ``spec`` on ``target``'s denoiser; returns their handle.
     A ``torch.compile``d model is accelerated through the module it wraps."""
+    from .parallel import check_cache
+
     model, scheduler = denoiser_of(target)
     model = getattr(model, "_orig_mod", model)
-    num_steps = None
-    if scheduler is not None:
-        def num_steps() -> int:
-            steps = getattr(scheduler, "timesteps", None)
-            return 0 if steps is None else len(steps)
+    num_steps = steps_of(scheduler)
     out = Accelerated(model)
     try:
         for item in _specs(spec):
             config = cache.parse_spec(item) if isinstance(item, str) else item
-            out.handles.append(cache.apply(model, config, num_steps, _guidance_of(target)))
+            check_cache(model, cache.method_of(config))
+            out.handles.append(cache.apply(model, config, num_steps, guidance_of(target)))
     except (ValueError, TypeError) as err:
         out.remove()
         raise UserError(str(err)) from None

@@ -110,12 +110,12 @@ def _generate(args, setup=None, rank: int = 0) -> int:
     start = time.perf_counter()
     _quiet_libraries()
     pipe = Pipeline.from_pretrained(args.model)
+    if setup is not None:
+        setup(pipe)   # the parallel strategy goes on first: caches check that they fit it
     if args.accelerate:
         from .accelerate import accelerate
 
         accelerate(pipe, args.accelerate)
-    if setup is not None:
-        setup(pipe)
     loaded = time.perf_counter() - start
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -169,8 +169,7 @@ def _check_parallel(args, info) -> int:
         raise UserError("--world-size goes with --parallel SPEC, e.g. --parallel cfg --world-size 2")
     config = parse_spec(args.parallel)
     if args.accelerate:
-        raise UserError("--accelerate under --parallel is not supported yet (a cache must decide alike on "
-                        "every rank); drop one of them")
+        _check_caches_under(args.accelerate, args.parallel)
     if getattr(config, "needs_guidance", False) and args.cfg == 1:
         raise UserError(f"--parallel {args.parallel} splits the guidance branches and --cfg 1 turns guidance "
                         "off; use a --cfg other than 1, or another strategy")
@@ -191,6 +190,21 @@ def _check_parallel(args, info) -> int:
     except ValueError as err:
         raise UserError(f"{err}; change --world-size") from None
     return world
+
+
+def _check_caches_under(spec: str, strategy_spec: str) -> None:
+    """Refuse, before any rank starts, a cache that the strategy does not take."""
+    from . import cache
+    from .parallel import cache_refusal, parse_spec, strategy_of
+
+    strategy = strategy_of(parse_spec(strategy_spec))
+    for item in filter(None, (part.strip() for part in spec.split("+"))):
+        try:
+            reason = cache_refusal(strategy, cache.method_of(cache.parse_spec(item)))
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        if reason:
+            raise UserError(f"--accelerate {item}: {reason}")
 
 
 def _generate_rank(args, info) -> int:
@@ -457,8 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature cache to install, e.g. deepcache:interval=3 (UNets) or fora:interval=3 "
                         "(transformers); several joined by +")
     g.add_argument("--parallel", default=None, metavar="SPEC",
-                   help="run on several ranks (torch.distributed): cfg (the guidance branches on 2 ranks), "
-                        "ulysses or ring (a transformer's image tokens split over the ranks); exact")
+                   help="run on several ranks (torch.distributed). Exact: cfg (the guidance branches on 2 "
+                        "ranks), ulysses or ring (a transformer's image tokens split over the ranks). Stale "
+                        "(faster, approximate after warmup_steps): distrifusion (UNet image patches), "
+                        "pipefusion (transformer layers and patches pipelined), asyncdiff (the model's "
+                        "blocks split into components). Options as NAME:key=value, e.g. asyncdiff:warmup_steps=3")
     g.add_argument("--world-size", type=int, default=None, metavar="N",
                    help="with --parallel: start N ranks on this machine (under torchrun leave it out)")
     g.add_argument("--backend", default="gloo",

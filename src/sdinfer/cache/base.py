@@ -14,10 +14,18 @@ another guidance branch (pipelines that run cond and uncond as separate calls).
 
 State is kept per generation and per branch (``BranchStates``): a new request starts clean
 whatever its step count, and cond / uncond calls never read each other's features.
+
+Under a parallel strategy that splits a call's tensors over ranks (guidance halves, token
+shards), a data-dependent decision must come out the same on every rank, or one rank would
+skip a block whose collectives the others enter: ``relative_change`` sums its two norms over
+the ranks while ``shared_decisions(reduce)`` is active (the strategy's hook on the denoiser
+sets it), so every rank decides on the whole tensor, as one device would.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import itertools
 from dataclasses import dataclass, field
@@ -32,6 +40,29 @@ from ..context import StepContext, current_step, step_context
 STEP_TRACKER = "sdinfer_step_tracker"
 DIFFUSERS_HALVES = ("uncond", "cond")   # how diffusers' text-to-image pipelines batch guidance
 _inferred_generations = itertools.count(start=-1, step=-1)  # sdinfer's own loop counts up from 0
+_decision_reduce: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = \
+    contextvars.ContextVar("sdinfer_decision_reduce", default=None)
+
+
+@contextlib.contextmanager
+def shared_decisions(reduce: Callable[[torch.Tensor], torch.Tensor]):
+    """Inside: ``relative_change`` sums its norms with ``reduce`` (an all-reduce over the ranks)."""
+    token = _decision_reduce.set(reduce)
+    try:
+        yield
+    finally:
+        _decision_reduce.reset(token)
+
+
+@torch.compiler.disable
+def relative_change(current: torch.Tensor, reference: torch.Tensor) -> float:
+    """sum|current - reference| / sum|reference| (the relative L1 change of the whole tensor),
+    summed over the ranks of a parallel strategy that splits it (``shared_decisions``)."""
+    sums = torch.stack([(current - reference).abs().sum(), reference.abs().sum()]).double()
+    reduce = _decision_reduce.get()
+    if reduce is not None:
+        sums = reduce(sums)
+    return float(sums[0] / sums[1].clamp(min=1e-12))
 
 
 def _timestep_index(forward) -> int:

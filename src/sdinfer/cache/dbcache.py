@@ -33,7 +33,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..models.adapters import BlockGroup, adapter_for, supported
-from .base import BranchStates, CacheHandle, hidden_states_of, hook_name, require_step
+from .base import BranchStates, CacheHandle, hidden_states_of, hook_name, relative_change, require_step
 from .taylorseer import TaylorSeries
 
 CALIBRATOR_ORDERS = (1, 2)
@@ -164,10 +164,8 @@ class FrontLastHook(ModelHook):
                 and (config.max_continuous_cached_steps == 0
                      or state.cached_in_a_row < config.max_continuous_cached_steps))
 
-    @torch.compiler.disable
     def _similar(self, residual: torch.Tensor, reference: torch.Tensor) -> bool:
-        diff = (residual - reference).abs().mean() / reference.abs().mean().clamp(min=1e-12)
-        return bool(diff < self.config.threshold)
+        return relative_change(residual, reference) < self.config.threshold
 
 
 class MiddleBlockHook(ModelHook):

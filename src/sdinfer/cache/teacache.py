@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..models.adapters import adapter_for, supported
-from .base import BranchStates, CacheHandle
+from .base import BranchStates, CacheHandle, relative_change
 from .block_stack import StackState, install_stack_hooks, load_stack_calibration, stack_blocks
 from .calibration import Calibration, CalibrationRun, register_calibrator
 
@@ -155,10 +155,8 @@ class TeaCachePolicy:
         state.accumulated = 0.0
         return False
 
-    @torch.compiler.disable
     def _estimated_change(self, current: torch.Tensor, previous: torch.Tensor) -> float:
-        rel = float((current - previous).abs().mean() / previous.abs().mean().clamp(min=1e-12))
-        return self.rescale(rel)
+        return self.rescale(relative_change(current, previous))
 
     def computed(self, state, ctx, residual) -> None:
         pass

@@ -184,26 +184,52 @@ def write_json(report: dict, path: Path) -> None:
     path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
+def _group_and_knobs(config: str) -> tuple[str, str]:
+    """(method, its knobs) of a configuration's label: the accelerator after " + " where there is
+    one ("deepcache", "interval=3"), else the sampler ("ddim", "10")."""
+    head, plus, accel = config.partition(" + ")
+    name, _, knobs = (accel if plus else head.split()[0]).partition(":")
+    return name, knobs or ("default" if plus else "")
+
+
 def plot(report: dict, path: Path) -> None:
-    """Quality (PSNR, adherence) against speed-up (wall and MACs), one point per configuration."""
+    """Quality (PSNR, SSIM, adherence) against speed-up, wall clock (o, solid) and MACs (x, dashed),
+    one colour per method, its knob settings joined by a line and labelled."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = report["records"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, name in [(axes[0], "psnr", "PSNR vs baseline (dB)"),
-                          (axes[1], "adherence", "prompt adherence")]:
-        for rec in recs:
-            if rec[key] is None or (isinstance(rec[key], float) and math.isnan(rec[key])):
+    def usable(value) -> bool:
+        return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for rec in report["records"]:
+        name, knobs = _group_and_knobs(rec["config"])
+        groups.setdefault("baseline" if rec.get("is_baseline") or rec["config"].startswith("baseline") else name,
+                          []).append((knobs, rec))
+    colours = plt.get_cmap("tab20").colors
+    panels = [("psnr", "PSNR vs baseline (dB)"), ("ssim", "SSIM vs baseline"), ("adherence", "prompt adherence")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.5))
+    for ax, (key, name) in zip(axes, panels):
+        for i, (group, members) in enumerate(groups.items()):
+            colour = "black" if group == "baseline" else colours[i % len(colours)]
+            points = sorted((rec["speedup_wall"], rec["speedup_macs"], rec[key], knobs)
+                            for knobs, rec in members if usable(rec[key])
+                            and not (group == "baseline" and key in ("psnr", "ssim")))
+            if not points:
                 continue
-            ax.scatter(rec["speedup_wall"], rec[key], marker="o", label=rec["config"] + " (wall)")
-            ax.scatter(rec["speedup_macs"], rec[key], marker="x", color="gray")
-        ax.set_xlabel("speed-up over baseline (o: wall clock, x: MACs)")
+            walls, macs, values, labels = zip(*points)
+            ax.plot(walls, values, "o-", color=colour, label=group, markersize=5, linewidth=1)
+            ax.plot(macs, values, "x--", color=colour, markersize=5, linewidth=0.6, alpha=0.6)
+            for x, y, label in zip(walls, values, labels):
+                if label and label != "default" or len(points) > 1:
+                    ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points", color=colour)
+        ax.set_xlabel("speed-up over the baseline (o solid: wall clock, x dashed: MACs)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8, frameon=False)
     fig.suptitle(f"{report['meta']['model']}: quality vs speed-up ({report['meta']['date']})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
