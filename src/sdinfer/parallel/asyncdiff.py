@@ -225,7 +225,7 @@ class AsyncModelHook(ModelHook):
                 shared.plans[shared.key] = make_plan(costs, shared.gives_skips, shared.comm.size)
             return out
         last = shared.plan.last_owner
-        return map_tensors(lambda _, t: shared.comm.start_broadcast(t, last).wait(), out)
+        return map_tensors(lambda _, t: shared.comm.broadcast(t, last), out)
 
 
 def apply_asyncdiff(model: torch.nn.Module, config: AsyncDiffConfig, handle: CacheHandle,

@@ -16,8 +16,10 @@ can hold each strategy to the communication volume derived on paper:
 Asynchronous collectives (``start_all_gather``, ``start_ring_shift``, ``start_send``,
 ``start_recv``, ``start_broadcast``) return a ``Pending`` whose ``wait()`` gives the result;
 the time a rank spends blocked in collectives (synchronous ones whole, asynchronous ones in
-``wait()``) is summed per kind in ``blocked_s``, so that a benchmark can tell how much of the
-communication was hidden behind compute.
+``wait()``) is summed per kind in ``blocked_s``; for the collectives waited for later than they
+started (``Pending.wait``, not the synchronous wrappers) the bytes, calls and blocked time are
+also summed in ``overlapped``, so that a benchmark can tell how much of that communication was
+hidden behind compute.
 
 A collective that fails because a peer rank stopped (gloo: "Connection closed by peer") or
 did not answer within the process group's timeout raises ``PeerFailure``, which the rank
@@ -54,6 +56,7 @@ class Communicator:
         self.bytes_sent: Counter[str] = Counter() if counts is None else counts.bytes_sent
         self.calls: Counter[str] = Counter() if counts is None else counts.calls
         self.blocked_s: Counter[str] = Counter() if counts is None else counts.blocked_s
+        self.overlapped: Counter[str] = Counter() if counts is None else counts.overlapped   # bytes, calls, blocked_s
 
     @property
     def total_bytes(self) -> int:
@@ -63,6 +66,7 @@ class Communicator:
         self.bytes_sent.clear()
         self.calls.clear()
         self.blocked_s.clear()
+        self.overlapped.clear()
 
     def _count(self, kind: str, nbytes: float) -> None:
         self.bytes_sent[kind] += int(nbytes)
@@ -74,7 +78,7 @@ class Communicator:
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Every rank's ``x`` concatenated along ``dim`` in rank order."""
-        return self.start_all_gather(x, dim).wait()
+        return self.start_all_gather(x, dim).wait_now()
 
     def start_all_gather(self, x: torch.Tensor, dim: int) -> "Pending":
         """``all_gather`` under way; ``wait()`` gives the concatenation."""
@@ -83,7 +87,8 @@ class Communicator:
         self._count("all_gather", _nbytes(x) * (self.size - 1))
         with _translated_failures():
             work = dist.all_gather(parts, x, group=self.group, async_op=True)
-        return Pending(self, "all_gather", [work], lambda: torch.cat(parts, dim=dim), x)
+        return Pending(self, "all_gather", [work], lambda: torch.cat(parts, dim=dim), x,
+                       _nbytes(x) * (self.size - 1))
 
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         """Chunk j of ``x`` along dim 0 goes to rank j; chunk j of the result came from rank j."""
@@ -111,7 +116,7 @@ class Communicator:
                dist.P2POp(dist.irecv, received, self._peer(-1), self.group)]
         with _translated_failures():
             works = dist.batch_isend_irecv(ops)
-        return Pending(self, "ring", works, lambda: received, x)
+        return Pending(self, "ring", works, lambda: received, x, _nbytes(x))
 
     def start_send(self, x: torch.Tensor, dst: int) -> "Pending":
         """Send ``x`` to group rank ``dst``; ``wait()`` returns once it left."""
@@ -119,7 +124,7 @@ class Communicator:
         self._count("send", _nbytes(x))
         with _translated_failures():
             work = dist.isend(x, self._global(dst), group=self.group)
-        return Pending(self, "send", [work], lambda: x, x)
+        return Pending(self, "send", [work], lambda: x, x, _nbytes(x))
 
     def start_recv(self, like: torch.Tensor, src: int) -> "Pending":
         """Receive a tensor shaped and typed like ``like`` from group rank ``src``."""
@@ -128,6 +133,10 @@ class Communicator:
             work = dist.irecv(received, self._global(src), group=self.group)
         return Pending(self, "send", [work], lambda: received, None)
 
+    def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        """Group rank ``src``'s ``x`` on every rank."""
+        return self.start_broadcast(x, src).wait_now()
+
     def start_broadcast(self, x: torch.Tensor, src: int) -> "Pending":
         """Group rank ``src``'s ``x`` to every rank (the others pass a tensor shaped like it)."""
         x = x.contiguous() if self.rank == src else torch.empty_like(x)
@@ -135,7 +144,8 @@ class Communicator:
             self._count("broadcast", _nbytes(x) * (self.size - 1))
         with _translated_failures():
             work = dist.broadcast(x, self._global(src), group=self.group, async_op=True)
-        return Pending(self, "broadcast", [work], lambda: x, x)
+        return Pending(self, "broadcast", [work], lambda: x, x,
+                       _nbytes(x) * (self.size - 1) if self.rank == src else 0)
 
     def _global(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
@@ -152,14 +162,27 @@ class Communicator:
 class Pending:
     """A collective under way; what it sends stays referenced until it completes."""
 
-    def __init__(self, comm: Communicator, kind: str, works, result, sent: torch.Tensor | None):
+    def __init__(self, comm: Communicator, kind: str, works, result, sent: torch.Tensor | None,
+                 nbytes: float = 0):
         self.comm, self.kind, self.works, self.result, self.sent = comm, kind, works, result, sent
+        self.nbytes = nbytes
 
-    def wait(self) -> torch.Tensor:
+    def wait_now(self) -> torch.Tensor:
+        """Wait right after starting (a synchronous collective)."""
         with _translated_failures(), self.comm._blocked(self.kind):
             for work in self.works:
                 work.wait()
         return self.result()
+
+    def wait(self) -> torch.Tensor:
+        """Wait for a collective started earlier, with compute in between (counted as overlapped)."""
+        before = self.comm.blocked_s[self.kind]
+        out = self.wait_now()
+        counted = self.comm.overlapped
+        counted["bytes"] += int(self.nbytes)
+        counted["calls"] += 1
+        counted["blocked_s"] += self.comm.blocked_s[self.kind] - before
+        return out
 
 
 def _nbytes(x: torch.Tensor) -> int:
