@@ -13,17 +13,15 @@ tensors, after writing the time to STAMP; rank 0 would go on for 90 s if nobody 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 
-from sdinfer.errors import UserError
 from sdinfer.parallel import Communicator, apply, launch
+from parallel_helpers import error_of, under, write_findings
 
 PROMPT = "a red circle in the top left"
 STEPS = 3
@@ -64,13 +62,6 @@ def record(found: dict, key: str, run, target, spec: str, reference: torch.Tenso
                   "leaf_shapes": seen[:1]}
 
 
-def error_of(fn) -> str | None:
-    try:
-        fn()
-    except UserError as err:
-        return str(err)
-    return None
-
 
 def tiny_sd3(heads: int):
     from diffusers import SD3Transformer2DModel
@@ -89,7 +80,7 @@ def call_sd3(model, side: int):
 def three_ranks(out_path: str) -> int:
     """Ulysses and ring on 3 ranks (ring shifts chained, heads and tokens split 3 ways): a tiny
     SD3 transformer with 6 heads on 12x12 latents (36 image tokens, 5 text tokens)."""
-    info = launch.init_process_group("gloo")
+    launch.init_process_group("gloo")
     model = tiny_sd3(6).eval()
     generator = torch.Generator().manual_seed(1)
     x, text, pooled = (torch.randn(*shape, generator=generator) for shape in ((2, 4, 12, 12), (2, 5, 16), (2, 8)))
@@ -103,9 +94,7 @@ def three_ranks(out_path: str) -> int:
     reference = run()
     for spec in ("ulysses", "ring"):
         record(found, spec, run, model, spec, reference)
-    if info.rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(found, f, indent=1)
+    write_findings(found, out_path)
     return 0
 
 
@@ -153,13 +142,6 @@ def strategies(out_path: str) -> int:
     single = torch.distributed.new_group([0]), torch.distributed.new_group([1])
     three_heads, two_heads = tiny_sd3(3), tiny_sd3(2)
 
-    def under(target, spec, fn):
-        handle = apply(target, spec)
-        try:
-            fn()
-        finally:
-            handle.remove()
-
     found["errors"] = {
         "ulysses on a UNet": error_of(lambda: apply(unet, "ulysses")),
         "ring on a UNet": error_of(lambda: apply(unet, "ring")),
@@ -172,9 +154,7 @@ def strategies(out_path: str) -> int:
         "cfg+ulysses on 2 ranks": error_of(lambda: apply(dit, "cfg+ulysses")),
     }
     found["dit/restored after errors"] = bool(torch.equal(generate(dit)(), references["dit"]))
-    if info.rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(found, f, indent=1)
+    write_findings(found, out_path)
     return 0
 
 
@@ -183,7 +163,7 @@ def four_ranks(out_path: str) -> int:
     warm-up step on the default UNet, 3 DDIM steps at cfg 4, against one device."""
     from sdinfer.pipeline import Pipeline
 
-    info = launch.init_process_group("gloo")
+    launch.init_process_group("gloo")
     found: dict = {}
     for model, specs in (("dit", ("cfg+ulysses", "cfg+ring")), ("unet", (f"cfg+asyncdiff:warmup_steps={STEPS}",))):
         pipe = Pipeline.from_pretrained(model)
@@ -192,9 +172,7 @@ def four_ranks(out_path: str) -> int:
             record(found, f"{model}/{spec}", lambda: pipe([PROMPT], steps=STEPS, sampler="ddim",
                                                             guidance_scale=4.0).pixels, pipe, spec, reference,
                    pipe.model.denoiser.transformer_blocks[0].ff if model == "dit" else None)
-    if info.rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(found, f, indent=1)
+    write_findings(found, out_path)
     return 0
 
 
@@ -248,9 +226,7 @@ def caches(out_path: str) -> int:
     found["errors"] = {"tgate under cfg": error_of(lambda: combine("cfg", "tgate")),
                        "fora under asyncdiff": error_of(lambda: combine("asyncdiff", "fora")),
                        "strategy after a cache": error_of(cache_then_strategy)}
-    if dist.get_rank() == 0:
-        with open(out_path, "w") as f:
-            json.dump(found, f, indent=1)
+    write_findings(found, out_path)
     return 0
 
 

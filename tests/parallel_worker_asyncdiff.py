@@ -8,16 +8,15 @@ the findings to OUT (JSON) for ``test_parallel_asyncdiff.py`` to judge.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
 import torch.distributed as dist
 
-from sdinfer.errors import UserError
 from sdinfer.eval.metrics import psnr
 from sdinfer.parallel import apply, launch
 from sdinfer.parallel.asyncdiff import balanced_split
+from parallel_helpers import error_of, write_findings
 
 PROMPT = "a red circle in the top left"
 STEPS = 8
@@ -53,13 +52,6 @@ def run_under(pipe, spec: str, size: int, steps: int = STEPS) -> dict:
     return {"pixels": pixels, "owners": plan.owners, "exchanged": sorted(plan.exchanged), "ranks": everyone}
 
 
-def error_of(fn) -> str | None:
-    try:
-        fn()
-    except UserError as err:
-        return str(err)
-    return None
-
 
 def main(out_path: str) -> int:
     from sdinfer.pipeline import Pipeline
@@ -89,9 +81,7 @@ def main(out_path: str) -> int:
         "no warm-up": error_of(lambda: apply(dit, "asyncdiff:warmup_steps=0")),
         "stride 2": error_of(lambda: apply(dit, "asyncdiff:stride=2")),
     }
-    if info.rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(found, f, indent=1)
+    write_findings(found, out_path)
     return 0
 
 

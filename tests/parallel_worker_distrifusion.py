@@ -11,16 +11,15 @@ for each warm-up and GroupNorm mode (the numbers of the report; not part of the 
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
 
 from sdinfer.context import current_step
-from sdinfer.errors import UserError
 from sdinfer.eval.metrics import psnr
 from sdinfer.parallel import DistriFusionConfig, apply, launch
 from sdinfer.parallel.distrifusion import GN_MODES
+from parallel_helpers import error_of, under, write_findings
 
 PROMPT = "a red circle in the top left"
 SIZE = 64
@@ -29,20 +28,6 @@ TRACED_WARMUP = 2
 PSNR_STEPS = 20
 
 
-def error_of(fn) -> str | None:
-    try:
-        fn()
-    except UserError as err:
-        return str(err)
-    return None
-
-
-def under(target, spec, fn):
-    handle = apply(target, spec)
-    try:
-        return fn(), handle
-    finally:
-        handle.remove()
 
 
 def trace(comm) -> list[dict]:
@@ -61,16 +46,19 @@ def trace(comm) -> list[dict]:
         pending = start(x, dim)
         entry = {"started": step(), "waited": "never", "bytes": comm.bytes_sent["all_gather"] - before}
         log.append(entry)
-        wait = pending.wait
-
-        def traced_wait():
-            entry["waited"] = step()
-            return wait()
-        pending.wait = traced_wait
+        for name in ("wait", "wait_now"):   # later, or at once (a synchronous all-gather)
+            setattr(pending, name, _logged(getattr(pending, name), entry, step))
         return pending
 
     comm.start_all_gather = traced
     return log
+
+
+def _logged(wait, entry: dict, step):
+    def logged_wait():
+        entry["waited"] = step()
+        return wait()
+    return logged_wait
 
 
 def per_step(log: list[dict], steps: int) -> list[dict]:
@@ -189,16 +177,14 @@ def main(out_path: str) -> int:
         "warm-up -1": error_of(lambda: apply(pipe, "distrifusion:warmup_steps=-1")),
     }
     found["restored after errors"] = bool(torch.equal(generate(EXACT_STEPS)(), reference))
-    if info.rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(found, f, indent=1)
+    write_findings(found, out_path)
     return 0
 
 
 def measure_psnr(out_path: str, steps: int, warmups: list[int]) -> int:
     from sdinfer.pipeline import Pipeline
 
-    info = launch.init_process_group("gloo")
+    launch.init_process_group("gloo")
     pipe = Pipeline.from_pretrained("unet")
 
     def generate():
@@ -207,9 +193,7 @@ def measure_psnr(out_path: str, steps: int, warmups: list[int]) -> int:
     reference = generate()
     found = {f"warmup {w} / {mode}": psnr(under(pipe, DistriFusionConfig(w, mode), generate)[0], reference)
              for w in warmups for mode in GN_MODES}
-    if info.rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(found, f, indent=1)
+    write_findings(found, out_path)
     return 0
 
 

@@ -15,29 +15,21 @@ tiny SD3 transformer of 2 blocks on 3 ranks (an error).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from sdinfer.errors import UserError
 from sdinfer.eval.metrics import psnr
 from sdinfer.parallel import apply, launch
+from parallel_helpers import error_of, under, write_findings
 
 PROMPT = "a red circle in the top left"
 EXACT_STEPS = 8
 PSNR_STEPS = 20
 TINY_TIMESTEPS = (900, 600, 300, 100)
 
-
-def error_of(fn) -> str | None:
-    try:
-        fn()
-    except UserError as err:
-        return str(err)
-    return None
 
 
 def gathered(mine) -> list:
@@ -198,13 +190,6 @@ def main(out_path: str) -> int:
     # ---- bad input -------------------------------------------------------------------------------
     single = dist.new_group([0]), dist.new_group([1])
 
-    def under(target, spec, fn):
-        handle = apply(target, spec)
-        try:
-            fn()
-        finally:
-            handle.remove()
-
     found["errors"] = {
         "pipefusion on a UNet": error_of(lambda: apply(unet, "pipefusion")),
         "pipefusion on 1 rank": error_of(lambda: apply(dit, "pipefusion", group=single[info.rank])),
@@ -214,14 +199,12 @@ def main(out_path: str) -> int:
         "patches=two": error_of(lambda: apply(dit, "pipefusion:patches=two")),
     }
     found["dit/restored after errors"] = bool(torch.equal(generate(EXACT_STEPS)(), exact_reference))
-    if info.rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(found, f, indent=1)
+    write_findings(found, out_path)
     return 0
 
 
 def three_ranks(out_path: str) -> int:
-    info = launch.init_process_group("gloo")
+    launch.init_process_group("gloo")
     model = tiny_sd3(4)
     run = sd3_calls(model)
     reference = run()
@@ -231,16 +214,14 @@ def three_ranks(out_path: str) -> int:
         out, ranks = run_under(model, model, spec, run)
         found[key] = {"max_abs_error": error_between(out, reference), "ranks": ranks}
     found["2 blocks on 3 ranks"] = error_of(lambda: apply(tiny_sd3(2), "pipefusion"))
-    if info.rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(found, f, indent=1)
+    write_findings(found, out_path)
     return 0
 
 
 def psnr_table(out_path: str, steps: str) -> int:
     from sdinfer.pipeline import Pipeline
 
-    info = launch.init_process_group("gloo")
+    launch.init_process_group("gloo")
     dit = Pipeline.from_pretrained("dit")
     prompts = [PROMPT, "a blue square in the bottom right", "a green triangle in the middle"]
 
@@ -257,9 +238,7 @@ def psnr_table(out_path: str, steps: str) -> int:
                 "psnr": psnr(out, reference), "max_abs_error": error_between(out, reference),
                 "seconds": [r["seconds"] for r in ranks], "blocked_s": [r["blocked_s"] for r in ranks],
                 "bytes": [r["bytes"] for r in ranks]}
-    if info.rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(found, f, indent=1)
+    write_findings(found, out_path)
     return 0
 
 

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from conftest import lambda_grid
 
 from sdinfer.eval import gaussian_mixture as gm

@@ -58,11 +58,14 @@ def test_cfg_parallel_generate_writes_the_single_device_image(tmp_path, capfd):
     (["--parallel", "ring"], "add --world-size 2, or start them with torchrun"),
     (["--parallel", "ring", "--world-size", "1"], "--world-size must be >= 2, got 1"),
     (["--world-size", "2"], "--world-size goes with --parallel SPEC"),
-    (["--parallel", "pipefusion", "--world-size", "2"], "unknown parallel strategy 'pipefusion'"),
+    (["--parallel", "tensorparallel", "--world-size", "2"], "unknown parallel strategy 'tensorparallel'"),
     (["--parallel", "ring:chunks=2", "--world-size", "2"], "ring has no option 'chunks'"),
-    (["--parallel", "cfg+ring", "--world-size", "4"], "combines strategies, which is not supported yet"),
+    (["--parallel", "cfg+ring", "--world-size", "2"], "needs an even world size of 4 or more, got 2"),
+    (["--parallel", "ring+ulysses", "--world-size", "4"], "the one combination is cfg+NAME"),
     (["--parallel", "ulysses", "--world-size", "2", "--backend", "smoke"], "'smoke' is not a known backend"),
-    (["--parallel", "cfg", "--world-size", "2", "--accelerate", "fora"], "not supported yet"),
+    (["--parallel", "cfg", "--world-size", "2", "--accelerate", "tgate"], "tgate cannot run under the cfg"),
+    (["--parallel", "asyncdiff", "--world-size", "2", "--accelerate", "fora"], "takes no cache"),
+    (["--parallel", "cfg", "--world-size", "2", "--accelerate", "fastcache"], "unknown cache method 'fastcache'"),
 ])
 def test_bad_parallel_input_is_one_clear_line_before_any_rank_starts(extra, message, tmp_path, capsys):
     code = main(["generate", "a red circle", "--model", "dit", "-o", str(tmp_path / "x.png"), *extra])

@@ -68,12 +68,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
-from torch.overrides import TorchFunctionMode
 
 from ..cache.base import BranchStates, CacheHandle, hidden_states_of, hook_name, map_tensors
 from ..context import StepContext, current_step
 from ..errors import UserError
 from ..models.adapters import adapter_for, supported
+from .attention import forward_with_attention
 from .comm import Communicator, Pending
 
 GN_MODES = ("corrected", "stale", "sync")
@@ -223,35 +223,6 @@ class PatchGroupNormHook(ModelHook):
         return out
 
 
-def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False):
-    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
-
-
-class _FullImageSDPA(TorchFunctionMode):
-    """Inside one self-attention module: its attention runs over the keys and values of every patch."""
-
-    def __init__(self, call: PatchCall, layer: str):
-        super().__init__()
-        self.call, self.layer = call, layer
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        self.calls += 1
-        q, k, v, mask, dropout, causal, scale, gqa = _sdpa_arguments(*args, **kwargs)
-        if mask is not None or causal or dropout or gqa or k.shape[2] != q.shape[2]:
-            raise UserError(f"distrifusion: {self.layer} is not plain self-attention over the patch's tokens "
-                            "(it has a mask, a causal flag, dropout, grouped heads or other keys)")
-        tokens, rank = k.shape[2], self.call.comm.rank
-        kv = torch.stack([k, v])
-        full = self.call.exchange(self.layer, kv, dim=3)
-        full = torch.cat([full[:, :, :, :rank * tokens], kv, full[:, :, :, (rank + 1) * tokens:]], dim=3)
-        return F.scaled_dot_product_attention(q, full[0], full[1], scale=scale)
-
-
 class PatchAttentionHook(ModelHook):
     """On a self-attention module: its queries attend to the keys and values of the whole image."""
 
@@ -263,13 +234,19 @@ class PatchAttentionHook(ModelHook):
         call = self.active.call
         if call is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        with _FullImageSDPA(call, self.layer) as mode:
-            out = self.fn_ref.original_forward(*args, **kwargs)
-        if mode.calls != 1:
-            raise UserError(f"distrifusion: {self.layer} ran {mode.calls} scaled_dot_product_attention calls, "
-                            f"not one; it needs an SDPA processor (AttnProcessor2_0), not "
-                            f"{type(module.processor).__name__}")
-        return out
+
+        def attend(q, k, v, scale):
+            if k.shape[2] != q.shape[2]:
+                raise UserError(f"distrifusion: {self.layer} is not self-attention over the patch's tokens "
+                                f"({q.shape[2]} queries, {k.shape[2]} keys)")
+            tokens, rank = k.shape[2], call.comm.rank
+            kv = torch.stack([k, v])
+            full = call.exchange(self.layer, kv, dim=3)
+            full = torch.cat([full[:, :, :, :rank * tokens], kv, full[:, :, :, (rank + 1) * tokens:]], dim=3)
+            return F.scaled_dot_product_attention(q, full[0], full[1], scale=scale)
+
+        return forward_with_attention(module, self.fn_ref.original_forward, args, kwargs, attend,
+                                      f"distrifusion: {self.layer}")
 
 
 class PatchUNetHook(ModelHook):

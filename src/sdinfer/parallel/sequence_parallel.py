@@ -46,11 +46,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
-from torch.overrides import TorchFunctionMode
 
 from ..cache.base import CacheHandle, hidden_states_of, hook_name
 from ..errors import UserError
 from ..models.adapters import adapter_for, supported
+from .attention import forward_with_attention
 from .comm import Communicator
 
 
@@ -133,36 +133,6 @@ def ulysses_attention(comm: Communicator, q, k, v, image_tokens: int, scale: flo
 
 
 # ---- hooks ----------------------------------------------------------------------------------
-def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False):
-    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
-
-
-class _DistributedSDPA(TorchFunctionMode):
-    """Inside one attention module's forward: its scaled_dot_product_attention call goes distributed."""
-
-    def __init__(self, attend: Callable, comm: Communicator, image_tokens: int, name: str):
-        super().__init__()
-        self.attend, self.comm, self.image_tokens, self.name = attend, comm, image_tokens, name
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        self.calls += 1
-        q, k, v, mask, dropout, causal, scale, gqa = _sdpa_arguments(*args, **kwargs)
-        if mask is not None or causal or dropout or gqa or k.shape[1] != q.shape[1]:
-            raise UserError(f"sequence parallelism in {self.name} takes plain attention (no mask, causal "
-                            "flag, dropout or grouped heads); this call has one")
-        if q.shape[2] < self.image_tokens or q.shape[2] != k.shape[2]:
-            raise UserError(f"{self.name}: queries and keys of {q.shape[2]} and {k.shape[2]} tokens do not "
-                            f"hold this rank's {self.image_tokens} image tokens first; sequence "
-                            "parallelism supports self-attention and joint attention with the text last")
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        return self.attend(self.comm, q, k, v, self.image_tokens, scale)
-
-
 class DistributedAttentionHook(ModelHook):
     """On a self- or joint-attention module: its attention runs over the image tokens of all ranks."""
 
@@ -172,13 +142,15 @@ class DistributedAttentionHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         tokens = hidden_states_of(args, kwargs).shape[1]
-        with _DistributedSDPA(self.attend, self.comm, tokens, self.name) as mode:
-            out = self.fn_ref.original_forward(*args, **kwargs)
-        if mode.calls != 1:
-            raise UserError(f"{self.name} ran {mode.calls} scaled_dot_product_attention calls, not one; "
-                            f"sequence parallelism needs an SDPA processor (AttnProcessor2_0, "
-                            f"JointAttnProcessor2_0), not {type(module.processor).__name__}")
-        return out
+
+        def attend(q, k, v, scale):
+            if q.shape[2] < tokens or q.shape[2] != k.shape[2]:
+                raise UserError(f"{self.name}: queries and keys of {q.shape[2]} and {k.shape[2]} tokens do not "
+                                f"hold this rank's {tokens} image tokens first; sequence parallelism "
+                                "supports self-attention and joint attention with the text last")
+            return self.attend(self.comm, q, k, v, tokens, scale)
+
+        return forward_with_attention(module, self.fn_ref.original_forward, args, kwargs, attend, self.name)
 
 
 class ShardTokensHook(ModelHook):
