@@ -46,18 +46,20 @@ class StackPolicy(Protocol):
         """Sees the residual of a computed call before it replaces ``state.residual``."""
 
 
-def _streams_of(output, returns: str) -> tuple:
-    """A block's output as (hidden, encoder-or-None)."""
+def streams_of(output, returns: str) -> tuple:
+    """A block's output as (hidden, encoder-or-None) (``returns``: its ``BlockGroup.returns``)."""
     if returns == "encoder+hidden":
         return output[1], output[0]
     return (output[0] if isinstance(output, tuple) else output), None
 
 
-def _add(a, b):
+def add_stream(a, b):
+    """a + b, None where either stream is absent (a block with no text stream)."""
     return None if a is None or b is None else a + b
 
 
-def _sub(a, b):
+def sub_stream(a, b):
+    """a - b, None where either stream is absent."""
     return None if a is None or b is None else a - b
 
 
@@ -82,8 +84,8 @@ class StackBlockHook(ModelHook):
         if self.returns == "hidden+skips":
             self.skip_count = len(output[1])
         if self.last:
-            hidden, encoder = _streams_of(output, self.returns)
-            residual = (hidden - state.inputs[0], _sub(encoder, state.inputs[1]))
+            hidden, encoder = streams_of(output, self.returns)
+            residual = (hidden - state.inputs[0], sub_stream(encoder, state.inputs[1]))
             self.policy.computed(state, ctx, residual)
             state.residual = residual
         return output
@@ -96,7 +98,7 @@ class StackBlockHook(ModelHook):
         hidden, encoder = self._streams_in(args, kwargs)
         if self.last:
             hidden = state.inputs[0] + state.residual[0]
-            encoder = _add(state.inputs[1], state.residual[1])
+            encoder = add_stream(state.inputs[1], state.residual[1])
         if self.returns == "hidden+skips":
             return hidden, (hidden,) * self.skip_count
         if self.returns == "encoder+hidden":

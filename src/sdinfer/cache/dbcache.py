@@ -34,6 +34,7 @@ from diffusers.hooks import ModelHook
 
 from ..models.adapters import BlockGroup, adapter_for, supported
 from .base import BranchStates, CacheHandle, hidden_states_of, hook_name, relative_change, require_step
+from .block_stack import add_stream, streams_of, sub_stream
 from .taylorseer import TaylorSeries
 
 CALIBRATOR_ORDERS = (1, 2)
@@ -91,13 +92,6 @@ class DBCacheState:
         self.cached_in_a_row = 0
 
 
-def _streams(output, returns: str) -> tuple:
-    """The block's outputs as (hidden, encoder-or-None)."""
-    if returns == "encoder+hidden":
-        return output[1], output[0]
-    return (output[0] if isinstance(output, tuple) else output), None
-
-
 def _pack(hidden, encoder, returns: str, like):
     if returns == "encoder+hidden":
         return encoder, hidden
@@ -108,14 +102,6 @@ def _inputs(args, kwargs) -> tuple:
     hidden = hidden_states_of(args, kwargs)
     encoder = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
     return hidden, encoder
-
-
-def _add(a, b):
-    return None if a is None or b is None else a + b
-
-
-def _sub(a, b):
-    return None if a is None or b is None else a - b
 
 
 class FrontEntryHook(ModelHook):
@@ -144,14 +130,14 @@ class FrontLastHook(ModelHook):
         if self.single:
             state.front_in = hidden_states_of(args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        hidden, encoder = _streams(output, self.returns)
+        hidden, encoder = streams_of(output, self.returns)
         residual = hidden - state.front_in
         state.skipping = self._may_skip(state, ctx.step_index) and self._similar(residual, state.reference)
         if state.skipping:
             state.cached_steps += 1
             state.cached_in_a_row += 1
             middle_hidden, middle_encoder = state.middle.forecast(ctx.step_index)
-            return _pack(hidden + middle_hidden, _add(encoder, middle_encoder), self.returns, output)
+            return _pack(hidden + middle_hidden, add_stream(encoder, middle_encoder), self.returns, output)
         state.cached_in_a_row = 0
         state.reference = residual
         state.front_out = (hidden, encoder)
@@ -183,9 +169,9 @@ class MiddleBlockHook(ModelHook):
             return (encoder, hidden) if self.returns == "encoder+hidden" else hidden
         output = self.fn_ref.original_forward(*args, **kwargs)
         if self.last:
-            hidden, encoder = _streams(output, self.returns)
+            hidden, encoder = streams_of(output, self.returns)
             front_hidden, front_encoder = state.front_out
-            state.middle.update((hidden - front_hidden, _sub(encoder, front_encoder)), ctx.step_index)
+            state.middle.update((hidden - front_hidden, sub_stream(encoder, front_encoder)), ctx.step_index)
         return output
 
 
