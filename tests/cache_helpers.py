@@ -47,3 +47,32 @@ def tiny_transformers():
     return [(sd3, call_sd3, sd3.transformer_blocks[1].attn.to_q),
             (flux, call_flux, flux.single_transformer_blocks[0].attn.to_q),
             (dit, call_dit, dit.transformer_blocks[1].ff.net[0])]
+
+
+def assert_exact(generate, pipe, spec: str, steps: int = 6) -> None:
+    """``spec`` (a setting that refreshes every step) gives the uncached images exactly;
+    ``generate(pipe, steps=N)`` makes the images."""
+    import sdinfer
+
+    base = generate(pipe, steps=steps)
+    handle = sdinfer.accelerate(pipe, spec)
+    try:
+        assert torch.equal(generate(pipe, steps=steps), base), spec
+    finally:
+        handle.remove()
+
+
+def assert_new_generation_starts_clean(generate, pipe, spec: str) -> None:
+    """A 5-step generation right after a 7-step one equals a 5-step one under a fresh install."""
+    import sdinfer
+
+    handle = sdinfer.accelerate(pipe, spec)
+    try:
+        generate(pipe, steps=7)
+        second = generate(pipe, steps=5)
+        handle.remove()
+        handle = sdinfer.accelerate(pipe, spec)
+        fresh = generate(pipe, steps=5)
+    finally:
+        handle.remove()
+    assert torch.equal(second, fresh), spec

@@ -13,7 +13,7 @@ from sdinfer.eval.metrics import psnr
 from sdinfer.models.adapters import BlockGroup, ModelAdapter, register_adapter
 from sdinfer.samplers import SAMPLERS
 
-from cache_helpers import CallCounter, tiny_transformers
+from cache_helpers import CallCounter, assert_exact, assert_new_generation_starts_clean, tiny_transformers
 
 PROMPT = "a red circle in the top left"
 
@@ -56,12 +56,7 @@ def test_caches_refreshing_every_step_are_exact(unet_pipe, dit_pipe):
     for pipe, spec in [(unet_pipe, "deepcache:interval=1"), (unet_pipe, "deepcache:interval=1,branch=1"),
                        (unet_pipe, "deepcache:interval=1,layer=0"),
                        (dit_pipe, "fora:interval=1"), (dit_pipe, "fbcache:threshold=0")]:
-        base = _generate(pipe)
-        with_cache = sdinfer.accelerate(pipe, spec)
-        try:
-            assert torch.equal(_generate(pipe), base), spec
-        finally:
-            with_cache.remove()
+        assert_exact(_generate, pipe, spec)
 
 
 def test_fora_skips_attention_and_mlp_on_the_default_dit(dit_pipe):
@@ -91,17 +86,7 @@ def test_fbcache_skips_the_blocks_after_the_first_on_the_default_dit(dit_pipe):
 @pytest.mark.parametrize("spec", ["deepcache:interval=3", "deepcache:interval=2,schedule=nonuniform",
                                   "fbcache:threshold=0.1"])
 def test_a_new_generation_starts_clean(unet_pipe, dit_pipe, spec):
-    pipe = dit_pipe if spec.startswith("fbcache") else unet_pipe
-    handle = sdinfer.accelerate(pipe, spec)
-    try:
-        _generate(pipe, steps=7)
-        second = _generate(pipe, steps=5)
-        handle.remove()
-        handle = sdinfer.accelerate(pipe, spec)
-        fresh = _generate(pipe, steps=5)
-    finally:
-        handle.remove()
-    assert torch.equal(second, fresh)
+    assert_new_generation_starts_clean(_generate, dit_pipe if spec.startswith("fbcache") else unet_pipe, spec)
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))

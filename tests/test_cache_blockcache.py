@@ -15,7 +15,7 @@ from sdinfer.cache.calibration import Calibration, load_for
 from sdinfer.errors import UserError
 from sdinfer.models.adapters import adapter_for
 
-from cache_helpers import CallCounter, tiny_transformers
+from cache_helpers import CallCounter, assert_exact, assert_new_generation_starts_clean, tiny_transformers
 
 PROMPT = "a red circle in the top left"
 
@@ -66,22 +66,8 @@ def test_blockcache_skips_layer_blocks_on_the_default_models(unet_pipe, dit_pipe
 
 def test_threshold_zero_is_exact_and_a_new_generation_starts_clean(unet_pipe, dit_pipe):
     for pipe in (unet_pipe, dit_pipe):
-        base = _generate(pipe, steps=6)
-        handle = sdinfer.accelerate(pipe, "blockcache:threshold=0")
-        try:
-            assert torch.equal(_generate(pipe, steps=6), base)
-        finally:
-            handle.remove()
-    handle = sdinfer.accelerate(unet_pipe, "blockcache:threshold=0.6")
-    try:
-        _generate(unet_pipe, steps=7)
-        second = _generate(unet_pipe, steps=5)
-        handle.remove()
-        handle = sdinfer.accelerate(unet_pipe, "blockcache:threshold=0.6")
-        fresh = _generate(unet_pipe, steps=5)
-    finally:
-        handle.remove()
-    assert torch.equal(second, fresh)
+        assert_exact(_generate, pipe, "blockcache:threshold=0")
+    assert_new_generation_starts_clean(_generate, unet_pipe, "blockcache:threshold=0.6")
 
 
 def test_alignment_moves_reused_outputs_towards_the_uncached_ones(unet_pipe):

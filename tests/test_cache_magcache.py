@@ -14,7 +14,7 @@ from sdinfer.cache.calibration import Calibration
 from sdinfer.cache.magcache import ratios_for
 from sdinfer.errors import UserError
 
-from cache_helpers import CallCounter, tiny_transformers
+from cache_helpers import CallCounter, assert_exact, assert_new_generation_starts_clean, tiny_transformers
 
 PROMPT = "a red circle in the top left"
 # threshold high enough that only retention and max_skip_steps decide: of 10 steps, 0 and 1
@@ -56,22 +56,8 @@ def test_magcache_skips_the_whole_stack_on_the_default_models(unet_pipe, dit_pip
 def test_exact_settings_and_a_new_generation_starts_clean(unet_pipe, dit_pipe):
     for pipe, spec in [(unet_pipe, "magcache:threshold=0"), (dit_pipe, "magcache:threshold=0"),
                        (dit_pipe, "magcache:threshold=100,max_skip_steps=0")]:
-        base = _generate(pipe, steps=6)
-        handle = sdinfer.accelerate(pipe, spec)
-        try:
-            assert torch.equal(_generate(pipe, steps=6), base), spec
-        finally:
-            handle.remove()
-    handle = sdinfer.accelerate(dit_pipe, "magcache:threshold=0.5")
-    try:
-        _generate(dit_pipe, steps=7)
-        second = _generate(dit_pipe, steps=5)
-        handle.remove()
-        handle = sdinfer.accelerate(dit_pipe, "magcache:threshold=0.5")
-        fresh = _generate(dit_pipe, steps=5)
-    finally:
-        handle.remove()
-    assert torch.equal(second, fresh)
+        assert_exact(_generate, pipe, spec)
+    assert_new_generation_starts_clean(_generate, dit_pipe, "magcache:threshold=0.5")
 
 
 def test_ratios_follow_the_calibrated_magnitude_curve_at_other_step_counts():

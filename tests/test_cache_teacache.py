@@ -12,7 +12,7 @@ from sdinfer.cache.calibration import Calibration
 from sdinfer.errors import UserError
 from sdinfer.models.adapters import ADAPTERS, BlockGroup, ModelAdapter
 
-from cache_helpers import CallCounter, tiny_transformers
+from cache_helpers import CallCounter, assert_exact, assert_new_generation_starts_clean, tiny_transformers
 
 PROMPT = "a red circle in the top left"
 
@@ -53,22 +53,8 @@ def test_teacache_skips_the_whole_stack_on_the_default_models(unet_pipe, dit_pip
 
 def test_threshold_zero_is_exact_and_a_new_generation_starts_clean(unet_pipe, dit_pipe):
     for pipe in (unet_pipe, dit_pipe):
-        base = _generate(pipe, steps=6)
-        handle = sdinfer.accelerate(pipe, "teacache:threshold=0")
-        try:
-            assert torch.equal(_generate(pipe, steps=6), base)
-        finally:
-            handle.remove()
-    handle = sdinfer.accelerate(dit_pipe, "teacache:threshold=0.5")
-    try:
-        _generate(dit_pipe, steps=7)
-        second = _generate(dit_pipe, steps=5)
-        handle.remove()
-        handle = sdinfer.accelerate(dit_pipe, "teacache:threshold=0.5")
-        fresh = _generate(dit_pipe, steps=5)
-    finally:
-        handle.remove()
-    assert torch.equal(second, fresh)
+        assert_exact(_generate, pipe, "teacache:threshold=0")
+    assert_new_generation_starts_clean(_generate, dit_pipe, "teacache:threshold=0.5")
 
 
 @pytest.mark.parametrize("build", ["build_tiny_sd", "build_tiny_pixart"])
