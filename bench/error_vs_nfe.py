@@ -7,8 +7,11 @@ Each sampler runs from the same 256 noise samples with NFE in {5, 6, 8, 10, 12, 
 50} (two-evaluation steps use (NFE + 1) // 2 steps); the error is the RMS distance of its
 final sample to a 1000-step DPM-Solver++(3M) reference from the same noise (which agrees with
 the scipy solution of the probability-flow ODE to 1e-7).  Our samplers run on each of their
-grids (trailing, logsnr, karras, time_uniform, time_quadratic); diffusers' schedulers with their own defaults and their
-Karras / uniform-lambda ("lu_lambdas") options where they have them.  The last rows give the best of each side per NFE.
+grids (trailing, logsnr, karras, time_uniform, time_quadratic, and gits: the optimal grid of
+GITS, calibrated on other noise -- on a default model the grid it ships); DPM-Solver-v3 on
+statistics from other noise (a default model's shipped ones).  Diffusers' schedulers with their
+own defaults and their Karras / uniform-lambda ("lu_lambdas") options where they have them.
+The last rows give the best of each side per NFE.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from sdinfer.samplers import get_sampler, sample_loop
 NFES = [5, 6, 8, 10, 12, 15, 20, 25, 50]
 OURS = ["ddim", "dpm-solver++-2m", "dpm-solver++-3m", "dpm-solver:order=3",
         "dpm-solver++-2s", "dpm-solver++-singlestep:order=3", "dpm-solver-singlestep:order=3",
-        "unipc:order=2", "unipc:order=3", "euler", "heun", "plms"]
-GRIDS = ["trailing", "logsnr", "karras", "time_uniform", "time_quadratic"]
+        "unipc:order=2", "unipc:order=3", "euler", "heun", "plms",
+        "dpm-solver-v3", "dpm-solver-v3:use_corrector=true", "dpm-solver-v3:use_corrector=false"]
+GRIDS = ["trailing", "logsnr", "karras", "time_uniform", "time_quadratic", "gits"]
 TWO_EVALUATIONS = {"heun"}
 ONE_EXTRA_EVALUATION = {"plms"}  # its first step evaluates twice
 
@@ -39,6 +43,7 @@ def _diffusers_schedulers(prediction_type: str = "epsilon"):
     base = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type=prediction_type)
     return {
         "DDIM": lambda: DDIMScheduler(**base, clip_sample=False, timestep_spacing="trailing"),
+        "DDIM leading": lambda: DDIMScheduler(**base, clip_sample=False),
         "DPMSolverMultistep 2M": lambda: DPMSolverMultistepScheduler(**base),
         "DPMSolverMultistep 3M": lambda: DPMSolverMultistepScheduler(**base, solver_order=3),
         "DPMSolverMultistep 2M karras": lambda: DPMSolverMultistepScheduler(**base, use_karras_sigmas=True),
@@ -73,11 +78,31 @@ def epsilon_model(sched):
     return fn
 
 
-def run_ours(spec, grid, nfe, sched, x_T):
-    steps = (nfe + 1) // 2 if spec in TWO_EVALUATIONS else nfe - 1 if spec in ONE_EXTRA_EVALUATION \
-        else nfe
+def steps_for(spec: str, nfe: int) -> int:
+    return (nfe + 1) // 2 if spec in TWO_EVALUATIONS else nfe - 1 if spec in ONE_EXTRA_EVALUATION else nfe
+
+
+def mixture_aids(sched):
+    """DPM-Solver-v3 statistics (512 trajectories) and a GITS grid (256), on calibration noise."""
+    from sdinfer.calibrate import compute_ems
+    from sdinfer.samplers.optimal_grid import compute_grid
+
     den = Denoiser(gm.model_fn(sched), sched, "sample")
-    x = sample_loop(den, get_sampler(spec), x_T.clone(), steps, None, None, spacing=grid)
+    x_cal = torch.randn(512, 2, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    ems = compute_ems(den, x_cal, None, None, points=200, generator=torch.Generator().manual_seed(1))
+    return ems, compute_grid(den, x_cal[:256], None, None, points=60)
+
+
+def solver(spec: str, stats=None):
+    s = get_sampler(spec)
+    if spec.startswith("dpm-solver-v3") and stats is not None:
+        s.stats = stats
+    return s
+
+
+def run_ours(spec, grid, nfe, sched, x_T, stats=None):
+    den = Denoiser(gm.model_fn(sched), sched, "sample")
+    x = sample_loop(den, solver(spec, stats), x_T.clone(), steps_for(spec, nfe), None, None, spacing=grid)
     return x, den.nfe
 
 
@@ -114,6 +139,7 @@ def model_problem(name: str, prompts: int):
 def run_model(pipe, cond, uncond, x_T, sampler, steps, grid=None):
     from sdinfer.samplers.base import sample_loop as loop
     den = pipe.denoiser(4.0)
+    pipe.attach_statistics(sampler, 4.0)
     with torch.no_grad():
         x = loop(den, sampler, x_T.clone(), steps, cond, uncond, spacing=grid)
     return x, den.nfe
@@ -125,8 +151,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--model", default=None, help="unet or dit: a default model instead of the mixture")
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows: dict[str, list[float]] = {}
     theirs: dict[str, list[float]] = {}
     if args.model:
@@ -137,13 +166,13 @@ def main() -> None:
         def rmse(x):
             return float((x - ref).square().mean().sqrt())
 
+        grids = {g: pipe.time_grid(g, 4.0, max(NFES)) for g in GRIDS}
         for spec in OURS:
-            steps_of = (lambda n: (n + 1) // 2) if spec in TWO_EVALUATIONS else \
-                (lambda n: n - 1) if spec in ONE_EXTRA_EVALUATION else (lambda n: n)
             for grid in GRIDS:
                 errors = []
                 for nfe in NFES:
-                    x, used = run_model(pipe, cond, uncond, x_T, get_sampler(spec), steps_of(nfe), grid)
+                    x, used = run_model(pipe, cond, uncond, x_T, get_sampler(spec), steps_for(spec, nfe),
+                                        grids[grid])
                     errors.append(rmse(x) if used <= nfe else float("nan"))
                 rows[f"sdinfer {spec} [{grid}]"] = errors
         for name, make in _diffusers_schedulers(pipe.model.prediction_type).items():
@@ -160,6 +189,8 @@ def main() -> None:
         x_T = torch.randn(args.samples, 2, 1, 1, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(0))
         ref, _ = run_ours("dpm-solver++-3m", "logsnr", 1000, sched, x_T)
+        stats, gits = mixture_aids(sched)
+        grids = {**{g: g for g in GRIDS}, "gits": gits}
 
         def rmse(x):
             return float((x - ref).square().mean().sqrt())
@@ -168,7 +199,7 @@ def main() -> None:
             for grid in GRIDS:
                 errors = []
                 for nfe in NFES:
-                    x, used = run_ours(spec, grid, nfe, sched, x_T)
+                    x, used = run_ours(spec, grids[grid], nfe, sched, x_T, stats)
                     errors.append(rmse(x) if used <= nfe else float("nan"))
                 rows[f"sdinfer {spec} [{grid}]"] = errors
         for name, make in _diffusers_schedulers().items():
@@ -197,13 +228,15 @@ def main() -> None:
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(9, 6))
         for name, errors in rows.items():
-            if name.endswith("[logsnr]"):
-                ax.plot(NFES, errors, "-o", ms=3, label=name.replace(" [logsnr]", ""))
+            if name.endswith("[gits]"):
+                ax.plot(NFES, errors, "-o", ms=3, lw=0.8, label=name)
         for name, errors in theirs.items():
-            ax.plot(NFES, errors, "--x", ms=3, label=name)
+            ax.plot(NFES, errors, "--x", ms=3, lw=0.8, label=name)
+        ax.plot(NFES, ours_best, "-", color="black", lw=2.5, label="best sdinfer (any grid)")
+        ax.plot(NFES, theirs_best, "--", color="red", lw=2.5, label="best diffusers")
         ax.set_xscale("log"), ax.set_yscale("log")
         ax.set_xlabel("NFE"), ax.set_ylabel("RMS error vs 1000-step reference")
-        ax.set_title(f"{args.model or 'Gaussian mixture'}: error against NFE (sdinfer on the log-SNR grid)")
+        ax.set_title(f"{args.model or 'Gaussian mixture'}: error against NFE (sdinfer on its gits grid)")
         ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)

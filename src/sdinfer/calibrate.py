@@ -26,6 +26,9 @@ validation trajectories (other prompts and seeds than the calibration's) at NFE 
 with and without it, against a 200-step DPM-Solver++(2M) solution, and writes the setting
 with the lower geometric-mean error into the file's metadata; the solver follows it unless
 told ``use_corrector=...``.
+
+``calibrate_grid`` records the other per-model sampling aid, GITS's optimal time grid
+(``samplers/optimal_grid.py``), from teacher trajectories of the same kind of prompts.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from .errors import UserError
 from .samplers import get_sampler, sample_loop
 from .samplers.dpm_solver_v3 import DPMSolverV3
 from .samplers.ems import EMS
+from .samplers.optimal_grid import OptimalGrid, compute_grid
 
 REDUCTIONS = ("channel", "all", "none")
 
@@ -147,6 +151,15 @@ def statistics_path(model_path: str | Path, guidance_scale: float) -> Path:
 VALIDATION_SEED_OFFSET = 10**5
 
 
+def _inputs(pipe, guidance_scale: float, texts: list[str], first_seed: int):
+    """The guided denoiser, noise (seeds first_seed, first_seed + 1, ...) and conditioning."""
+    cond = pipe.encode(texts)
+    use_cfg = guidance_scale != 1.0 and cond is not None
+    uncond = pipe.encode([""] * len(texts)) if use_cfg else None
+    x_T = pipe.noise([first_seed + i for i in range(len(texts))], pipe.check_size(None))
+    return pipe.denoiser(guidance_scale if use_cfg else 1.0), x_T, cond, uncond
+
+
 def calibrate_pipeline(pipe, guidance_scale: float, prompts: list[str], points: int = 250,
                        reduce: str = "channel", seed: int = 0, smooth: float = 0.1,
                        validation_prompts: list[str] | None = None) -> EMS:
@@ -154,15 +167,7 @@ def calibrate_pipeline(pipe, guidance_scale: float, prompts: list[str], points: 
     with ``validation_prompts``, also the corrector setting (noise seeds from seed + 10^5)."""
     if not prompts:
         raise UserError("calibration needs at least one prompt")
-
-    def inputs(texts: list[str], first_seed: int):
-        cond = pipe.encode(texts)
-        use_cfg = guidance_scale != 1.0 and cond is not None
-        uncond = pipe.encode([""] * len(texts)) if use_cfg else None
-        x_T = pipe.noise([first_seed + i for i in range(len(texts))], pipe.check_size(None))
-        return pipe.denoiser(guidance_scale if use_cfg else 1.0), x_T, cond, uncond
-
-    den, x_T, cond, uncond = inputs(prompts, seed)
+    den, x_T, cond, uncond = _inputs(pipe, guidance_scale, prompts, seed)
     meta = {"model": pipe.model.name, "guidance_scale": guidance_scale, "seed": seed}
     try:
         ems = compute_ems(den, x_T, cond, uncond, points, reduce,
@@ -170,6 +175,25 @@ def calibrate_pipeline(pipe, guidance_scale: float, prompts: list[str], points: 
     except ValueError as err:
         raise UserError(str(err)) from None
     if validation_prompts:
-        v_den, v_x, v_cond, v_uncond = inputs(validation_prompts, seed + VALIDATION_SEED_OFFSET)
+        v_den, v_x, v_cond, v_uncond = _inputs(pipe, guidance_scale, validation_prompts,
+                                               seed + VALIDATION_SEED_OFFSET)
         ems.meta.update(choose_corrector(v_den, ems, v_x, v_cond, v_uncond))
     return ems
+
+
+def grid_path(model_path: str | Path, guidance_scale: float) -> Path:
+    """Where a model keeps its GITS grid for one guidance scale (beside its weights)."""
+    return Path(model_path) / "gits" / f"cfg{guidance_scale:g}.safetensors"
+
+
+def calibrate_grid(pipe, guidance_scale: float, prompts: list[str], points: int = 60, refine: int = 4,
+                   seed: int = 0) -> OptimalGrid:
+    """GITS's step costs of ``pipe``'s model at ``guidance_scale`` on one teacher trajectory per prompt."""
+    if not prompts:
+        raise UserError("calibration needs at least one prompt")
+    den, x_T, cond, uncond = _inputs(pipe, guidance_scale, prompts, seed)
+    meta = {"model": pipe.model.name, "guidance_scale": guidance_scale, "seed": seed}
+    try:
+        return compute_grid(den, x_T, cond, uncond, points, refine, meta)
+    except ValueError as err:
+        raise UserError(str(err)) from None

@@ -121,7 +121,8 @@ def _generate(args, setup=None, rank: int = 0) -> int:
         warnings.simplefilter("always")
         result = pipe([args.prompt] * args.batch, steps=args.steps, sampler=args.sampler,
                       guidance_scale=args.cfg, seed=args.seed, size=args.size,
-                      progress=not args.quiet and rank == 0, predictor=args.predictor)
+                      progress=not args.quiet and rank == 0, predictor=args.predictor,
+                      spacing=args.spacing)
     if rank != 0:
         return 0
     if args.accelerate:
@@ -364,11 +365,32 @@ def calibrate_cache(args) -> int:
     return 0
 
 
+def calibrate_gits(args) -> int:
+    """``sdinfer calibrate --method gits``: the step costs GITS finds its time grids in."""
+    from .calibrate import calibrate_grid, grid_path
+
+    args.points = 60 if args.points is None else args.points
+    if args.points < 2:
+        raise UserError(f"--points must be >= 2 for a gits grid, got {args.points}")
+    pipe, out = _calibration_target(args, 16, "grids", lambda pipe: grid_path(pipe.model.path, args.cfg))
+    start = time.perf_counter()
+    grid = calibrate_grid(pipe, args.cfg, calibration_prompts(args.prompts, args.samples, args.seed),
+                          args.points, seed=args.seed)
+    grid.save(out)
+    print(f"wrote the gits grid of {pipe.model.name} at cfg {args.cfg:g} ({args.samples} teacher "
+          f"trajectories, {grid.max_steps + 1} nodes) to {out} in {time.perf_counter() - start:.1f} s; "
+          f"10 steps: t = {', '.join(f'{t:.3f}' for t in grid.times(min(10, grid.max_steps)))}")
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate_pipeline, statistics_path
 
+    if args.method == "gits":
+        return calibrate_gits(args)
     if args.method != "dpm-solver-v3":
         return calibrate_cache(args)
+    args.points = 250 if args.points is None else args.points
     if args.validation < 0:
         raise UserError(f"--validation must be >= 0, got {args.validation}")
     pipe, out = _calibration_target(args, 64, "statistics", lambda pipe: statistics_path(pipe.model.path, args.cfg))
@@ -467,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--predictor", default=None,
                    help="StepSaver predictor for --steps auto (default: the one beside the model)")
+    g.add_argument("--spacing", default=None,
+                   help="time grid: trailing, leading, linspace, karras, logsnr, time_uniform, "
+                        "time_quadratic, or gits (the optimal grid calibrated for the model at this "
+                        "--cfg: sdinfer calibrate --method gits) (default: the sampler's own)")
     g.add_argument("--accelerate", default=None, metavar="SPEC",
                    help="feature cache to install, e.g. deepcache:interval=3 (UNets) or fora:interval=3 "
                         "(transformers); several joined by +")
@@ -517,19 +543,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Record what an accelerator learns from the model and save it beside "
                                    "the model (or to --out), where the accelerator finds it: "
                                    "DPM-Solver-v3's empirical model statistics at one guidance scale "
-                                   "(the default), or a cache method's calibration (--method teacache, "
-                                   "...), recorded on --samples training-like prompts.")
+                                   "(the default), GITS's optimal time grid (--method gits), or a cache "
+                                   "method's calibration (--method teacache, ...), recorded on --samples "
+                                   "training-like prompts.")
     c.add_argument("--method", default="dpm-solver-v3",
-                   help="dpm-solver-v3, or a cache method that calibrates (default: dpm-solver-v3)")
+                   help="dpm-solver-v3, gits (an optimal time grid: generate --spacing gits), or a "
+                        "cache method that calibrates (default: dpm-solver-v3)")
     c.add_argument("--model", default="default", help="default | unet | dit | PATH (default: default)")
     c.add_argument("--cfg", type=float, default=4.0, help="guidance scale the statistics are for (default: 4)")
     c.add_argument("--prompts", default="train",
                    help="train (captions like the default models' training data) | quick | FILE")
     c.add_argument("--samples", type=int, default=None,
-                   help="trajectories (default: 64 for dpm-solver-v3, 16 for a cache)")
+                   help="trajectories (default: 64 for dpm-solver-v3, 16 for gits or a cache)")
     c.add_argument("--steps", type=int, default=50, help="cache methods: sampling steps (default: 50)")
     c.add_argument("--sampler", default="ddim", help="cache methods: sampler (default: ddim)")
-    c.add_argument("--points", type=int, default=250, help="lambda grid points (default: 250)")
+    c.add_argument("--points", type=int, default=None,
+                   help="dpm-solver-v3: lambda grid points (default: 250); gits: fine-grid points "
+                        "per family, uniform in t and in log-SNR (default: 60)")
     c.add_argument("--reduce", default="channel", choices=["channel", "all", "none"],
                    help="average statistics over each channel's pixels, over all, or not (default: channel)")
     c.add_argument("--smooth", type=float, default=0.1,
@@ -540,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of noise and probes (default: 0)")
     c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     c.add_argument("--out", default=None,
-                   help="file to write (default: MODEL/dpm_solver_v3/cfgCFG.safetensors, or for a cache "
+                   help="file to write (default: MODEL/dpm_solver_v3/cfgCFG.safetensors, for gits "
+                        "MODEL/gits/cfgCFG.safetensors, for a cache "
                         "DENOISER/sdinfer_calibration/METHOD.safetensors)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing statistics file")
     c.set_defaults(func=cmd_calibrate)

@@ -122,6 +122,37 @@ class Pipeline:
                             "dpm-solver-v3:stats=PATH")
         solver.stats = EMS.load(path)
 
+    def time_grid(self, spacing, guidance_scale: float, steps: int):
+        """``"gits"``: the optimal grid the model ships for this guidance scale; else as given."""
+        from .calibrate import grid_path
+        from .samplers.base import SPACINGS
+        from .samplers.optimal_grid import OptimalGrid
+
+        if spacing is None or hasattr(spacing, "times"):
+            return spacing
+        if spacing != "gits":
+            if spacing not in SPACINGS:
+                raise UserError(f"unknown time grid {spacing!r}; choose one of {', '.join(SPACINGS)}, gits")
+            if (spacing == "flow") != self.model.schedule.is_flow:
+                raise UserError(f"the {spacing} grid does not fit model {self.model.name}'s "
+                                f"{'flow-matching' if self.model.schedule.is_flow else 'VP'} schedule")
+            return spacing
+        if self.model.schedule.is_flow:
+            raise UserError("the gits grid is for VP schedules; a flow-matching model uses the flow grid")
+        path = grid_path(self.model.path, guidance_scale)
+        if not path.is_file():
+            raise UserError(f"the gits grid of model {self.model.name} at cfg {guidance_scale:g} does not "
+                            f"exist ({path}); make it with `sdinfer calibrate --method gits --model "
+                            f"{self.model.name} --cfg {guidance_scale:g}` or choose another --spacing")
+        try:
+            grid = OptimalGrid.load(path)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        if steps > grid.max_steps:
+            raise UserError(f"the gits grid at {path} allows at most {grid.max_steps} steps, not {steps}; "
+                            "recalibrate it with more --points or choose another --spacing")
+        return grid
+
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         vae = self.model.vae
@@ -133,9 +164,11 @@ class Pipeline:
     def __call__(self, prompts: str | list[str], steps: int | str = DEFAULT_STEPS,
                  sampler: str = "ddim", guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0,
                  size: int | None = None, seeds: list[int] | None = None, progress: bool = False,
-                 predictor=None) -> GenerationResult:
+                 predictor=None, spacing=None) -> GenerationResult:
         """``steps="auto"``: StepSaver's predictor (``predictor``: a path or a StepPredictor;
-        default the one beside the model) picks the count, the largest over the prompts."""
+        default the one beside the model) picks the count, the largest over the prompts.
+        ``spacing``: a grid name (None: the sampler's own), ``"gits"`` (the grid the model
+        ships for this guidance scale) or a grid object."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("no prompt given; pass at least one prompt")
@@ -156,6 +189,7 @@ class Pipeline:
             raise UserError(f"sampler {solver.name!r} needs at least {solver.min_steps} steps, "
                             f"got {steps}")
         self.attach_statistics(solver, guidance_scale)
+        spacing = self.time_grid(spacing, guidance_scale, steps)
         size = self.check_size(size)
         seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
         start = time.perf_counter()
@@ -171,7 +205,7 @@ class Pipeline:
             bar = tqdm(total=steps, desc="denoising", unit="step", leave=False)
         noise_generator = torch.Generator().manual_seed(seeds[0] + 10**6)  # stochastic samplers
         try:
-            x = sample_loop(den, solver, x, steps, cond, uncond, generator=noise_generator,
+            x = sample_loop(den, solver, x, steps, cond, uncond, generator=noise_generator, spacing=spacing,
                             generation=next(_generation_counter),
                             callback=(lambda i, _: bar.update(1)) if bar is not None else None)
         except FloatingPointError as err:

@@ -91,10 +91,17 @@ def continuous_grid(denoiser: Denoiser, steps: int, spacing: str = "trailing",
     """Continuous times t_0 > t_1 > ... > t_steps: the last is clean data (``final="zero"``)
     or the first training step (``"sigma_min"``, diffusers' ``final_sigmas_type``).
 
-    ``timesteps`` gives the model timesteps explicitly (e.g. a diffusers scheduler's)."""
+    ``timesteps`` gives the model timesteps explicitly (e.g. a diffusers scheduler's);
+    ``spacing`` may also be a grid object with ``times(steps)`` (``optimal_grid.OptimalGrid``)."""
     if final not in FINALS:
         raise ValueError(f"unknown final time {final!r}; choose one of {', '.join(FINALS)}")
     schedule = denoiser.schedule
+    if timesteps is None and hasattr(spacing, "times"):
+        return _grid_object_times(spacing, steps, final, schedule)
+    if spacing == "gits":
+        raise ValueError("the gits grid is calibrated per model: pass spacing=OptimalGrid.load(PATH) "
+                         "(made by `sdinfer calibrate --method gits`), or generate through a Pipeline "
+                         "whose model ships one")
     last = 0.0 if final == "zero" else schedule.t_min
     if timesteps is None and schedule.is_flow and spacing in DISCRETE_SPACINGS:
         raise ValueError(f"the {spacing!r} grid does not fit a flow-matching schedule; use flow")
@@ -108,6 +115,18 @@ def continuous_grid(denoiser: Denoiser, steps: int, spacing: str = "trailing",
     if len(model_ts) != steps:
         raise ValueError(f"{len(model_ts)} timesteps given for {steps} steps")
     return [float(schedule.continuous_time(m)) for m in model_ts] + [last]
+
+
+def _grid_object_times(grid, steps: int, final: str, schedule) -> list[float]:
+    if final != "zero":
+        raise ValueError(f"a {getattr(grid, 'name', 'calibrated')} grid ends at clean data; use final='zero'")
+    if schedule.is_flow:
+        raise ValueError("calibrated grids are for VP schedules; a flow-matching model uses the flow grid")
+    times = list(grid.times(steps))
+    if len(times) != steps + 1 or times[-1] != 0.0:
+        raise ValueError(f"the grid gave {len(times)} times ending at {times[-1] if times else None} "
+                         f"for {steps} steps; it must give steps + 1 ending at 0")
+    return times
 
 
 @torch.no_grad()
