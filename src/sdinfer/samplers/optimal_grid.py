@@ -134,6 +134,8 @@ def compute_grid(denoiser, x_T: torch.Tensor, cond, uncond, points: int = 60, re
     if points < 2 or refine < 1:
         raise ValueError(f"gits needs points >= 2 and refine >= 1, got {points} and {refine}")
     sched = denoiser.schedule
+    if sched.is_flow:
+        raise ValueError("gits grids are made for VP schedules; a flow-matching model uses the flow grid")
     nodes = fine_nodes(sched, points)
     fine = [float(nodes[0])]
     for a, b in zip(nodes[:-2].tolist(), nodes[1:-1].tolist()):
