@@ -7,16 +7,23 @@ Each sampler runs from the same 256 noise samples with NFE in {5, 6, 8, 10, 12, 
 50} (two-evaluation steps use (NFE + 1) // 2 steps); the error is the RMS distance of its
 final sample to a 1000-step DPM-Solver++(3M) reference from the same noise (which agrees with
 the scipy solution of the probability-flow ODE to 1e-7).  Our samplers run on each of their
-grids (trailing, logsnr, karras, time_uniform, time_quadratic, and gits: the optimal grid of
-GITS, calibrated on other noise -- on a default model the grid it ships); DPM-Solver-v3 on
-statistics from other noise (a default model's shipped ones).  Diffusers' schedulers with their
-own defaults and their Karras / uniform-lambda ("lu_lambdas") options where they have them.
-The last rows give the best of each side per NFE.
+grids (trailing, leading, linspace, logsnr, karras, time_uniform, time_quadratic, and gits: the
+optimal grid of GITS, calibrated on other noise -- on a default model the grid it ships);
+DPM-Solver-v3 on statistics from other noise (a default model's shipped ones); rows marked
++afs take the analytic first step (one step more for the same NFE).  Diffusers' schedulers
+with their own defaults and their Karras / uniform-lambda ("lu_lambdas") options where they
+have them.  The last rows give the best of each side per NFE.
+
+    python bench/error_vs_nfe.py --model unet --only 'leading|linspace|afs' --merge OLD.md
+
+runs only the rows whose names match and keeps the other rows of an earlier run's table
+(every row is deterministic: same prompts, noise and code give the same numbers).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import warnings
 
 import torch
@@ -30,7 +37,9 @@ OURS = ["ddim", "dpm-solver++-2m", "dpm-solver++-3m", "dpm-solver:order=3",
         "dpm-solver++-2s", "dpm-solver++-singlestep:order=3", "dpm-solver-singlestep:order=3",
         "unipc:order=2", "unipc:order=3", "euler", "heun", "plms",
         "dpm-solver-v3", "dpm-solver-v3:use_corrector=true", "dpm-solver-v3:use_corrector=false"]
-GRIDS = ["trailing", "logsnr", "karras", "time_uniform", "time_quadratic", "gits"]
+GRIDS = ["trailing", "leading", "linspace", "logsnr", "karras", "time_uniform", "time_quadratic", "gits"]
+# run again with the analytic first step (one evaluation saved: NFE + 1 steps for NFE evaluations)
+WITH_AFS = ["ddim", "dpm-solver++-2m", "dpm-solver++-2s", "unipc:order=2", "dpm-solver-v3"]
 TWO_EVALUATIONS = {"heun"}
 ONE_EXTRA_EVALUATION = {"plms"}  # its first step evaluates twice
 
@@ -78,8 +87,26 @@ def epsilon_model(sched):
     return fn
 
 
-def steps_for(spec: str, nfe: int) -> int:
-    return (nfe + 1) // 2 if spec in TWO_EVALUATIONS else nfe - 1 if spec in ONE_EXTRA_EVALUATION else nfe
+def steps_for(spec: str, nfe: int, afs: bool = False) -> int:
+    steps = (nfe + 1) // 2 if spec in TWO_EVALUATIONS else nfe - 1 if spec in ONE_EXTRA_EVALUATION else nfe
+    return steps + 1 if afs else steps
+
+
+def our_rows(only: str | None):
+    """(row name, sampler spec, grid, analytic first step) of every row of ours to run."""
+    rows = [(f"sdinfer {spec} [{grid}]", spec, grid, False) for spec in OURS for grid in GRIDS]
+    rows += [(f"sdinfer {spec}+afs [{grid}]", spec, grid, True) for spec in WITH_AFS for grid in GRIDS]
+    return [r for r in rows if only is None or re.search(only, r[0])]
+
+
+def read_table(path: str) -> dict[str, list[float]]:
+    """The rows of an earlier run's table (to merge a partial run into)."""
+    table = {}
+    for line in open(path):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == len(NFES) + 1 and not cells[0].startswith(("**", "best", "sampler")):
+            table[cells[0]] = [float(c) for c in cells[1:]]
+    return table
 
 
 def mixture_aids(sched):
@@ -100,9 +127,10 @@ def solver(spec: str, stats=None):
     return s
 
 
-def run_ours(spec, grid, nfe, sched, x_T, stats=None):
+def run_ours(spec, grid, nfe, sched, x_T, stats=None, afs=False):
     den = Denoiser(gm.model_fn(sched), sched, "sample")
-    x = sample_loop(den, solver(spec, stats), x_T.clone(), steps_for(spec, nfe), None, None, spacing=grid)
+    x = sample_loop(den, solver(spec, stats), x_T.clone(), steps_for(spec, nfe, afs), None, None, spacing=grid,
+                    analytic_first_step=afs)
     return x, den.nfe
 
 
@@ -136,12 +164,12 @@ def model_problem(name: str, prompts: int):
     return pipe, cond, uncond, x_T
 
 
-def run_model(pipe, cond, uncond, x_T, sampler, steps, grid=None):
+def run_model(pipe, cond, uncond, x_T, sampler, steps, grid=None, afs=False):
     from sdinfer.samplers.base import sample_loop as loop
     den = pipe.denoiser(4.0)
     pipe.attach_statistics(sampler, 4.0)
     with torch.no_grad():
-        x = loop(den, sampler, x_T.clone(), steps, cond, uncond, spacing=grid)
+        x = loop(den, sampler, x_T.clone(), steps, cond, uncond, spacing=grid, analytic_first_step=afs)
     return x, den.nfe
 
 
@@ -152,6 +180,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="unet or dit: a default model instead of the mixture")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--only", default=None, help="run only the rows whose name matches this regex")
+    parser.add_argument("--merge", default=None,
+                        help="an earlier run's table: its rows are kept where this run has none")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.threads:
@@ -166,16 +197,17 @@ def main() -> None:
         def rmse(x):
             return float((x - ref).square().mean().sqrt())
 
-        grids = {g: pipe.time_grid(g, 4.0, max(NFES)) for g in GRIDS}
-        for spec in OURS:
-            for grid in GRIDS:
-                errors = []
-                for nfe in NFES:
-                    x, used = run_model(pipe, cond, uncond, x_T, get_sampler(spec), steps_for(spec, nfe),
-                                        grids[grid])
-                    errors.append(rmse(x) if used <= nfe else float("nan"))
-                rows[f"sdinfer {spec} [{grid}]"] = errors
+        grids = {g: pipe.time_grid(g, 4.0, max(NFES) + 1) for g in GRIDS}
+        for name, spec, grid, afs in our_rows(args.only):
+            errors = []
+            for nfe in NFES:
+                x, used = run_model(pipe, cond, uncond, x_T, get_sampler(spec), steps_for(spec, nfe, afs),
+                                    grids[grid], afs)
+                errors.append(rmse(x) if used <= nfe else float("nan"))
+            rows[name] = errors
         for name, make in _diffusers_schedulers(pipe.model.prediction_type).items():
+            if args.only and not re.search(args.only, f"diffusers {name}"):
+                continue
             errors = []
             for nfe in NFES:
                 try:
@@ -195,19 +227,26 @@ def main() -> None:
         def rmse(x):
             return float((x - ref).square().mean().sqrt())
 
-        for spec in OURS:
-            for grid in GRIDS:
-                errors = []
-                for nfe in NFES:
-                    x, used = run_ours(spec, grids[grid], nfe, sched, x_T, stats)
-                    errors.append(rmse(x) if used <= nfe else float("nan"))
-                rows[f"sdinfer {spec} [{grid}]"] = errors
+        for name, spec, grid, afs in our_rows(args.only):
+            errors = []
+            for nfe in NFES:
+                x, used = run_ours(spec, grids[grid], nfe, sched, x_T, stats, afs)
+                errors.append(rmse(x) if used <= nfe else float("nan"))
+            rows[name] = errors
         for name, make in _diffusers_schedulers().items():
+            if args.only and not re.search(args.only, f"diffusers {name}"):
+                continue
             errors = []
             for nfe in NFES:
                 x, used = run_diffusers(make, nfe, sched, x_T.float() if "PNDM" in name else x_T)
                 errors.append(rmse(x) if used <= nfe else float("nan"))
             theirs[f"diffusers {name}"] = errors
+
+    if args.merge:
+        for name, errors in read_table(args.merge).items():
+            (rows if name.startswith("sdinfer") else theirs).setdefault(name, errors)
+        order = [r[0] for r in our_rows(None)]
+        rows = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
     def best(table):
         return [min((v[i] for v in table.values() if v[i] == v[i]), default=float("nan"))

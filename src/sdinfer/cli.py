@@ -122,7 +122,7 @@ def _generate(args, setup=None, rank: int = 0) -> int:
         result = pipe([args.prompt] * args.batch, steps=args.steps, sampler=args.sampler,
                       guidance_scale=args.cfg, seed=args.seed, size=args.size,
                       progress=not args.quiet and rank == 0, predictor=args.predictor,
-                      spacing=args.spacing)
+                      spacing=args.spacing, analytic_first_step=args.analytic_first_step)
     if rank != 0:
         return 0
     if args.accelerate:
@@ -493,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time grid: trailing, leading, linspace, karras, logsnr, time_uniform, "
                         "time_quadratic, or gits (the optimal grid calibrated for the model at this "
                         "--cfg: sdinfer calibrate --method gits) (default: the sampler's own)")
+    g.add_argument("--analytic-first-step", action="store_true",
+                   help="take the first step from the Gaussian-data prediction instead of a model call "
+                        "(GENIE / GITS): --steps N costs N - 1 evaluations")
     g.add_argument("--accelerate", default=None, metavar="SPEC",
                    help="feature cache to install, e.g. deepcache:interval=3 (UNets) or fora:interval=3 "
                         "(transformers); several joined by +")

@@ -164,11 +164,12 @@ class Pipeline:
     def __call__(self, prompts: str | list[str], steps: int | str = DEFAULT_STEPS,
                  sampler: str = "ddim", guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0,
                  size: int | None = None, seeds: list[int] | None = None, progress: bool = False,
-                 predictor=None, spacing=None) -> GenerationResult:
+                 predictor=None, spacing=None, analytic_first_step: bool = False) -> GenerationResult:
         """``steps="auto"``: StepSaver's predictor (``predictor``: a path or a StepPredictor;
         default the one beside the model) picks the count, the largest over the prompts.
         ``spacing``: a grid name (None: the sampler's own), ``"gits"`` (the grid the model
-        ships for this guidance scale) or a grid object."""
+        ships for this guidance scale) or a grid object.  ``analytic_first_step``: the first
+        step without a model call (``steps`` steps cost ``steps - 1`` evaluations)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("no prompt given; pass at least one prompt")
@@ -188,8 +189,10 @@ class Pipeline:
         if steps < solver.min_steps:
             raise UserError(f"sampler {solver.name!r} needs at least {solver.min_steps} steps, "
                             f"got {steps}")
+        if analytic_first_step and steps < 2:
+            raise UserError(f"the analytic first step replaces the first of at least 2 steps, got {steps}")
         self.attach_statistics(solver, guidance_scale)
-        spacing = self.time_grid(spacing, guidance_scale, steps)
+        given_spacing, spacing = spacing, self.time_grid(spacing, guidance_scale, steps)
         size = self.check_size(size)
         seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
         start = time.perf_counter()
@@ -206,6 +209,7 @@ class Pipeline:
         noise_generator = torch.Generator().manual_seed(seeds[0] + 10**6)  # stochastic samplers
         try:
             x = sample_loop(den, solver, x, steps, cond, uncond, generator=noise_generator, spacing=spacing,
+                            analytic_first_step=analytic_first_step,
                             generation=next(_generation_counter),
                             callback=(lambda i, _: bar.update(1)) if bar is not None else None)
         except FloatingPointError as err:
@@ -218,6 +222,10 @@ class Pipeline:
         images = [to_pil(p) for p in pixels]
         params = {"model": self.model.name, "sampler": sampler, "steps": steps,
                   "cfg": guidance_scale, "seed": seeds[0], "size": size}
+        if given_spacing is not None:
+            params["spacing"] = given_spacing if isinstance(given_spacing, str) else getattr(spacing, "name", "custom")
+        if analytic_first_step:
+            params["analytic_first_step"] = True
         return GenerationResult(images, pixels, den.nfe, den.model_calls, seconds, params)
 
 

@@ -35,13 +35,16 @@ def as_schedule(schedule) -> NoiseSchedule | FlowMatchSchedule:
 
 def sample(model: Callable, x_T: torch.Tensor, schedule, sampler="dpm-solver++",
            steps: int = 10, prediction_type: str = "epsilon", cond=None, uncond=None,
-           guidance_scale: float = 1.0, spacing: str | None = None,
+           guidance_scale: float = 1.0, spacing=None,
            timesteps: list[float] | None = None, final: str = "zero",
-           generator: torch.Generator | None = None, **options) -> torch.Tensor:
+           generator: torch.Generator | None = None, analytic_first_step: bool = False,
+           **options) -> torch.Tensor:
     """Sample from ``x_T`` with ``sampler``: a name (extra keyword options go to it), a
     sampler object, or a diffusers scheduler object (run one model call per step).
     ``"dpm-solver-adaptive"`` (DPM-Solver-12/23, options ``order``, ``rtol``, ``atol``)
-    chooses its own steps."""
+    chooses its own steps.  ``spacing``: a grid name, or a grid object such as a GITS
+    ``OptimalGrid`` (``samplers.optimal_grid``).  ``analytic_first_step``: the first step
+    without a model call (``samplers.analytic_first_step``)."""
     sched = as_schedule(schedule)
 
     def model_fn(x, t, text):
@@ -64,4 +67,5 @@ def sample(model: Callable, x_T: torch.Tensor, schedule, sampler="dpm-solver++",
 
     den = Denoiser(model_fn, sched, prediction_type, guidance_scale)
     return sample_loop(den, solver, x_T, steps, cond, uncond, generator=generator,
-                       spacing=spacing, timesteps=timesteps, final=final)
+                       spacing=spacing, timesteps=timesteps, final=final,
+                       analytic_first_step=analytic_first_step)

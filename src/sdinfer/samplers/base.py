@@ -133,8 +133,11 @@ def _grid_object_times(grid, steps: int, final: str, schedule) -> list[float]:
 def sample_loop(denoiser: Denoiser, sampler: Sampler, x: torch.Tensor, steps: int, cond, uncond,
                 generator: torch.Generator | None = None, spacing: str | None = None,
                 generation: int = 0, callback: Callable[[int, torch.Tensor], None] | None = None,
-                timesteps: list[int] | None = None, final: str = "zero") -> torch.Tensor:
-    """Run ``sampler`` from the noise ``x`` over ``steps`` steps; returns the clean sample."""
+                timesteps: list[int] | None = None, final: str = "zero",
+                analytic_first_step: bool = False) -> torch.Tensor:
+    """Run ``sampler`` from the noise ``x`` over ``steps`` steps; returns the clean sample.
+    ``analytic_first_step``: the first step takes the Gaussian-data prediction instead of
+    calling the model (``analytic_first_step.py``), so ``steps`` steps cost ``steps - 1``."""
     if steps < sampler.min_steps:
         raise ValueError(f"sampler {sampler.name!r} needs at least {sampler.min_steps} steps, "
                          f"got {steps}")
@@ -143,6 +146,11 @@ def sample_loop(denoiser: Denoiser, sampler: Sampler, x: torch.Tensor, steps: in
         spacing = schedule.default_spacing if schedule.is_flow else \
             getattr(sampler, "spacing", schedule.default_spacing)
     times = continuous_grid(denoiser, steps, spacing, timesteps, final)
+    if analytic_first_step:
+        if steps < 2:
+            raise ValueError("the analytic first step replaces the first of at least 2 steps; give steps >= 2")
+        from .analytic_first_step import AnalyticFirstStep
+        denoiser = AnalyticFirstStep(denoiser, times[0])
     state: dict = {}
     for i in range(steps):
         t, t_next = times[i], times[i + 1]

@@ -1,0 +1,36 @@
+"""The analytical first step (AFS): Dockhorn, Vahdat & Kreis, "GENIE: Higher-Order Denoising
+Diffusion Solvers" (NeurIPS 2022), as used by AMED-Solver (Zhou et al., CVPR 2024) and GITS
+(Chen et al., ICML 2024, Sec. 4): at the first time of the grid the sample is almost pure noise,
+so the denoiser's output there is replaced by that of data that are a standard Gaussian,
+
+    x0_hat = alpha x / (alpha^2 + sigma^2),    eps_hat = sigma x / (alpha^2 + sigma^2),
+
+the posterior means of x0 and eps given x = alpha x0 + sigma eps (GITS writes it for EDM as
+d = x / sqrt(1 + sigma^2)).  The first model evaluation is saved: a sampler of K steps costs
+K - 1 evaluations.  Any sampler that takes the denoiser's prediction gets it.
+"""
+
+from __future__ import annotations
+
+from ..denoiser import Prediction
+
+
+class AnalyticFirstStep:
+    """A denoiser whose evaluation at the first step's time ``t_first`` is the Gaussian-data
+    prediction (a second evaluation within the first step, as Heun's, calls the model);
+    everything else, evaluation counts included, is the wrapped denoiser's."""
+
+    def __init__(self, denoiser, t_first: float):
+        self.denoiser, self.t_first = denoiser, t_first
+
+    def __getattr__(self, name):
+        return getattr(self.denoiser, name)
+
+    def __call__(self, x, t, cond, uncond, ctx) -> Prediction:
+        if ctx.step_index != 0 or t != self.t_first:
+            return self.denoiser(x, t, cond, uncond, ctx)
+        sched = self.denoiser.schedule
+        alpha = self.denoiser._per_sample(sched.alpha(t), x)
+        sigma = self.denoiser._per_sample(sched.sigma(t), x)
+        norm = alpha.square() + sigma.square()
+        return Prediction(x0=alpha * x / norm, eps=sigma * x / norm)
