@@ -39,7 +39,7 @@ OURS = ["ddim", "dpm-solver++-2m", "dpm-solver++-3m", "dpm-solver:order=3",
         "dpm-solver-v3", "dpm-solver-v3:use_corrector=true", "dpm-solver-v3:use_corrector=false"]
 GRIDS = ["trailing", "leading", "linspace", "logsnr", "karras", "time_uniform", "time_quadratic", "gits"]
 # run again with the analytic first step (one evaluation saved: NFE + 1 steps for NFE evaluations)
-WITH_AFS = ["ddim", "dpm-solver++-2m", "dpm-solver++-2s", "unipc:order=2", "dpm-solver-v3"]
+WITH_AFS = ["ddim", "dpm-solver++-2m", "unipc:order=2", "dpm-solver-v3"]
 TWO_EVALUATIONS = {"heun"}
 ONE_EXTRA_EVALUATION = {"plms"}  # its first step evaluates twice
 

@@ -61,18 +61,6 @@ def test_auto_steps_without_a_predictor_is_a_clear_error(pipe, monkeypatch):
         pipe(PROMPTS[:1], steps="auto")
 
 
-@pytest.mark.parametrize("model", ["unet", "dit"])
-def test_the_default_models_ship_a_predictor_that_auto_uses(model):
-    from sdinfer.stepsaver import CANDIDATES, predictor_for
-
-    model_pipe = Pipeline.from_pretrained(model)
-    predictor = predictor_for(model_pipe)
-    predicted = predictor.predict(prompt_features(model_pipe, PROMPTS))
-    assert all(n in (*CANDIDATES, 50) for n in predicted)
-    result = model_pipe(PROMPTS[:1], steps="auto")
-    assert result.params["steps"] == predicted[0] and result.nfe == predicted[0]
-
-
 def test_bench_min_steps_then_generate_auto(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
