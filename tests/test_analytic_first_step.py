@@ -65,6 +65,8 @@ def test_through_the_pipeline_and_the_cli(tmp_path, capsys):
     assert result.nfe == 3 and result.params["analytic_first_step"] is True
     with pytest.raises(UserError, match="at least 2 steps"):
         pipe("a red circle", steps=1, analytic_first_step=True)
+    with pytest.raises(UserError, match="not with SamplerSchedule"):
+        pipe("a red circle", steps=4, sampler="ddim:0-2,dpm-solver++:2-4", analytic_first_step=True)
     out = tmp_path / "afs.png"
     code, _, err = run(capsys, "generate", "a red circle", "--steps", "3", "--analytic-first-step",
                        "--spacing", "trailing", "-o", str(out), "--quiet")

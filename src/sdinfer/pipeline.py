@@ -189,8 +189,14 @@ class Pipeline:
         if steps < solver.min_steps:
             raise UserError(f"sampler {solver.name!r} needs at least {solver.min_steps} steps, "
                             f"got {steps}")
-        if analytic_first_step and steps < 2:
-            raise UserError(f"the analytic first step replaces the first of at least 2 steps, got {steps}")
+        if analytic_first_step:
+            from .samplers.analytic_first_step import check_supports
+            if steps < 2:
+                raise UserError(f"the analytic first step replaces the first of at least 2 steps, got {steps}")
+            try:
+                check_supports(solver)
+            except ValueError as err:
+                raise UserError(str(err)) from None
         self.attach_statistics(solver, guidance_scale)
         given_spacing, spacing = spacing, self.time_grid(spacing, guidance_scale, steps)
         size = self.check_size(size)

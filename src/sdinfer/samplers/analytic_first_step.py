@@ -15,6 +15,16 @@ from __future__ import annotations
 from ..denoiser import Prediction
 
 
+def check_supports(sampler) -> None:
+    """Samplers that call the model's raw output themselves would bypass the analytic step."""
+    from .diffusers_scheduler import DiffusersSampler
+    from .sampler_schedule import SamplerSchedule
+
+    if isinstance(sampler, (DiffusersSampler, SamplerSchedule)):
+        raise ValueError(f"the analytic first step works with sdinfer's single samplers, not with "
+                         f"{type(sampler).__name__}; drop analytic_first_step or use one sampler")
+
+
 class AnalyticFirstStep:
     """A denoiser whose evaluation at the first step's time ``t_first`` is the Gaussian-data
     prediction (a second evaluation within the first step, as Heun's, calls the model);

@@ -149,7 +149,8 @@ def sample_loop(denoiser: Denoiser, sampler: Sampler, x: torch.Tensor, steps: in
     if analytic_first_step:
         if steps < 2:
             raise ValueError("the analytic first step replaces the first of at least 2 steps; give steps >= 2")
-        from .analytic_first_step import AnalyticFirstStep
+        from .analytic_first_step import AnalyticFirstStep, check_supports
+        check_supports(sampler)
         denoiser = AnalyticFirstStep(denoiser, times[0])
     state: dict = {}
     for i in range(steps):

@@ -31,7 +31,7 @@ import torch
 KIND = "sdinfer-gits"
 
 
-@dataclass
+@dataclass(eq=False)
 class OptimalGrid:
     """Fine-grid times (descending, ending at 0) and the step cost between every two of them."""
 
