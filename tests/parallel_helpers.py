@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -33,3 +35,13 @@ def write_findings(found: dict, path: str) -> None:
     if dist.get_rank() == 0:
         with open(path, "w") as f:
             json.dump(found, f, indent=1)
+
+
+def run_workers(worker: Path, mode: str | None, out: Path, ranks: int = 2) -> dict:
+    """The pytest side: ``worker`` (with ``mode``) on ``ranks`` local ranks, each exiting 0;
+    what rank 0 wrote to ``out``."""
+    from sdinfer.parallel.launch import launch_local
+
+    args = [sys.executable, str(worker), *([mode] if mode else []), str(out)]
+    assert launch_local(args, ranks) == [0] * ranks
+    return json.loads(Path(out).read_text())

@@ -1,13 +1,11 @@
 """AsyncDiff on 2 gloo ranks against one device (``parallel_worker_asyncdiff.py``): the default
 UNet at 64x64 and the default DiT at 32x32, DDIM 8 steps, cfg 4, one prompt."""
 
-import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from sdinfer.parallel.launch import launch_local
+from parallel_helpers import run_workers
 
 WORKER = Path(__file__).parent / "parallel_worker_asyncdiff.py"
 STEPS = 8
@@ -17,9 +15,7 @@ B = 2   # one prompt, guided: both branches in one batch
 
 @pytest.fixture(scope="module")
 def findings(tmp_path_factory):
-    out = tmp_path_factory.mktemp("asyncdiff") / "findings.json"
-    assert launch_local([sys.executable, str(WORKER), str(out)], 2) == [0, 0]
-    return json.loads(out.read_text())
+    return run_workers(WORKER, None, tmp_path_factory.mktemp("asyncdiff") / "findings.json")
 
 
 @pytest.mark.parametrize("model", ["unet", "dit"])

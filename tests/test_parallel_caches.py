@@ -1,13 +1,11 @@
 """Caches under the exact parallel strategies, on 2 gloo ranks (``parallel_worker.py caches``):
 each cached parallel run against the same cache on one device, and the combinations refused."""
 
-import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from sdinfer.parallel.launch import launch_local
+from parallel_helpers import run_workers
 
 WORKER = Path(__file__).parent / "parallel_worker.py"
 CASES = ["dit/ulysses/fbcache:threshold=0.12", "dit/ring/teacache:threshold=0.2", "dit/cfg/dbcache:threshold=0.12",
@@ -16,9 +14,7 @@ CASES = ["dit/ulysses/fbcache:threshold=0.12", "dit/ring/teacache:threshold=0.2"
 
 @pytest.fixture(scope="module")
 def findings(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel-caches") / "findings.json"
-    assert launch_local([sys.executable, str(WORKER), "caches", str(out)], 2) == [0, 0]
-    return json.loads(out.read_text())
+    return run_workers(WORKER, "caches", tmp_path_factory.mktemp("parallel-caches") / "findings.json")
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -5,14 +5,12 @@ One launch of ``parallel_worker_distrifusion.py main`` runs every case on the de
 the tests judge its findings.
 """
 
-import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from sdinfer.parallel import DistriFusionConfig, parse_spec
-from sdinfer.parallel.launch import launch_local
+from parallel_helpers import run_workers
 
 WORKER = Path(__file__).parent / "parallel_worker_distrifusion.py"
 STEPS = 8           # the worker's DDIM steps for the exact and the traced runs
@@ -22,10 +20,7 @@ F32 = 4             # bytes
 
 @pytest.fixture(scope="module")
 def findings(tmp_path_factory):
-    out = tmp_path_factory.mktemp("distrifusion") / "findings.json"
-    codes = launch_local([sys.executable, str(WORKER), "main", str(out)], 2)
-    assert codes == [0, 0]
-    return json.loads(out.read_text())
+    return run_workers(WORKER, "main", tmp_path_factory.mktemp("distrifusion") / "findings.json")
 
 
 # ---- the default UNet, by hand (64 x 64 pixel-space latent, guided: B 2; N 2) -----------------

@@ -6,14 +6,12 @@ DiTTransformer2DModel and the bad inputs; one of ``three`` (3 ranks) a tiny SD3 
 a middle stage.  The tests judge their findings.
 """
 
-import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from sdinfer.parallel import PipeFusionConfig, parse_spec
-from sdinfer.parallel.launch import launch_local
+from parallel_helpers import run_workers
 from sdinfer.parallel.pipefusion import stage_blocks
 
 WORKER = Path(__file__).parent / "parallel_worker_pipefusion.py"
@@ -26,9 +24,7 @@ F32 = 4             # bytes
 
 @pytest.fixture(scope="module")
 def findings(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipefusion") / "findings.json"
-    assert launch_local([sys.executable, str(WORKER), "main", str(out)], 2) == [0, 0]
-    return json.loads(out.read_text())
+    return run_workers(WORKER, "main", tmp_path_factory.mktemp("pipefusion") / "findings.json")
 
 
 def step_bytes(b, s, c, p, n, t=0, c_t=0):
@@ -140,9 +136,7 @@ def test_config_and_stages():
 def test_three_ranks_pass_patches_through_a_middle_stage(tmp_path):
     """A tiny SD3 transformer: 4 blocks in stages of 2, 1, 1; B 2, S 16 image tokens (8 x 8, patch
     2) in 4 patches, C 16, T 5 text tokens of C_T 16, P 2 * 2 * 4; 4 calls at falling timesteps."""
-    out = tmp_path / "three.json"
-    assert launch_local([sys.executable, str(WORKER), "three", str(out)], 3) == [0, 0, 0]
-    found = json.loads(out.read_text())
+    found = run_workers(WORKER, "three", tmp_path / "three.json", ranks=3)
     assert found["exact"]["max_abs_error"] <= 1e-5
     assert found["pipelined"]["max_abs_error"] > 0
     per_step = step_bytes(b=2, s=16, c=16, p=16, n=3, t=5, c_t=16)

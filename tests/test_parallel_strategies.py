@@ -5,13 +5,11 @@ through sdinfer's pipeline, 3 DDIM steps at cfg 4; a stock tiny PixArt pipeline;
 DiTTransformer2DModel called directly) and the bad inputs; the tests judge its findings.
 """
 
-import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from sdinfer.parallel.launch import launch_local
+from parallel_helpers import run_workers
 
 WORKER = Path(__file__).parent / "parallel_worker.py"
 STEPS = 3       # the worker's DDIM steps on the default models (one model call each)
@@ -21,10 +19,7 @@ F32 = 4         # bytes
 
 @pytest.fixture(scope="module")
 def findings(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel") / "findings.json"
-    codes = launch_local([sys.executable, str(WORKER), "strategies", str(out)], 2)
-    assert codes == [0, 0]
-    return json.loads(out.read_text())
+    return run_workers(WORKER, "strategies", tmp_path_factory.mktemp("parallel") / "findings.json")
 
 
 CASES = ["dit/cfg", "dit/ulysses", "dit/ring", "unet/cfg", "pixart/cfg", "pixart/ulysses", "pixart/ring",
@@ -111,9 +106,7 @@ def test_bad_input_is_a_clear_error(findings, case, words):
 def test_three_ranks_chain_the_ring_and_split_heads_three_ways(tmp_path):
     """A tiny SD3 transformer: B 2, H 6 of D 8, S 36 image tokens (12x12, patch 2), T 5 text
     tokens, L 2 layers, P 2*2*4, N 3 ranks, one call."""
-    out = tmp_path / "three.json"
-    assert launch_local([sys.executable, str(WORKER), "three", str(out)], 3) == [0, 0, 0]
-    found = json.loads(out.read_text())
+    found = run_workers(WORKER, "three", tmp_path / "three.json", ranks=3)
     b, h, d, s, t, layers, p, n = 2, 6, 8, 36, 5, 2, 16, 3
     gather = b * (s // n) * p * (n - 1) * F32
     shard = b * h * (s // n) * d
@@ -128,9 +121,7 @@ def test_cfg_combined_with_another_strategy_on_four_ranks(tmp_path):
     """Ranks {0, 2} and {1, 3} hold the two guidance branches, {0, 1} and {2, 3} split the
     work within a branch: the default DiT's image tokens (256) in halves, or the default UNet's
     blocks (AsyncDiff, every step a warm-up step)."""
-    out = tmp_path / "four.json"
-    assert launch_local([sys.executable, str(WORKER), "four", str(out)], 4) == [0, 0, 0, 0]
-    found = json.loads(out.read_text())
+    found = run_workers(WORKER, "four", tmp_path / "four.json", ranks=4)
     for case in ("dit/cfg+ulysses", "dit/cfg+ring", f"unet/cfg+asyncdiff:warmup_steps={STEPS}"):
         assert found[case]["max_abs_error"] <= 1e-5, case
     assert found["dit/cfg+ulysses"]["leaf_shapes"] == [[1, 128]]   # half the batch, half the tokens
