@@ -27,8 +27,10 @@ with and without it, against a 200-step DPM-Solver++(2M) solution, and writes th
 with the lower geometric-mean error into the file's metadata; the solver follows it unless
 told ``use_corrector=...``.
 
-``calibrate_grid`` records the other per-model sampling aid, GITS's optimal time grid
-(``samplers/optimal_grid.py``), from teacher trajectories of the same kind of prompts.
+``calibrate_grid`` records the other per-model sampling aids, GITS's optimal time grid
+(``samplers/optimal_grid.py``), from teacher trajectories of the same kind of prompts, and
+``calibrate_learned_grids`` one solver's learned grids (``samplers/learned_grid.py``), on noise
+seeds of their own (from 2 * 10^5) so that no benchmark's noise is trained on.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from .errors import UserError
 from .samplers import get_sampler, sample_loop
 from .samplers.dpm_solver_v3 import DPMSolverV3
 from .samplers.ems import EMS
+from .samplers.base import DISCRETE_SPACINGS, ExplicitGrid, continuous_grid
+from .samplers.learned_grid import LearnedGrids, search_grid
 from .samplers.optimal_grid import OptimalGrid, compute_grid
 
 REDUCTIONS = ("channel", "all", "none")
@@ -197,3 +201,73 @@ def calibrate_grid(pipe, guidance_scale: float, prompts: list[str], points: int 
         return compute_grid(den, x_T, cond, uncond, points, refine, meta)
     except ValueError as err:
         raise UserError(str(err)) from None
+
+
+def learned_grid_path(model_path: str | Path, guidance_scale: float) -> Path:
+    """Where a model keeps its learned grids for one guidance scale (beside its weights)."""
+    return Path(model_path) / "learned_grid" / f"cfg{guidance_scale:g}.safetensors"
+
+
+LEARNED_SEED_OFFSET = 2 * 10**5
+START_SPACINGS = (*DISCRETE_SPACINGS, "logsnr", "karras", "time_uniform", "time_quadratic")
+TEACHER_STEPS = 200
+
+
+def calibrate_learned_grids(pipe, guidance_scale: float, sampler: str, step_counts: list[int],
+                            prompts: list[str], validation_prompts: list[str], seed: int = 0,
+                            max_evals: int = 150, teacher_steps: int | None = None,
+                            grids: LearnedGrids | None = None, log=None) -> LearnedGrids:
+    """``sampler``'s learned grid at each of ``step_counts`` for ``pipe``'s model at
+    ``guidance_scale``, added to ``grids`` (a new set if None)."""
+    if not prompts or not validation_prompts:
+        raise UserError("learning a grid needs training and validation prompts (--samples, --validation >= 1)")
+    if pipe.model.schedule.is_flow:
+        raise UserError("learned grids are for VP schedules; a flow-matching model uses the flow grid")
+    first = seed + LEARNED_SEED_OFFSET
+    train = _inputs(pipe, guidance_scale, prompts, first)
+    valid = _inputs(pipe, guidance_scale, validation_prompts, first + VALIDATION_SEED_OFFSET)
+    starts: dict[str, object] = {s: s for s in START_SPACINGS}
+    gits = grid_path(pipe.model.path, guidance_scale)
+    if gits.is_file():
+        starts["gits"] = OptimalGrid.load(gits)
+    grids = grids if grids is not None else LearnedGrids()
+    teacher_steps = teacher_steps or TEACHER_STEPS
+    with torch.no_grad():
+        teachers = [sample_loop(den, get_sampler("dpm-solver++"), x.clone(), teacher_steps, c, u,
+                                spacing="logsnr") for den, x, c, u in (train, valid)]
+
+        def error(times: list[float], inputs, teacher) -> float:
+            den, x, c, u = inputs
+            solver = get_sampler(sampler)
+            pipe.attach_statistics(solver, guidance_scale)
+            out = sample_loop(den, solver, x.clone(), len(times) - 1, c, u,
+                              spacing=ExplicitGrid(times, "candidate"))
+            value = float((out - teacher).double().square().mean().sqrt())
+            return value if value == value else float("inf")
+
+        for steps in step_counts:
+            if steps < get_sampler(sampler).min_steps or steps < 1:
+                raise UserError(f"sampler {sampler!r} cannot run {steps} steps")
+            start_errors = {}
+            for name, spacing in starts.items():
+                if hasattr(spacing, "max_steps") and steps > spacing.max_steps:
+                    continue
+                times = continuous_grid(train[0], steps, spacing)
+                start_errors[name] = (error(times, train, teachers[0]), times)
+            start_name = min(start_errors, key=lambda k: start_errors[k][0])
+            start = start_errors[start_name][1]
+            times, train_error, evals = search_grid(lambda t: error(t, train, teachers[0]), start,
+                                                    max_evals=max_evals)
+            valid_start, valid_learned = error(start, valid, teachers[1]), error(times, valid, teachers[1])
+            kept = valid_learned < valid_start
+            info = {"start": start_name, "train_start": start_errors[start_name][0],
+                    "train_learned": train_error, "validation_start": valid_start,
+                    "validation_learned": valid_learned, "kept": "learned" if kept else "start",
+                    "evaluations": evals, "samples": len(prompts), "validation": len(validation_prompts),
+                    "teacher": f"dpm-solver++ {teacher_steps} steps, logsnr", "seed": seed}
+            grids.add(sampler, steps, times if kept else start, info)
+            grids.meta.update({"model": pipe.model.name, "guidance_scale": guidance_scale})
+            if log is not None:
+                log(steps, info)
+    return grids
+

@@ -383,11 +383,78 @@ def calibrate_gits(args) -> int:
     return 0
 
 
+def _step_counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise UserError(f"--step-counts takes whole numbers separated by commas, e.g. 5,6,8,10; got {text!r}") from None
+    if not counts or counts[0] < 1:
+        raise UserError(f"--step-counts must be whole numbers >= 1, got {text!r}")
+    return counts
+
+
+def calibrate_learned_grid(args) -> int:
+    """``sdinfer calibrate --method learned-grid``: one sampler's grids at the given step counts,
+    added to the model's learned-grid file (an existing grid is replaced only with --overwrite)."""
+    import torch
+
+    from .calibrate import calibrate_learned_grids, learned_grid_path
+    from .pipeline import Pipeline
+    from .samplers import get_sampler
+    from .samplers.learned_grid import LearnedGrids, entry_key
+
+    counts = _step_counts(args.step_counts)
+    args.samples = 16 if args.samples is None else args.samples
+    if args.samples < 1 or args.validation < 1:
+        raise UserError(f"--samples and --validation must be >= 1 for a learned grid, got "
+                        f"{args.samples} and {args.validation}")
+    if args.evals < 1:
+        raise UserError(f"--evals must be >= 1, got {args.evals}")
+    try:
+        get_sampler(args.sampler)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _quiet_libraries()
+    pipe = Pipeline.from_pretrained(args.model)
+    out = Path(args.out) if args.out else learned_grid_path(pipe.model.path, args.cfg)
+    if out.suffix != ".safetensors":
+        raise UserError(f"learned grids are written as safetensors; give --out a .safetensors name, not {out}")
+    grids = None
+    if out.exists():
+        try:
+            grids = LearnedGrids.load(out)
+        except ValueError as err:
+            raise UserError(f"{err}; choose another --out") from None
+        taken = [n for n in counts if entry_key(args.sampler, n) in grids.grids]
+        if taken and not args.overwrite:
+            raise UserError(f"{out} has grids for {args.sampler} at {', '.join(map(str, taken))} steps; "
+                            "pass --overwrite to replace them or --out for another file")
+    texts = calibration_prompts(args.prompts, args.samples + args.validation, args.seed)
+    start = time.perf_counter()
+
+    def log(steps: int, info: dict) -> None:
+        print(f"{args.sampler} {steps} steps: from {info['start']}, training RMS {info['train_start']:.4f} -> "
+              f"{info['train_learned']:.4f} ({info['evaluations']} evaluations), validation "
+              f"{info['validation_start']:.4f} -> {info['validation_learned']:.4f}: kept {info['kept']}",
+              flush=True)
+
+    grids = calibrate_learned_grids(pipe, args.cfg, args.sampler, counts, texts[:args.samples],
+                                    texts[args.samples:], args.seed, args.evals, grids=grids, log=log)
+    grids.save(out)
+    print(f"wrote learned grids of {pipe.model.name} at cfg {args.cfg:g} for {args.sampler} at "
+          f"{', '.join(map(str, counts))} steps to {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate_pipeline, statistics_path
 
     if args.method == "gits":
         return calibrate_gits(args)
+    if args.method == "learned-grid":
+        return calibrate_learned_grid(args)
     if args.method != "dpm-solver-v3":
         return calibrate_cache(args)
     args.points = 250 if args.points is None else args.points
@@ -491,8 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="StepSaver predictor for --steps auto (default: the one beside the model)")
     g.add_argument("--spacing", default=None,
                    help="time grid: trailing, leading, linspace, karras, logsnr, time_uniform, "
-                        "time_quadratic, or gits (the optimal grid calibrated for the model at this "
-                        "--cfg: sdinfer calibrate --method gits) (default: the sampler's own)")
+                        "time_quadratic, gits (the optimal grid calibrated for the model at this "
+                        "--cfg: sdinfer calibrate --method gits), or learned (the grid learned for this "
+                        "sampler and step count: sdinfer calibrate --method learned-grid) "
+                        "(default: the sampler's own)")
     g.add_argument("--analytic-first-step", action="store_true",
                    help="take the first step from the Gaussian-data prediction instead of a model call "
                         "(GENIE / GITS): --steps N costs N - 1 evaluations")
@@ -546,20 +615,26 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Record what an accelerator learns from the model and save it beside "
                                    "the model (or to --out), where the accelerator finds it: "
                                    "DPM-Solver-v3's empirical model statistics at one guidance scale "
-                                   "(the default), GITS's optimal time grid (--method gits), or a cache "
+                                   "(the default), GITS's optimal time grid (--method gits), one "
+                                   "sampler's learned time grids (--method learned-grid), or a cache "
                                    "method's calibration (--method teacache, ...), recorded on --samples "
                                    "training-like prompts.")
     c.add_argument("--method", default="dpm-solver-v3",
-                   help="dpm-solver-v3, gits (an optimal time grid: generate --spacing gits), or a "
-                        "cache method that calibrates (default: dpm-solver-v3)")
+                   help="dpm-solver-v3, gits (an optimal time grid: generate --spacing gits), "
+                        "learned-grid (one sampler's grids learned on its global error: generate "
+                        "--spacing learned), or a cache method that calibrates (default: dpm-solver-v3)")
     c.add_argument("--model", default="default", help="default | unet | dit | PATH (default: default)")
     c.add_argument("--cfg", type=float, default=4.0, help="guidance scale the statistics are for (default: 4)")
     c.add_argument("--prompts", default="train",
                    help="train (captions like the default models' training data) | quick | FILE")
     c.add_argument("--samples", type=int, default=None,
-                   help="trajectories (default: 64 for dpm-solver-v3, 16 for gits or a cache)")
+                   help="trajectories (default: 64 for dpm-solver-v3, 16 for gits, learned-grid or a cache)")
     c.add_argument("--steps", type=int, default=50, help="cache methods: sampling steps (default: 50)")
-    c.add_argument("--sampler", default="ddim", help="cache methods: sampler (default: ddim)")
+    c.add_argument("--sampler", default="ddim", help="cache methods and learned-grid: sampler (default: ddim)")
+    c.add_argument("--step-counts", default="5,6,8,10,12",
+                   help="learned-grid: the step counts to learn grids for (default: 5,6,8,10,12)")
+    c.add_argument("--evals", type=int, default=150,
+                   help="learned-grid: most trial grids per step count (default: 150)")
     c.add_argument("--points", type=int, default=None,
                    help="dpm-solver-v3: lambda grid points (default: 250); gits: fine-grid points "
                         "per family, uniform in t and in log-SNR (default: 60)")
@@ -568,15 +643,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--smooth", type=float, default=0.1,
                    help="width in log-SNR of the Gaussian that smooths the statistics; 0: none (default: 0.1)")
     c.add_argument("--validation", type=int, default=8,
-                   help="further trajectories on which to choose whether the solver's corrector pays; "
-                        "0: keep it on (default: 8)")
+                   help="further trajectories on which to choose whether the solver's corrector pays "
+                        "(0: keep it on), or on which a learned grid must beat its start (default: 8)")
     c.add_argument("--seed", type=int, default=0, help="seed of noise and probes (default: 0)")
     c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     c.add_argument("--out", default=None,
                    help="file to write (default: MODEL/dpm_solver_v3/cfgCFG.safetensors, for gits "
-                        "MODEL/gits/cfgCFG.safetensors, for a cache "
+                        "MODEL/gits/cfgCFG.safetensors, for learned-grid "
+                        "MODEL/learned_grid/cfgCFG.safetensors (grids are added to it), for a cache "
                         "DENOISER/sdinfer_calibration/METHOD.safetensors)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing statistics file")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing statistics file (learned-grid: existing grids of the same "
+                        "sampler and step counts)")
     c.set_defaults(func=cmd_calibrate)
 
     t = sub.add_parser("train-default", help="train a default model on the shapes data (resumable)",

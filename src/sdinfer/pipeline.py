@@ -122,23 +122,31 @@ class Pipeline:
                             "dpm-solver-v3:stats=PATH")
         solver.stats = EMS.load(path)
 
-    def time_grid(self, spacing, guidance_scale: float, steps: int):
-        """``"gits"``: the optimal grid the model ships for this guidance scale; else as given."""
-        from .calibrate import grid_path
+    def time_grid(self, spacing, guidance_scale: float, steps: int, sampler: str | None = None):
+        """``"gits"``: the optimal grid the model ships for this guidance scale; ``"learned"``: the
+        grid learned for ``sampler`` at ``steps`` steps and this guidance scale; else as given."""
         from .samplers.base import SPACINGS
-        from .samplers.optimal_grid import OptimalGrid
 
         if spacing is None or hasattr(spacing, "times"):
             return spacing
-        if spacing != "gits":
+        if spacing not in ("gits", "learned"):
             if spacing not in SPACINGS:
-                raise UserError(f"unknown time grid {spacing!r}; choose one of {', '.join(SPACINGS)}, gits")
+                raise UserError(f"unknown time grid {spacing!r}; choose one of {', '.join(SPACINGS)}, "
+                                "gits, learned")
             if (spacing == "flow") != self.model.schedule.is_flow:
                 raise UserError(f"the {spacing} grid does not fit model {self.model.name}'s "
                                 f"{'flow-matching' if self.model.schedule.is_flow else 'VP'} schedule")
             return spacing
         if self.model.schedule.is_flow:
-            raise UserError("the gits grid is for VP schedules; a flow-matching model uses the flow grid")
+            raise UserError(f"the {spacing} grid is for VP schedules; a flow-matching model uses the flow grid")
+        if spacing == "gits":
+            return self._gits_grid(guidance_scale, steps)
+        return self._learned_grid(guidance_scale, steps, sampler or "ddim")
+
+    def _gits_grid(self, guidance_scale: float, steps: int):
+        from .calibrate import grid_path
+        from .samplers.optimal_grid import OptimalGrid
+
         path = grid_path(self.model.path, guidance_scale)
         if not path.is_file():
             raise UserError(f"the gits grid of model {self.model.name} at cfg {guidance_scale:g} does not "
@@ -152,6 +160,23 @@ class Pipeline:
             raise UserError(f"the gits grid at {path} allows at most {grid.max_steps} steps, not {steps}; "
                             "recalibrate it with more --points or choose another --spacing")
         return grid
+
+    def _learned_grid(self, guidance_scale: float, steps: int, sampler: str):
+        from .calibrate import learned_grid_path
+        from .samplers.learned_grid import LearnedGrids
+
+        path = learned_grid_path(self.model.path, guidance_scale)
+        how = (f"`sdinfer calibrate --method learned-grid --model {self.model.name} --cfg {guidance_scale:g} "
+               f"--sampler {sampler} --step-counts {steps}`")
+        if not path.is_file():
+            raise UserError(f"model {self.model.name} has no learned grids at cfg {guidance_scale:g} ({path}); "
+                            f"learn one with {how} or choose another --spacing")
+        try:
+            return LearnedGrids.load(path).grid(sampler, steps)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        except KeyError as err:
+            raise UserError(f"{err.args[0]}; learn it with {how} or choose another --spacing") from None
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +193,8 @@ class Pipeline:
         """``steps="auto"``: StepSaver's predictor (``predictor``: a path or a StepPredictor;
         default the one beside the model) picks the count, the largest over the prompts.
         ``spacing``: a grid name (None: the sampler's own), ``"gits"`` (the grid the model
-        ships for this guidance scale) or a grid object.  ``analytic_first_step``: the first
+        ships for this guidance scale), ``"learned"`` (the grid learned for this sampler, step
+        count and guidance scale) or a grid object.  ``analytic_first_step``: the first
         step without a model call (``steps`` steps cost ``steps - 1`` evaluations)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -198,7 +224,7 @@ class Pipeline:
             except ValueError as err:
                 raise UserError(str(err)) from None
         self.attach_statistics(solver, guidance_scale)
-        given_spacing, spacing = spacing, self.time_grid(spacing, guidance_scale, steps)
+        given_spacing, spacing = spacing, self.time_grid(spacing, guidance_scale, steps, sampler)
         size = self.check_size(size)
         seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
         start = time.perf_counter()

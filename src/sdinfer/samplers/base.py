@@ -8,6 +8,7 @@ evaluation a ``StepContext`` that accelerators read.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -84,6 +85,19 @@ def continuous_times(schedule, steps: int, spacing: str) -> list[float]:
 
 
 FINALS = ("zero", "sigma_min")
+
+
+@dataclass(eq=False)
+class ExplicitGrid:
+    """A grid for ``sample_loop`` given as its ``steps + 1`` times, for that step count only."""
+
+    values: list[float]
+    name: str = "explicit"
+
+    def times(self, steps: int) -> list[float]:
+        if steps != len(self.values) - 1:
+            raise ValueError(f"this {self.name} grid has {len(self.values) - 1} steps, not {steps}")
+        return list(self.values)
 
 
 def continuous_grid(denoiser: Denoiser, steps: int, spacing: str = "trailing",

@@ -107,16 +107,6 @@ class OptimalGrid:
         return cls(tensors["nodes"], tensors["cost"], json.loads(meta.get("meta", "{}")))
 
 
-class _Nodes:
-    """An explicit grid for ``sample_loop``: these times, whatever the step count."""
-
-    def __init__(self, times: list[float]):
-        self._times = times
-
-    def times(self, steps: int) -> list[float]:
-        return self._times
-
-
 def fine_nodes(schedule, points: int) -> torch.Tensor:
     """The fine grid: ``points`` times uniform in t and ``points`` uniform in log-SNR, from
     t = 1 to t_min (so both the high-noise and the low-noise ends are finely resolved), and 0."""
@@ -134,7 +124,7 @@ def compute_grid(denoiser, x_T: torch.Tensor, cond, uncond, points: int = 60, re
     """Teacher trajectories from ``x_T`` and the cost of each first-order step between fine nodes."""
     from ..context import StepContext
     from . import get_sampler
-    from .base import sample_loop
+    from .base import ExplicitGrid, sample_loop
 
     if points < 2 or refine < 1:
         raise ValueError(f"gits needs points >= 2 and refine >= 1, got {points} and {refine}")
@@ -153,7 +143,7 @@ def compute_grid(denoiser, x_T: torch.Tensor, cond, uncond, points: int = 60, re
             xs.append(x.clone())
 
     final = sample_loop(denoiser, get_sampler("dpm-solver++"), x_T.clone(), len(fine) - 1, cond, uncond,
-                        spacing=_Nodes(fine), callback=keep)
+                        spacing=ExplicitGrid(fine, "teacher"), callback=keep)
     xs[-1] = final
     if len(xs) != nodes.shape[0]:
         raise RuntimeError(f"teacher kept {len(xs)} states for {nodes.shape[0]} nodes")

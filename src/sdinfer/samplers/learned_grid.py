@@ -1,0 +1,135 @@
+"""Learned time grids: the discretization of one solver at one step count that minimises that
+solver's global error against a fine teacher (LD3: Tong, Hoang, Liu, Van den Broeck & Niepert,
+"Learning to Discretize Denoising Diffusion ODEs", ICLR 2025, Eq. 5, the hard objective):
+
+    min over 1 = t_0 > t_1 > ... > t_{N-1} > t_N = 0 of  E_{x_T} || Psi_t(x_T) - Psi*(x_T) ||^2
+
+with Psi_t the N-step solver on the grid t and Psi* the teacher (a fine solve of the same ODE
+from the same noise).  Unlike GITS (``optimal_grid.py``), which adds up local errors of a
+first-order step, this scores the whole path of the solver that will use it, so it accounts
+for how errors propagate and for the solver's order.
+
+LD3 descends on the objective by backpropagating through the solver and the model, and relaxes
+the target (its soft teacher) against over-fitting.  Here the N - 1 interior times are searched
+without gradients (our samplers take float times): a pattern search in which each interior
+time moves a fraction f of the way to either neighbour (so the grid stays ordered), a move is
+kept when it lowers the training error, and f halves after a sweep that keeps none.  It starts
+from the best fixed grid, and validation trajectories (other prompts and noise) guard against
+over-fitting: the learned grid is kept only where its validation error is below the starting
+grid's, else the starting grid is stored.
+
+A file (safetensors, beside the model as ``learned_grid/cfgG.safetensors``) holds one grid per
+(sampler, steps); ``LearnedGrids.grid(sampler, steps)`` gives what ``sample_loop`` runs on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .base import ExplicitGrid
+
+KIND = "sdinfer-learned-grid"
+SEPARATOR = "|"
+
+
+def entry_key(sampler: str, steps: int) -> str:
+    """The key of one grid: the sampler spec as written (lower case, no spaces) and the steps."""
+    return f"{''.join(sampler.lower().split())}{SEPARATOR}{steps}"
+
+
+@dataclass(eq=False)
+class LearnedGrids:
+    """Grids by (sampler, steps), each ``steps + 1`` times falling to 0, with how they were found."""
+
+    grids: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key, times in self.grids.items():
+            _check_times(times, key)
+        self.grids = {k: v.double() for k, v in self.grids.items()}
+
+    def entries(self) -> list[tuple[str, int]]:
+        return sorted((k.rsplit(SEPARATOR, 1)[0], int(k.rsplit(SEPARATOR, 1)[1])) for k in self.grids)
+
+    def grid(self, sampler: str, steps: int) -> ExplicitGrid:
+        key = entry_key(sampler, steps)
+        if key not in self.grids:
+            have = ", ".join(f"{s} {n}" for s, n in self.entries()) or "none"
+            raise KeyError(f"no learned grid for sampler {sampler!r} at {steps} steps (learned: {have})")
+        return ExplicitGrid(self.grids[key].tolist(), "learned")
+
+    def add(self, sampler: str, steps: int, times: list[float], info: dict) -> None:
+        key = entry_key(sampler, steps)
+        grid = torch.tensor(times, dtype=torch.float64)
+        _check_times(grid, key)
+        self.grids[key] = grid
+        self.meta.setdefault("entries", {})[key] = info
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.grids.items()}, str(path),
+                  metadata={"kind": KIND, "meta": json.dumps(self.meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LearnedGrids":
+        from safetensors import SafetensorError
+        from safetensors.torch import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no learned grids at {path}; make them with "
+                                    "`sdinfer calibrate --method learned-grid`")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path} is not a safetensors file ({err})") from None
+        if meta.get("kind") != KIND or not all(SEPARATOR in k for k in tensors):
+            raise ValueError(f"{path} is not a learned-grid file (made by `sdinfer calibrate --method learned-grid`)")
+        return cls(tensors, json.loads(meta.get("meta", "{}")))
+
+
+def _check_times(times: torch.Tensor, key: str) -> None:
+    if times.ndim != 1 or times.shape[0] < 2:
+        raise ValueError(f"learned grid {key!r} must be a list of at least 2 times, got shape {tuple(times.shape)}")
+    if not 0.0 < float(times[0]) <= 1.0 or float(times[-1]) != 0.0 or not bool((times[1:] < times[:-1]).all()):
+        raise ValueError(f"learned grid {key!r} must fall strictly from t <= 1 to t = 0")
+    if SEPARATOR in key and key.rsplit(SEPARATOR, 1)[1] != str(times.shape[0] - 1):
+        raise ValueError(f"learned grid {key!r} has {times.shape[0] - 1} steps")
+
+
+def search_grid(error: Callable[[list[float]], float], start: list[float], fraction: float = 0.5,
+                min_fraction: float = 1 / 32, max_evals: int = 200) -> tuple[list[float], float, int]:
+    """Pattern search for the interior times minimising ``error(times)``; ends and order kept.
+
+    Returns the grid, its error and how many times ``error`` was called (the start included)."""
+    if len(start) < 3:
+        error_at_start = error(list(start))
+        return list(start), error_at_start, 1  # one step: nothing to move
+    times, best, evals = list(start), error(list(start)), 1
+    while fraction >= min_fraction and evals < max_evals:
+        kept = False
+        for i in range(1, len(times) - 1):
+            for neighbour in (i - 1, i + 1):
+                trial = list(times)
+                trial[i] = times[i] + fraction * (times[neighbour] - times[i])
+                value = error(trial)
+                evals += 1
+                if value < best:
+                    times, best, kept = trial, value, True
+                    break
+                if evals >= max_evals:
+                    return times, best, evals
+        if not kept:
+            fraction /= 2
+    return times, best, evals
