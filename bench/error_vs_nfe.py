@@ -8,7 +8,9 @@ Each sampler runs from the same 256 noise samples with NFE in {5, 6, 8, 10, 12, 
 final sample to a 1000-step DPM-Solver++(3M) reference from the same noise (which agrees with
 the scipy solution of the probability-flow ODE to 1e-7).  Our samplers run on each of their
 grids (trailing, leading, linspace, logsnr, karras, time_uniform, time_quadratic, and gits: the
-optimal grid of GITS, calibrated on other noise -- on a default model the grid it ships);
+optimal grid of GITS, calibrated on other noise -- on a default model the grid it ships), and
+DDIM and DPM-Solver++(2M) on their learned grids (``samplers/learned_grid.py``: learned on
+other noise; on a default model the ones it ships, on other prompts and noise);
 DPM-Solver-v3 on statistics from other noise (a default model's shipped ones); rows marked
 +afs take the analytic first step (one step more for the same NFE).  Diffusers' schedulers
 with their own defaults and their Karras / uniform-lambda ("lu_lambdas") options where they
@@ -29,6 +31,7 @@ import warnings
 import torch
 
 from sdinfer.denoiser import Denoiser
+from sdinfer.errors import UserError
 from sdinfer.eval import gaussian_mixture as gm
 from sdinfer.samplers import get_sampler, sample_loop
 
@@ -40,6 +43,8 @@ OURS = ["ddim", "dpm-solver++-2m", "dpm-solver++-3m", "dpm-solver:order=3",
 GRIDS = ["trailing", "leading", "linspace", "logsnr", "karras", "time_uniform", "time_quadratic", "gits"]
 # run again with the analytic first step (one evaluation saved: NFE + 1 steps for NFE evaluations)
 WITH_AFS = ["ddim", "dpm-solver++-2m", "unipc:order=2", "dpm-solver-v3"]
+# also on their learned grids (a default model's shipped ones; on the mixture learned here)
+LEARNED = ["ddim", "dpm-solver++-2m"]
 TWO_EVALUATIONS = {"heun"}
 ONE_EXTRA_EVALUATION = {"plms"}  # its first step evaluates twice
 
@@ -96,6 +101,7 @@ def our_rows(only: str | None):
     """(row name, sampler spec, grid, analytic first step) of every row of ours to run."""
     rows = [(f"sdinfer {spec} [{grid}]", spec, grid, False) for spec in OURS for grid in GRIDS]
     rows += [(f"sdinfer {spec}+afs [{grid}]", spec, grid, True) for spec in WITH_AFS for grid in GRIDS]
+    rows += [(f"sdinfer {spec} [learned]", spec, "learned", False) for spec in LEARNED]
     return [r for r in rows if only is None or re.search(only, r[0])]
 
 
@@ -118,6 +124,25 @@ def mixture_aids(sched):
     x_cal = torch.randn(512, 2, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     ems = compute_ems(den, x_cal, None, None, points=200, generator=torch.Generator().manual_seed(1))
     return ems, compute_grid(den, x_cal[:256], None, None, points=60)
+
+
+def mixture_learned_grid(sched, spec: str, nfe: int, gits) -> object:
+    """``spec``'s grid for ``nfe`` evaluations learned on the mixture (256 calibration samples)."""
+    from sdinfer.samplers.base import ExplicitGrid, continuous_grid
+    from sdinfer.samplers.learned_grid import learn_grid
+
+    den = Denoiser(gm.model_fn(sched), sched, "sample")
+    x_cal = torch.randn(256, 2, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    teacher = sample_loop(den, get_sampler("dpm-solver++-3m"), x_cal.clone(), 400, None, None, spacing="logsnr")
+    steps = steps_for(spec, nfe)
+
+    def error(times):
+        out = sample_loop(den, get_sampler(spec), x_cal.clone(), steps, None, None, spacing=ExplicitGrid(times))
+        return float((out - teacher).square().mean().sqrt())
+
+    spacings = {**{g: g for g in GRIDS if g not in ("gits", "leading", "linspace")}, "gits": gits}
+    times, _ = learn_grid(error, {k: continuous_grid(den, steps, v) for k, v in spacings.items()})
+    return ExplicitGrid(times, "learned")
 
 
 def solver(spec: str, stats=None):
@@ -201,8 +226,13 @@ def main() -> None:
         for name, spec, grid, afs in our_rows(args.only):
             errors = []
             for nfe in NFES:
-                x, used = run_model(pipe, cond, uncond, x_T, get_sampler(spec), steps_for(spec, nfe, afs),
-                                    grids[grid], afs)
+                steps = steps_for(spec, nfe, afs)
+                try:
+                    spacing = pipe.time_grid(grid, 4.0, steps, spec) if grid == "learned" else grids[grid]
+                except UserError:  # no grid learned for this step count
+                    errors.append(float("nan"))
+                    continue
+                x, used = run_model(pipe, cond, uncond, x_T, get_sampler(spec), steps, spacing, afs)
                 errors.append(rmse(x) if used <= nfe else float("nan"))
             rows[name] = errors
         for name, make in _diffusers_schedulers(pipe.model.prediction_type).items():
@@ -230,7 +260,8 @@ def main() -> None:
         for name, spec, grid, afs in our_rows(args.only):
             errors = []
             for nfe in NFES:
-                x, used = run_ours(spec, grids[grid], nfe, sched, x_T, stats, afs)
+                spacing = mixture_learned_grid(sched, spec, nfe, gits) if grid == "learned" else grids[grid]
+                x, used = run_ours(spec, spacing, nfe, sched, x_T, stats, afs)
                 errors.append(rmse(x) if used <= nfe else float("nan"))
             rows[name] = errors
         for name, make in _diffusers_schedulers().items():

@@ -175,12 +175,26 @@ def test_calibrate_writes_statistics_and_keeps_existing_files(tmp_path, capsys):
     ems = EMS.load(out)
     assert ems.shape == (3, 1, 1) and ems.lam.shape == (11,)
     assert ems.meta["guidance_scale"] == 3.0 and ems.meta["samples"] == 2
-    # the corrector setting chosen on the validation trajectory, and the errors it rests on
+    # the corrector settings chosen on the validation trajectory, and the errors they rest on
     selection = ems.meta["corrector_selection"]
     assert isinstance(ems.meta["use_corrector"], bool) and selection["trajectories"] == 1
     log_mean = {k: sum(math.log(v) for v in selection[k]) for k in ("rms_with", "rms_without")}
     assert ems.meta["use_corrector"] == (log_mean["rms_with"] <= log_mean["rms_without"])
-    assert selection["nfe"] == [5, 6, 8, 10] and "corrector o" in stdout
+    assert selection["nfe"] == [5, 6, 8, 10, 12, 15, 20] and "corrector by NFE: 5 o" in stdout
+    assert ems.meta["corrector_by_steps"] == {str(n): a <= b for n, a, b in
+                                              zip(selection["nfe"], selection["rms_with"], selection["rms_without"])}
+    # chosen again on more trajectories, the statistics kept
+    code, _, err = run(capsys, *args[:-4], "--validation", "2", "--validate-only", "--out", str(out))
+    assert code == 2 and "--validate-only" in err and "--overwrite" in err
+    code, stdout, err = run(capsys, *args[:-4], "--validation", "2", "--validate-only", "--overwrite",
+                            "--out", str(out))
+    assert code == 0 and "statistics kept" in stdout, err
+    import torch
+    again = EMS.load(out)
+    assert torch.equal(again.l, ems.l) and again.meta["corrector_selection"]["trajectories"] == 2
+    code, _, err = run(capsys, *args[:-4], "--validation", "2", "--validate-only", "--overwrite",
+                       "--out", str(tmp_path / "none.safetensors"))
+    assert code == 2 and "there is no" in err
     code, _, err = run(capsys, *args[:-2], "--validation", "-1", "--out", str(tmp_path / "c.safetensors"))
     assert code == 2 and "--validation must be >= 0" in err
     before = out.read_bytes()

@@ -105,3 +105,13 @@ def test_calibrated_statistics_beat_dpm_solver_plus_plus_at_low_nfe():
         v3 = sample_loop(den(), DPMSolverV3(stats=ems, order=2), x_T.clone(), n, None, None, spacing="logsnr")
         pp = sample_loop(den(), get_sampler("dpm-solver++"), x_T.clone(), n, None, None, spacing="logsnr")
         assert (v3 - ref).square().mean() < 0.7 * (pp - ref).square().mean(), n
+
+
+def test_the_corrector_follows_the_choice_for_the_nearest_validated_step_count():
+    from sdinfer.samplers.dpm_solver_v3 import corrector_setting
+
+    meta = {"use_corrector": True, "corrector_by_steps": {"5": False, "6": True, "10": False, "20": True}}
+    assert [corrector_setting(meta, n) for n in (3, 5, 6, 7, 8, 10, 14, 15, 16, 50)] == \
+        [False, False, True, True, False, False, False, True, True, True]
+    assert corrector_setting({"use_corrector": False}, 6) is False
+    assert corrector_setting({}, 6) is True

@@ -105,7 +105,7 @@ def test_calibrate_and_generate_with_a_learned_grid(tmp_path, capsys, monkeypatc
     grids = LearnedGrids.load(out)
     assert grids.entries() == [("ddim", 2), ("ddim", 3)]
     info = grids.meta["entries"]["ddim|3"]
-    assert info["evaluations"] == 4 and info["kept"] in ("learned", "start")
+    assert info["evaluations"] == 4 + 3 and info["kept"] in ("learned", "start")  # + trailing, logsnr, gits
     assert info["train_learned"] <= info["train_start"]
     before = out.read_bytes()
     code, _, err = run(capsys, *args)

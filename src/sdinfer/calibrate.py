@@ -20,12 +20,12 @@ Expectations run over the samples and, with ``reduce="channel"`` (the default), 
 pixels of each channel, which keeps 64 trajectories enough; ``reduce="none"`` keeps one
 value per element as the paper does with thousands of samples.
 
-Whether the corrector pays depends on the model and the statistics (on the default models
-it helped the DiT and hurt the UNet at NFE 5-10), so ``choose_corrector`` samples a few
-validation trajectories (other prompts and seeds than the calibration's) at NFE 5, 6, 8, 10
-with and without it, against a 200-step DPM-Solver++(2M) solution, and writes the setting
-with the lower geometric-mean error into the file's metadata; the solver follows it unless
-told ``use_corrector=...``.
+Whether the corrector pays depends on the model, the statistics and the step count (on the
+default models it helped the DiT and mostly hurt the UNet at NFE 5-10), so ``choose_corrector``
+samples validation trajectories (other prompts and seeds than the calibration's) at NFE 5-20
+with and without it, against a 200-step DPM-Solver++(2M) solution, and writes the setting with
+the lower error at each step count into the file's metadata; the solver follows it (at other
+step counts, the nearest one's) unless told ``use_corrector=...``.
 
 ``calibrate_grid`` records the other per-model sampling aids, GITS's optimal time grid
 (``samplers/optimal_grid.py``), from teacher trajectories of the same kind of prompts, and
@@ -46,7 +46,7 @@ from .samplers import get_sampler, sample_loop
 from .samplers.dpm_solver_v3 import DPMSolverV3
 from .samplers.ems import EMS
 from .samplers.base import DISCRETE_SPACINGS, ExplicitGrid, continuous_grid
-from .samplers.learned_grid import LearnedGrids, search_grid
+from .samplers.learned_grid import LearnedGrids, learn_grid
 from .samplers.optimal_grid import OptimalGrid, compute_grid
 
 REDUCTIONS = ("channel", "all", "none")
@@ -126,25 +126,47 @@ def compute_ems(denoiser, x_T: torch.Tensor, cond, uncond, points: int = 250, re
                               "reduce": reduce, "smooth": smooth})
 
 
+CORRECTOR_NFES = (5, 6, 8, 10, 12, 15, 20)
+
+
 def choose_corrector(denoiser, ems: EMS, x_T: torch.Tensor, cond, uncond,
-                     nfes: tuple[int, ...] = (5, 6, 8, 10), reference_steps: int = 200) -> dict:
-    """Metadata entries: ``use_corrector`` and the validation errors it was chosen on."""
+                     nfes: tuple[int, ...] = CORRECTOR_NFES, reference_steps: int = 200) -> dict:
+    """Metadata entries: ``corrector_by_steps`` (on or off at each of ``nfes``), ``use_corrector``
+    (over all of them) and the validation errors they were chosen on.  Each error is the geometric
+    mean over the trajectories of each one's RMS error, so that no single trajectory decides."""
     with torch.no_grad():
         ref = sample_loop(denoiser, get_sampler("dpm-solver++"), x_T.clone(), reference_steps,
                           cond, uncond)
         errors = {}
         for flag in (True, False):
             solver = DPMSolverV3(stats=ems, use_corrector=flag)
-            errors[flag] = [float((sample_loop(denoiser, solver, x_T.clone(), n, cond, uncond) - ref)
-                                  .square().mean().sqrt()) for n in nfes]
+            errors[flag] = []
+            for n in nfes:
+                out = sample_loop(denoiser, solver, x_T.clone(), n, cond, uncond)
+                per_trajectory = (out - ref).double().flatten(1).square().mean(1).sqrt().clamp(min=1e-30)
+                errors[flag].append(float(per_trajectory.log().mean().exp()))
 
     def log_mean(values: list[float]) -> float:
         return sum(math.log(max(v, 1e-30)) for v in values) / len(values)
 
     return {"use_corrector": log_mean(errors[True]) <= log_mean(errors[False]),
+            "corrector_by_steps": {str(n): a <= b for n, a, b in zip(nfes, errors[True], errors[False])},
             "corrector_selection": {"nfe": list(nfes), "rms_with": errors[True],
                                     "rms_without": errors[False], "trajectories": int(x_T.shape[0]),
+                                    "error": "geometric mean over trajectories of each one's RMS",
                                     "reference": f"dpm-solver++ {reference_steps} steps"}}
+
+
+def validate_corrector(pipe, ems: EMS, guidance_scale: float, validation_prompts: list[str],
+                          seed: int = 0) -> EMS:
+    """The corrector settings of ``ems`` chosen on one trajectory per validation prompt (noise
+    seeds from seed + 10^5); earlier choices in its metadata are replaced, its tensors kept."""
+    v_den, v_x, v_cond, v_uncond = _inputs(pipe, guidance_scale, validation_prompts,
+                                           seed + VALIDATION_SEED_OFFSET)
+    for key in ("use_corrector", "corrector_by_steps", "corrector_selection"):
+        ems.meta.pop(key, None)
+    ems.meta.update(choose_corrector(v_den, ems, v_x, v_cond, v_uncond))
+    return ems
 
 
 def statistics_path(model_path: str | Path, guidance_scale: float) -> Path:
@@ -179,9 +201,7 @@ def calibrate_pipeline(pipe, guidance_scale: float, prompts: list[str], points: 
     except ValueError as err:
         raise UserError(str(err)) from None
     if validation_prompts:
-        v_den, v_x, v_cond, v_uncond = _inputs(pipe, guidance_scale, validation_prompts,
-                                               seed + VALIDATION_SEED_OFFSET)
-        ems.meta.update(choose_corrector(v_den, ems, v_x, v_cond, v_uncond))
+        validate_corrector(pipe, ems, guidance_scale, validation_prompts, seed)
     return ems
 
 
@@ -226,10 +246,10 @@ def calibrate_learned_grids(pipe, guidance_scale: float, sampler: str, step_coun
     first = seed + LEARNED_SEED_OFFSET
     train = _inputs(pipe, guidance_scale, prompts, first)
     valid = _inputs(pipe, guidance_scale, validation_prompts, first + VALIDATION_SEED_OFFSET)
-    starts: dict[str, object] = {s: s for s in START_SPACINGS}
+    spacings: dict[str, object] = {s: s for s in START_SPACINGS}
     gits = grid_path(pipe.model.path, guidance_scale)
     if gits.is_file():
-        starts["gits"] = OptimalGrid.load(gits)
+        spacings["gits"] = OptimalGrid.load(gits)
     grids = grids if grids is not None else LearnedGrids()
     teacher_steps = teacher_steps or TEACHER_STEPS
     with torch.no_grad():
@@ -248,24 +268,13 @@ def calibrate_learned_grids(pipe, guidance_scale: float, sampler: str, step_coun
         for steps in step_counts:
             if steps < get_sampler(sampler).min_steps or steps < 1:
                 raise UserError(f"sampler {sampler!r} cannot run {steps} steps")
-            start_errors = {}
-            for name, spacing in starts.items():
-                if hasattr(spacing, "max_steps") and steps > spacing.max_steps:
-                    continue
-                times = continuous_grid(train[0], steps, spacing)
-                start_errors[name] = (error(times, train, teachers[0]), times)
-            start_name = min(start_errors, key=lambda k: start_errors[k][0])
-            start = start_errors[start_name][1]
-            times, train_error, evals = search_grid(lambda t: error(t, train, teachers[0]), start,
-                                                    max_evals=max_evals)
-            valid_start, valid_learned = error(start, valid, teachers[1]), error(times, valid, teachers[1])
-            kept = valid_learned < valid_start
-            info = {"start": start_name, "train_start": start_errors[start_name][0],
-                    "train_learned": train_error, "validation_start": valid_start,
-                    "validation_learned": valid_learned, "kept": "learned" if kept else "start",
-                    "evaluations": evals, "samples": len(prompts), "validation": len(validation_prompts),
-                    "teacher": f"dpm-solver++ {teacher_steps} steps, logsnr", "seed": seed}
-            grids.add(sampler, steps, times if kept else start, info)
+            starts = {name: continuous_grid(train[0], steps, spacing) for name, spacing in spacings.items()
+                      if not hasattr(spacing, "max_steps") or steps <= spacing.max_steps}
+            times, info = learn_grid(lambda t: error(t, train, teachers[0]), starts,
+                                     lambda t: error(t, valid, teachers[1]), max_evals)
+            info.update(samples=len(prompts), validation=len(validation_prompts), seed=seed,
+                        teacher=f"dpm-solver++ {teacher_steps} steps, logsnr")
+            grids.add(sampler, steps, times, info)
             grids.meta.update({"model": pipe.model.name, "guidance_scale": guidance_scale})
             if log is not None:
                 log(steps, info)

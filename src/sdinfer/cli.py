@@ -319,8 +319,9 @@ def calibration_prompts(spec: str, count: int, seed: int) -> list[str]:
     return [base[i % len(base)] for i in range(count)]
 
 
-def _calibration_target(args, default_samples: int, what: str, default_out):
-    """The pipeline to calibrate and the file to write (checked before any work is done)."""
+def _calibration_target(args, default_samples: int, what: str, default_out, rewrite: bool = False):
+    """The pipeline to calibrate and the file to write (checked before any work is done);
+    ``rewrite``: the file is one to update, not a new one."""
     import torch
 
     from .pipeline import Pipeline
@@ -335,6 +336,8 @@ def _calibration_target(args, default_samples: int, what: str, default_out):
     out = Path(args.out) if args.out else default_out(pipe)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it or --out for another file")
+    if rewrite and not out.is_file():
+        raise UserError(f"there is no {out} to update; calibrate first or give --out")
     if out.suffix != ".safetensors":
         raise UserError(f"{what} are written as safetensors; give --out a .safetensors name, not {out}")
     return pipe, out
@@ -460,6 +463,8 @@ def cmd_calibrate(args) -> int:
     args.points = 250 if args.points is None else args.points
     if args.validation < 0:
         raise UserError(f"--validation must be >= 0, got {args.validation}")
+    if args.validate_only:
+        return validate_statistics(args)
     pipe, out = _calibration_target(args, 64, "statistics", lambda pipe: statistics_path(pipe.model.path, args.cfg))
     texts = calibration_prompts(args.prompts, args.samples + args.validation, args.seed)
     prompts, validation = texts[:args.samples], texts[args.samples:]
@@ -471,13 +476,42 @@ def cmd_calibrate(args) -> int:
     print(f"wrote DPM-Solver-v3 statistics of {pipe.model.name} at cfg {args.cfg:g} "
           f"({len(prompts)} trajectories, {args.points} points) to {out} "
           f"in {time.perf_counter() - start:.1f} s")
-    if "use_corrector" in ems.meta:
-        sel = ems.meta["corrector_selection"]
-        print(f"corrector {'on' if ems.meta['use_corrector'] else 'off'}: RMS error on {len(validation)} "
-              f"validation trajectories at NFE {sel['nfe']}: with "
-              f"{', '.join(f'{v:.4f}' for v in sel['rms_with'])}; without "
-              f"{', '.join(f'{v:.4f}' for v in sel['rms_without'])}")
+    _print_corrector_choice(ems.meta)
     return 0
+
+
+def validate_statistics(args) -> int:
+    """``sdinfer calibrate --validate-only``: choose the corrector of existing statistics again."""
+    from .calibrate import statistics_path, validate_corrector
+    from .samplers.ems import EMS
+
+    if args.validation < 1:
+        raise UserError(f"--validate-only needs --validation >= 1, got {args.validation}")
+    if not args.overwrite:
+        raise UserError("--validate-only rewrites the statistics file's corrector choice; pass --overwrite")
+    pipe, out = _calibration_target(args, 64, "statistics", lambda pipe: statistics_path(pipe.model.path, args.cfg),
+                                    rewrite=True)
+    try:
+        ems = EMS.load(out)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(f"{err}") from None
+    texts = calibration_prompts(args.prompts, args.samples + args.validation, args.seed)
+    validate_corrector(pipe, ems, args.cfg, texts[args.samples:], args.seed)
+    ems.save(out)
+    print(f"chose the corrector of {out} again on {args.validation} validation trajectories (statistics kept)")
+    _print_corrector_choice(ems.meta)
+    return 0
+
+
+def _print_corrector_choice(meta: dict) -> None:
+    if "corrector_by_steps" not in meta:
+        return
+    sel = meta["corrector_selection"]
+    choice = ", ".join(f"{n} {'on' if v else 'off'}" for n, v in meta["corrector_by_steps"].items())
+    print(f"corrector by NFE: {choice}; "
+          f"error on {sel['trajectories']} validation trajectories (geometric mean of their RMS) at NFE "
+          f"{sel['nfe']}: with {', '.join(f'{v:.4f}' for v in sel['rms_with'])}; without "
+          f"{', '.join(f'{v:.4f}' for v in sel['rms_without'])}")
 
 
 def _check_device(name: str) -> None:
@@ -645,6 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--validation", type=int, default=8,
                    help="further trajectories on which to choose whether the solver's corrector pays "
                         "(0: keep it on), or on which a learned grid must beat its start (default: 8)")
+    c.add_argument("--validate-only", action="store_true",
+                   help="dpm-solver-v3: choose the corrector of the existing statistics file again on "
+                        "--validation trajectories (needs --overwrite; the statistics are kept)")
     c.add_argument("--seed", type=int, default=0, help="seed of noise and probes (default: 0)")
     c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     c.add_argument("--out", default=None,

@@ -15,9 +15,9 @@ the divided differences times n! (the paper's pseudo-order, for 5-10 steps).  Th
 t = 0 returns the data prediction of the (corrected) last point.  With l = 1, s = b = 0
 (``degenerated=true``) the predictor is DPM-Solver++ with exact phi-functions.
 
-Default: order 1, and the corrector as the statistics file says (``use_corrector`` in its
-metadata, which ``sdinfer calibrate`` chooses by the error on validation trajectories; on
-if the file does not say).  On the default models at NFE 5-10 with guidance 4 order 1 beat
+Default: order 1, and the corrector as the statistics file says for the step count
+(``corrector_by_steps`` in its metadata, which ``sdinfer calibrate`` chooses by the error on
+validation trajectories; on if the file does not say).  On the default models at NFE 5-10 with guidance 4 order 1 beat
 orders 2 and 3 (bench/results/dpm_solver_v3-*.md); the corrector helped on the DiT and hurt
 on the UNet.  The paper uses order 2 for guided sampling.
 """
@@ -31,6 +31,16 @@ from pathlib import Path
 import torch
 
 from .ems import EMS
+
+
+def corrector_setting(meta: dict, steps: int) -> bool:
+    """The statistics file's corrector choice for ``steps`` steps: its choice at that step
+    count, or at the nearest validated one; a file without choices keeps the corrector on."""
+    by_steps = meta.get("corrector_by_steps")
+    if not by_steps:
+        return bool(meta.get("use_corrector", True))
+    nearest = min(by_steps, key=lambda n: (abs(int(n) - steps), -int(n)))
+    return bool(by_steps[nearest])
 
 
 @dataclass
@@ -90,9 +100,10 @@ class DPMSolverV3:
         hist.insert(0, _Point(float(sched.lam(t)), x, pred.eps, float(sched.alpha(t)), float(sched.sigma(t))))
         del hist[self.order + 1:]
         c_order = state.get("p_order", 0) + (1 if self.c_pseudo else 0)
-        use_corrector = self.use_corrector
-        if use_corrector is None:
-            use_corrector = bool(ems.meta.get("use_corrector", True))
+        if self.use_corrector is not None:
+            use_corrector = self.use_corrector
+        else:
+            use_corrector = corrector_setting(ems.meta, ctx.num_steps)
         if use_corrector and len(hist) >= 2 and c_order > 1:
             now, before = hist[0], hist[1]
             others = [now, *hist[2:]][:c_order - 1]

@@ -133,3 +133,23 @@ def search_grid(error: Callable[[list[float]], float], start: list[float], fract
         if not kept:
             fraction /= 2
     return times, best, evals
+
+
+def learn_grid(train_error: Callable[[list[float]], float], starts: dict[str, list[float]],
+               validation_error: Callable[[list[float]], float] | None = None,
+               max_evals: int = 150) -> tuple[list[float], dict]:
+    """The searched grid from the best of ``starts`` (by training error) and how it was found;
+    with ``validation_error``, the start instead where the search does not lower it."""
+    start_errors = {name: train_error(list(times)) for name, times in starts.items()}
+    start_name = min(start_errors, key=start_errors.get)
+    start = list(starts[start_name])
+    times, value, evals = search_grid(train_error, start, max_evals=max_evals)
+    info = {"start": start_name, "train_start": start_errors[start_name], "train_learned": value,
+            "evaluations": evals + len(starts)}
+    if validation_error is not None:
+        before, after = validation_error(start), validation_error(times)
+        info.update(validation_start=before, validation_learned=after,
+                    kept="learned" if after < before else "start")
+        if after >= before:
+            times = start
+    return times, info
