@@ -236,9 +236,10 @@ TEACHER_STEPS = 200
 def calibrate_learned_grids(pipe, guidance_scale: float, sampler: str, step_counts: list[int],
                             prompts: list[str], validation_prompts: list[str], seed: int = 0,
                             max_evals: int = 150, teacher_steps: int | None = None,
-                            grids: LearnedGrids | None = None, log=None) -> LearnedGrids:
+                            grids: LearnedGrids | None = None, on_grid=None) -> LearnedGrids:
     """``sampler``'s learned grid at each of ``step_counts`` for ``pipe``'s model at
-    ``guidance_scale``, added to ``grids`` (a new set if None)."""
+    ``guidance_scale``, added to ``grids`` (a new set if None); ``on_grid(steps, info, grids)``
+    after each (the CLI saves there, so an interrupted run keeps the grids it has)."""
     if not prompts or not validation_prompts:
         raise UserError("learning a grid needs training and validation prompts (--samples, --validation >= 1)")
     if pipe.model.schedule.is_flow:
@@ -276,7 +277,7 @@ def calibrate_learned_grids(pipe, guidance_scale: float, sampler: str, step_coun
                         teacher=f"dpm-solver++ {teacher_steps} steps, logsnr")
             grids.add(sampler, steps, times, info)
             grids.meta.update({"model": pipe.model.name, "guidance_scale": guidance_scale})
-            if log is not None:
-                log(steps, info)
+            if on_grid is not None:
+                on_grid(steps, info, grids)
     return grids
 

@@ -437,15 +437,15 @@ def calibrate_learned_grid(args) -> int:
     texts = calibration_prompts(args.prompts, args.samples + args.validation, args.seed)
     start = time.perf_counter()
 
-    def log(steps: int, info: dict) -> None:
+    def on_grid(steps: int, info: dict, grids) -> None:
+        grids.save(out)
         print(f"{args.sampler} {steps} steps: from {info['start']}, training RMS {info['train_start']:.4f} -> "
               f"{info['train_learned']:.4f} ({info['evaluations']} evaluations), validation "
               f"{info['validation_start']:.4f} -> {info['validation_learned']:.4f}: kept {info['kept']}",
               flush=True)
 
-    grids = calibrate_learned_grids(pipe, args.cfg, args.sampler, counts, texts[:args.samples],
-                                    texts[args.samples:], args.seed, args.evals, grids=grids, log=log)
-    grids.save(out)
+    calibrate_learned_grids(pipe, args.cfg, args.sampler, counts, texts[:args.samples], texts[args.samples:],
+                            args.seed, args.evals, grids=grids, on_grid=on_grid)
     print(f"wrote learned grids of {pipe.model.name} at cfg {args.cfg:g} for {args.sampler} at "
           f"{', '.join(map(str, counts))} steps to {out} in {time.perf_counter() - start:.1f} s")
     return 0
@@ -666,7 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=50, help="cache methods: sampling steps (default: 50)")
     c.add_argument("--sampler", default="ddim", help="cache methods and learned-grid: sampler (default: ddim)")
     c.add_argument("--step-counts", default="5,6,8,10,12",
-                   help="learned-grid: the step counts to learn grids for (default: 5,6,8,10,12)")
+                   help="learned-grid: the step counts to learn grids for; each is saved when done "
+                        "(default: 5,6,8,10,12)")
     c.add_argument("--evals", type=int, default=150,
                    help="learned-grid: most trial grids per step count (default: 150)")
     c.add_argument("--points", type=int, default=None,
