@@ -509,7 +509,7 @@ def _print_corrector_choice(meta: dict) -> None:
     sel = meta["corrector_selection"]
     choice = ", ".join(f"{n} {'on' if v else 'off'}" for n, v in meta["corrector_by_steps"].items())
     print(f"corrector by NFE: {choice}; "
-          f"error on {sel['trajectories']} validation trajectories (geometric mean of their RMS) at NFE "
+          f"RMS error on {sel['trajectories']} validation trajectories at NFE "
           f"{sel['nfe']}: with {', '.join(f'{v:.4f}' for v in sel['rms_with'])}; without "
           f"{', '.join(f'{v:.4f}' for v in sel['rms_without'])}")
 
