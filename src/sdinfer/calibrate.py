@@ -157,7 +157,7 @@ def choose_corrector(denoiser, ems: EMS, x_T: torch.Tensor, cond, uncond,
 
 
 def validate_corrector(pipe, ems: EMS, guidance_scale: float, validation_prompts: list[str],
-                          seed: int = 0) -> EMS:
+                       seed: int = 0) -> EMS:
     """The corrector settings of ``ems`` chosen on one trajectory per validation prompt (noise
     seeds from seed + 10^5); earlier choices in its metadata are replaced, its tensors kept."""
     v_den, v_x, v_cond, v_uncond = _inputs(pipe, guidance_scale, validation_prompts,
