@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from ..tensor_files import read_tensor_file, write_tensor_file
 from .base import ExplicitGrid
 
 KIND = "sdinfer-learned-grid"
@@ -72,28 +73,14 @@ class LearnedGrids:
         self.meta.setdefault("entries", {})[key] = info
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.grids.items()}, str(path),
-                  metadata={"kind": KIND, "meta": json.dumps(self.meta)})
+        write_tensor_file(path, self.grids, {"kind": KIND, "meta": json.dumps(self.meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> "LearnedGrids":
-        from safetensors import SafetensorError
-        from safetensors.torch import safe_open
-
-        path = Path(path)
-        if not path.is_file():
+        if not Path(path).is_file():
             raise FileNotFoundError(f"no learned grids at {path}; make them with "
                                     "`sdinfer calibrate --method learned-grid`")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path} is not a safetensors file ({err})") from None
+        tensors, meta = read_tensor_file(path)
         if meta.get("kind") != KIND or not all(SEPARATOR in k for k in tensors):
             raise ValueError(f"{path} is not a learned-grid file (made by `sdinfer calibrate --method learned-grid`)")
         return cls(tensors, json.loads(meta.get("meta", "{}")))

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ..tensor_files import read_tensor_file, write_tensor_file
+
 KIND = "sdinfer-gits"
 
 
@@ -80,28 +82,14 @@ class OptimalGrid:
         return [float(self.nodes[i]) for i in self.path(steps)]
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         finite = torch.where(torch.isfinite(self.cost), self.cost, torch.zeros_like(self.cost))
-        save_file({"nodes": self.nodes.contiguous(), "cost": finite.contiguous()}, str(path),
-                  metadata={"kind": KIND, "meta": json.dumps(self.meta)})
+        write_tensor_file(path, {"nodes": self.nodes, "cost": finite}, {"kind": KIND, "meta": json.dumps(self.meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> "OptimalGrid":
-        from safetensors import SafetensorError
-        from safetensors.torch import safe_open
-
-        path = Path(path)
-        if not path.is_file():
+        if not Path(path).is_file():
             raise FileNotFoundError(f"no gits grid at {path}; make one with `sdinfer calibrate --method gits`")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path} is not a safetensors file ({err})") from None
+        tensors, meta = read_tensor_file(path)
         if meta.get("kind") != KIND or set(tensors) != {"nodes", "cost"}:
             raise ValueError(f"{path} is not a gits grid (made by `sdinfer calibrate --method gits`)")
         return cls(tensors["nodes"], tensors["cost"], json.loads(meta.get("meta", "{}")))
