@@ -9,7 +9,7 @@ final sample to a 1000-step DPM-Solver++(3M) reference from the same noise (whic
 the scipy solution of the probability-flow ODE to 1e-7).  Our samplers run on each of their
 grids (trailing, leading, linspace, logsnr, karras, time_uniform, time_quadratic, and gits: the
 optimal grid of GITS, calibrated on other noise -- on a default model the grid it ships), and
-DDIM and DPM-Solver++(2M) on their learned grids (``samplers/learned_grid.py``: learned on
+DDIM, DPM-Solver++(2M) and DPM-Solver-v3 on their learned grids (``samplers/learned_grid.py``: learned on
 other noise; on a default model the ones it ships, on other prompts and noise);
 DPM-Solver-v3 on statistics from other noise (a default model's shipped ones); rows marked
 +afs take the analytic first step (one step more for the same NFE).  Diffusers' schedulers
@@ -44,7 +44,7 @@ GRIDS = ["trailing", "leading", "linspace", "logsnr", "karras", "time_uniform", 
 # run again with the analytic first step (one evaluation saved: NFE + 1 steps for NFE evaluations)
 WITH_AFS = ["ddim", "dpm-solver++-2m", "unipc:order=2", "dpm-solver-v3"]
 # also on their learned grids (a default model's shipped ones; on the mixture learned here)
-LEARNED = ["ddim", "dpm-solver++-2m"]
+LEARNED = ["ddim", "dpm-solver++-2m", "dpm-solver-v3"]
 TWO_EVALUATIONS = {"heun"}
 ONE_EXTRA_EVALUATION = {"plms"}  # its first step evaluates twice
 
@@ -126,7 +126,7 @@ def mixture_aids(sched):
     return ems, compute_grid(den, x_cal[:256], None, None, points=60)
 
 
-def mixture_learned_grid(sched, spec: str, nfe: int, gits) -> object:
+def mixture_learned_grid(sched, spec: str, nfe: int, gits, stats) -> object:
     """``spec``'s grid for ``nfe`` evaluations learned on the mixture (256 calibration samples)."""
     from sdinfer.samplers.base import ExplicitGrid, continuous_grid
     from sdinfer.samplers.learned_grid import learn_grid
@@ -137,7 +137,7 @@ def mixture_learned_grid(sched, spec: str, nfe: int, gits) -> object:
     steps = steps_for(spec, nfe)
 
     def error(times):
-        out = sample_loop(den, get_sampler(spec), x_cal.clone(), steps, None, None, spacing=ExplicitGrid(times))
+        out = sample_loop(den, solver(spec, stats), x_cal.clone(), steps, None, None, spacing=ExplicitGrid(times))
         return float((out - teacher).square().mean().sqrt())
 
     spacings = {**{g: g for g in GRIDS if g not in ("gits", "leading", "linspace")}, "gits": gits}
@@ -260,7 +260,7 @@ def main() -> None:
         for name, spec, grid, afs in our_rows(args.only):
             errors = []
             for nfe in NFES:
-                spacing = mixture_learned_grid(sched, spec, nfe, gits) if grid == "learned" else grids[grid]
+                spacing = mixture_learned_grid(sched, spec, nfe, gits, stats) if grid == "learned" else grids[grid]
                 x, used = run_ours(spec, spacing, nfe, sched, x_T, stats, afs)
                 errors.append(rmse(x) if used <= nfe else float("nan"))
             rows[name] = errors
