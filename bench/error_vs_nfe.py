@@ -10,7 +10,8 @@ the scipy solution of the probability-flow ODE to 1e-7).  Our samplers run on ea
 grids (trailing, leading, linspace, logsnr, karras, time_uniform, time_quadratic, and gits: the
 optimal grid of GITS, calibrated on other noise -- on a default model the grid it ships), and
 DDIM, DPM-Solver++(2M) and DPM-Solver-v3 on their learned grids (``samplers/learned_grid.py``: learned on
-other noise; on a default model the ones it ships, on other prompts and noise);
+other noise; on a default model those in its learned-grid file, learned on other prompts
+and noise, NaN where it has none);
 DPM-Solver-v3 on statistics from other noise (a default model's shipped ones); rows marked
 +afs take the analytic first step (one step more for the same NFE).  Diffusers' schedulers
 with their own defaults and their Karras / uniform-lambda ("lu_lambdas") options where they
@@ -43,7 +44,7 @@ OURS = ["ddim", "dpm-solver++-2m", "dpm-solver++-3m", "dpm-solver:order=3",
 GRIDS = ["trailing", "leading", "linspace", "logsnr", "karras", "time_uniform", "time_quadratic", "gits"]
 # run again with the analytic first step (one evaluation saved: NFE + 1 steps for NFE evaluations)
 WITH_AFS = ["ddim", "dpm-solver++-2m", "unipc:order=2", "dpm-solver-v3"]
-# also on their learned grids (a default model's shipped ones; on the mixture learned here)
+# also on their learned grids (a default model's learned-grid file, NaN where it has none; on the mixture learned here)
 LEARNED = ["ddim", "dpm-solver++-2m", "dpm-solver-v3"]
 TWO_EVALUATIONS = {"heun"}
 ONE_EXTRA_EVALUATION = {"plms"}  # its first step evaluates twice

@@ -132,16 +132,3 @@ def test_calibrate_and_generate_with_a_learned_grid(tmp_path, capsys, monkeypatc
     code, _, err = run(capsys, *gen, "--sampler", "unipc", "-o", str(tmp_path / "b.png"))
     assert code == 2 and "no learned grid for sampler 'unipc' at 3 steps" in err and "--step-counts 3" in err
 
-
-def test_the_default_unet_ships_learned_ddim_grids_and_the_pipeline_uses_them():
-    from sdinfer.calibrate import learned_grid_path
-    from sdinfer.pipeline import Pipeline
-
-    pipe = Pipeline.from_pretrained("unet")
-    shipped = LearnedGrids.load(learned_grid_path(pipe.model.path, 4.0))
-    assert [n for s, n in shipped.entries() if s == "ddim"] == [5, 6, 8, 10, 12]
-    times = pipe.time_grid("learned", 4.0, 6, "ddim").times(6)
-    assert times == shipped.grids["ddim|6"].tolist()
-    # the 6-step grid is the one whose learned version passed validation; it is not a fixed grid
-    assert shipped.meta["entries"]["ddim|6"]["kept"] == "learned"
-    assert times != continuous_grid(pipe.denoiser(4.0), 6, "trailing")
