@@ -12,6 +12,7 @@ from sdinfer.eval import gaussian_mixture as gm
 from sdinfer.samplers import get_sampler, sample_loop
 from sdinfer.samplers.base import ExplicitGrid, continuous_grid
 from sdinfer.samplers.learned_grid import LearnedGrids, search_grid
+from file_helpers import check_bad_files_refused, check_generate_on_grid_file
 from test_cli import run
 
 
@@ -76,15 +77,8 @@ def test_files_round_trip_and_bad_ones_are_refused(tmp_path):
         back.grid("ddim", 3).times(4)
     with pytest.raises(KeyError, match="no learned grid for sampler 'ddim' at 5 steps .learned: ddim 3, "):
         back.grid("ddim", 5)
-    with pytest.raises(FileNotFoundError, match="sdinfer calibrate --method learned-grid"):
-        LearnedGrids.load(tmp_path / "none.safetensors")
-    from safetensors.torch import save_file
-    save_file({"nodes": torch.ones(2)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="is not a learned-grid file"):
-        LearnedGrids.load(tmp_path / "other.safetensors")
-    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
-    with pytest.raises(ValueError, match="not a safetensors file"):
-        LearnedGrids.load(tmp_path / "junk.safetensors")
+    check_bad_files_refused(LearnedGrids.load, tmp_path, "sdinfer calibrate --method learned-grid",
+                            "is not a learned-grid file", "not a safetensors file")
     with pytest.raises(ValueError, match="fall strictly"):
         grids.add("ddim", 2, [1.0, 0.0, 0.5], {})
     with pytest.raises(ValueError, match="has 2 steps"):
@@ -120,15 +114,8 @@ def test_calibrate_and_generate_with_a_learned_grid(tmp_path, capsys, monkeypatc
         code, _, err = run(capsys, *args[:-2], *bad, "--out", str(tmp_path / "new.safetensors"))
         assert code == 2 and message in err, err
 
-    png = tmp_path / "a.png"
-    gen = ["generate", "a red circle in the top left", "--model", "unet", "--steps", "3", "--quiet",
-           "--spacing", "learned"]
-    monkeypatch.setattr(calibrate, "learned_grid_path", lambda model_path, cfg: tmp_path / "missing.safetensors")
-    code, _, err = run(capsys, *gen, "-o", str(png))
-    assert code == 2 and "sdinfer calibrate --method learned-grid --model unet --cfg 4 --sampler ddim" in err
-    monkeypatch.setattr(calibrate, "learned_grid_path", lambda model_path, cfg: out)
-    code, _, err = run(capsys, *gen, "-o", str(png))
-    assert code == 0 and png.exists(), err
+    gen = check_generate_on_grid_file(capsys, monkeypatch, tmp_path, "learned", "learned_grid_path", out, 3,
+                                      "sdinfer calibrate --method learned-grid --model unet --cfg 4 --sampler ddim")
     code, _, err = run(capsys, *gen, "--sampler", "unipc", "-o", str(tmp_path / "b.png"))
     assert code == 2 and "no learned grid for sampler 'unipc' at 3 steps" in err and "--step-counts 3" in err
 

@@ -13,6 +13,7 @@ from sdinfer.denoiser import Denoiser
 from sdinfer.eval import gaussian_mixture as gm
 from sdinfer.samplers import get_sampler, sample_loop
 from sdinfer.samplers.optimal_grid import OptimalGrid, compute_grid
+from file_helpers import check_bad_files_refused, check_generate_on_grid_file
 from test_cli import run
 
 
@@ -76,15 +77,8 @@ def test_grid_files_round_trip_and_bad_ones_are_refused(mixture_grid, tmp_path):
     back = OptimalGrid.load(path)
     assert torch.equal(back.nodes, grid.nodes) and back.meta == grid.meta
     assert back.times(7) == grid.times(7)
-    with pytest.raises(FileNotFoundError, match="sdinfer calibrate --method gits"):
-        OptimalGrid.load(tmp_path / "none.safetensors")
-    from safetensors.torch import save_file
-    save_file({"nodes": grid.nodes}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="is not a gits grid"):
-        OptimalGrid.load(tmp_path / "other.safetensors")
-    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
-    with pytest.raises(ValueError, match="not a safetensors file"):
-        OptimalGrid.load(tmp_path / "junk.safetensors")
+    check_bad_files_refused(OptimalGrid.load, tmp_path, "sdinfer calibrate --method gits", "is not a gits grid",
+                            "not a safetensors file")
     with pytest.raises(ValueError, match="decrease strictly and end at t = 0"):
         OptimalGrid(torch.linspace(0, 1, 4), torch.ones(4, 4))
     with pytest.raises(ValueError, match="finite"):
@@ -100,8 +94,6 @@ def test_gits_as_a_name_without_a_grid_says_where_to_get_one():
 
 
 def test_calibrate_and_generate_with_the_gits_grid(tmp_path, capsys, monkeypatch):
-    import sdinfer.calibrate as calibrate
-
     out = tmp_path / "gits.safetensors"
     args = ["calibrate", "--method", "gits", "--model", "unet", "--samples", "2", "--points", "6",
             "--out", str(out)]
@@ -116,15 +108,8 @@ def test_calibrate_and_generate_with_the_gits_grid(tmp_path, capsys, monkeypatch
     code, _, err = run(capsys, *args[:-4], "--points", "1", "--out", str(tmp_path / "g.safetensors"))
     assert code == 2 and "--points must be >= 2" in err
 
-    png = tmp_path / "a.png"
-    gen = ["generate", "a red circle in the top left", "--model", "unet", "--steps", "4", "--quiet",
-           "--spacing", "gits"]
-    monkeypatch.setattr(calibrate, "grid_path", lambda model_path, cfg: tmp_path / "missing.safetensors")
-    code, _, err = run(capsys, *gen, "-o", str(png))
-    assert code == 2 and "sdinfer calibrate --method gits --model unet --cfg 4" in err
-    monkeypatch.setattr(calibrate, "grid_path", lambda model_path, cfg: out)
-    code, _, err = run(capsys, *gen, "-o", str(png))
-    assert code == 0 and png.exists(), err
+    gen = check_generate_on_grid_file(capsys, monkeypatch, tmp_path, "gits", "grid_path", out, 4,
+                                      "sdinfer calibrate --method gits --model unet --cfg 4")
     code, _, err = run(capsys, *gen[:4], "--steps", str(grid.max_steps + 1), "--quiet", "--spacing", "gits",
                        "-o", str(tmp_path / "b.png"))
     assert code == 2 and f"at most {grid.max_steps} steps" in err

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from file_helpers import check_bad_files_refused
 from sdinfer.cli import main
 from sdinfer.errors import UserError
 from sdinfer.pipeline import Pipeline
@@ -43,14 +43,8 @@ def test_predictor_learns_separable_labels_and_round_trips(tmp_path):
 
 
 def test_predictor_files_are_checked(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        StepPredictor.load(tmp_path / "missing.safetensors")
-    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(UserError, match="not an sdinfer step predictor"):
-        StepPredictor.load(tmp_path / "other.safetensors")
-    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
-    with pytest.raises(UserError, match="not a readable safetensors"):
-        StepPredictor.load(tmp_path / "junk.safetensors")
+    check_bad_files_refused(StepPredictor.load, tmp_path, "does not exist", "not an sdinfer step predictor",
+                            "not a readable safetensors", error=UserError, missing_error=UserError)
 
 
 def test_auto_steps_without_a_predictor_is_a_clear_error(pipe, monkeypatch):
