@@ -40,7 +40,8 @@ NFES = [5, 6, 8, 10, 12, 15, 20, 25, 50]
 OURS = ["ddim", "dpm-solver++-2m", "dpm-solver++-3m", "dpm-solver:order=3",
         "dpm-solver++-2s", "dpm-solver++-singlestep:order=3", "dpm-solver-singlestep:order=3",
         "unipc:order=2", "unipc:order=3", "euler", "heun", "plms",
-        "dpm-solver-v3", "dpm-solver-v3:use_corrector=true", "dpm-solver-v3:use_corrector=false"]
+        "dpm-solver-v3", "dpm-solver-v3:use_corrector=true", "dpm-solver-v3:use_corrector=half",
+        "dpm-solver-v3:use_corrector=false"]
 GRIDS = ["trailing", "leading", "linspace", "logsnr", "karras", "time_uniform", "time_quadratic", "gits"]
 # run again with the analytic first step (one evaluation saved: NFE + 1 steps for NFE evaluations)
 WITH_AFS = ["ddim", "dpm-solver++-2m", "unipc:order=2", "dpm-solver-v3"]

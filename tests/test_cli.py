@@ -177,12 +177,13 @@ def test_calibrate_writes_statistics_and_keeps_existing_files(tmp_path, capsys):
     assert ems.meta["guidance_scale"] == 3.0 and ems.meta["samples"] == 2
     # the corrector settings chosen on the validation trajectory, and the errors they rest on
     selection = ems.meta["corrector_selection"]
-    assert isinstance(ems.meta["use_corrector"], bool) and selection["trajectories"] == 1
-    log_mean = {k: sum(math.log(v) for v in selection[k]) for k in ("rms_with", "rms_without")}
-    assert ems.meta["use_corrector"] == (log_mean["rms_with"] <= log_mean["rms_without"])
-    assert selection["nfe"] == [5, 6, 8, 10, 12, 15, 20] and "corrector by NFE: 5 o" in stdout
-    assert ems.meta["corrector_by_steps"] == {str(n): a <= b for n, a, b in
-                                              zip(selection["nfe"], selection["rms_with"], selection["rms_without"])}
+    assert selection["trajectories"] == 1 and set(selection["rms"]) == {"on", "half", "off"}
+    log_mean = {mode: sum(math.log(v) for v in errors) for mode, errors in selection["rms"].items()}
+    assert log_mean[ems.meta["use_corrector"]] == min(log_mean.values())
+    assert selection["nfe"] == [5, 6, 8, 10, 12, 15, 20] and "corrector by NFE: 5 " in stdout
+    for i, n in enumerate(selection["nfe"]):
+        chosen = ems.meta["corrector_by_steps"][str(n)]
+        assert selection["rms"][chosen][i] == min(errors[i] for errors in selection["rms"].values())
     # chosen again on more trajectories, the statistics kept
     code, _, err = run(capsys, *args[:-4], "--validation", "2", "--validate-only", "--out", str(out))
     assert code == 2 and "--validate-only" in err and "--overwrite" in err

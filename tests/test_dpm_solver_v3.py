@@ -63,6 +63,33 @@ def test_the_corrector_lowers_the_error(gm_problem):
     assert -np.polyfit(np.log(steps), np.log(corrected), 1)[0] > 1.7
 
 
+def test_the_half_corrector_corrects_only_above_half_time(gm_problem):
+    sched, x_T, _ = gm_problem
+    corrected_at = {}
+
+    class Counting(DPMSolverV3):
+        def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
+            before = self._update
+            calls = []
+            self._update = lambda *a: calls.append(a) or before(*a)
+            try:
+                return super().step(denoiser, x, t, t_next, state, ctx, cond, uncond, generator)
+            finally:
+                del self._update
+                # a corrected step updates twice (the corrector, then the predictor; no step here ends at t = 0)
+                corrected_at.setdefault(self.use_corrector, []).append((t, len(calls) == 2))
+
+    for mode in ("on", "half", "off"):
+        _run(sched, x_T, Counting(degenerated=True, use_corrector=mode), 10)
+    times = [t for t, _ in corrected_at["on"]]
+    assert [c for _, c in corrected_at["on"]] == [i > 0 for i in range(len(times))]
+    assert [c for _, c in corrected_at["half"]] == [i > 0 and t > 0.5 for i, t in enumerate(times)]
+    assert not any(c for _, c in corrected_at["off"])
+    assert any(c for _, c in corrected_at["half"]) and not all(t > 0.5 for t in times)
+    with pytest.raises(ValueError, match="true, false, half"):
+        get_sampler("dpm-solver-v3:use_corrector=sometimes")
+
+
 def test_statistics_round_trip_and_bad_files(tmp_path):
     ems = EMS(torch.linspace(-5, 5, 11), torch.rand(11, 3, 1, 1), torch.rand(11, 3, 1, 1),
               torch.rand(11, 3, 4, 4), {"model": "x", "guidance_scale": 4.0})
@@ -110,8 +137,10 @@ def test_calibrated_statistics_beat_dpm_solver_plus_plus_at_low_nfe():
 def test_the_corrector_follows_the_choice_for_the_nearest_validated_step_count():
     from sdinfer.samplers.dpm_solver_v3 import corrector_setting
 
-    meta = {"use_corrector": True, "corrector_by_steps": {"5": False, "6": True, "10": False, "20": True}}
+    meta = {"use_corrector": "on", "corrector_by_steps": {"5": "off", "6": "on", "10": "half", "20": "on"}}
     assert [corrector_setting(meta, n) for n in (3, 5, 6, 7, 8, 10, 14, 15, 16, 50)] == \
-        [False, False, True, True, False, False, False, True, True, True]
-    assert corrector_setting({"use_corrector": False}, 6) is False
-    assert corrector_setting({}, 6) is True
+        ["off", "off", "on", "on", "half", "half", "half", "on", "on", "on"]
+    # files written before the half corrector say true / false
+    assert corrector_setting({"corrector_by_steps": {"5": False, "8": True}}, 7) == "on"
+    assert corrector_setting({"use_corrector": False}, 6) == "off"
+    assert corrector_setting({}, 6) == "on"

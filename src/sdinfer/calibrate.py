@@ -23,9 +23,10 @@ value per element as the paper does with thousands of samples.
 Whether the corrector pays depends on the model, the statistics and the step count (on the
 default models it helped the DiT and mostly hurt the UNet at NFE 5-10), so ``choose_corrector``
 samples validation trajectories (other prompts and seeds than the calibration's) at NFE 5-20
-with and without it, against a 200-step DPM-Solver++(2M) solution, and writes the setting with
-the lower error at each step count into the file's metadata; the solver follows it (at other
-step counts, the nearest one's) unless told ``use_corrector=...``.
+with it, without it and with the reference code's "half" corrector (only above t = 0.5),
+against a 200-step DPM-Solver++(2M) solution, and writes the mode with the lowest error at
+each step count into the file's metadata; the solver follows it (at other step counts, the
+nearest one's) unless told ``use_corrector=...``.
 
 ``calibrate_grid`` records the other per-model sampling aids, GITS's optimal time grid
 (``samplers/optimal_grid.py``), from teacher trajectories of the same kind of prompts, and
@@ -43,7 +44,7 @@ import torch
 from .context import StepContext
 from .errors import UserError
 from .samplers import get_sampler, sample_loop
-from .samplers.dpm_solver_v3 import DPMSolverV3
+from .samplers.dpm_solver_v3 import CORRECTOR_MODES, DPMSolverV3
 from .samplers.ems import EMS
 from .samplers.base import DISCRETE_SPACINGS, ExplicitGrid, continuous_grid
 from .samplers.learned_grid import LearnedGrids, learn_grid
@@ -131,27 +132,28 @@ CORRECTOR_NFES = (5, 6, 8, 10, 12, 15, 20)
 
 def choose_corrector(denoiser, ems: EMS, x_T: torch.Tensor, cond, uncond,
                      nfes: tuple[int, ...] = CORRECTOR_NFES, reference_steps: int = 200) -> dict:
-    """Metadata entries: ``corrector_by_steps`` (on or off at each of ``nfes``), ``use_corrector``
-    (over all of them) and the validation errors they were chosen on: RMS errors over all
-    trajectories, the measure the error benchmarks use."""
+    """Metadata entries: ``corrector_by_steps`` (``on``, ``half`` or ``off`` at each of
+    ``nfes``: the mode with the lowest error there), ``use_corrector`` (the best over all of
+    them, by the mean log error) and the validation errors they were chosen on: RMS errors over
+    all trajectories, the measure the error benchmarks use."""
     with torch.no_grad():
         ref = sample_loop(denoiser, get_sampler("dpm-solver++"), x_T.clone(), reference_steps,
                           cond, uncond)
         errors = {}
-        for flag in (True, False):
-            solver = DPMSolverV3(stats=ems, use_corrector=flag)
-            errors[flag] = []
+        for mode in CORRECTOR_MODES:
+            solver = DPMSolverV3(stats=ems, use_corrector=mode)
+            errors[mode] = []
             for n in nfes:
                 out = sample_loop(denoiser, solver, x_T.clone(), n, cond, uncond)
-                errors[flag].append(float((out - ref).double().square().mean().sqrt()))
+                errors[mode].append(float((out - ref).double().square().mean().sqrt()))
 
     def log_mean(values: list[float]) -> float:
         return sum(math.log(max(v, 1e-30)) for v in values) / len(values)
 
-    return {"use_corrector": log_mean(errors[True]) <= log_mean(errors[False]),
-            "corrector_by_steps": {str(n): a <= b for n, a, b in zip(nfes, errors[True], errors[False])},
-            "corrector_selection": {"nfe": list(nfes), "rms_with": errors[True],
-                                    "rms_without": errors[False], "trajectories": int(x_T.shape[0]),
+    return {"use_corrector": min(CORRECTOR_MODES, key=lambda m: log_mean(errors[m])),
+            "corrector_by_steps": {str(n): min(CORRECTOR_MODES, key=lambda m: errors[m][i])
+                                   for i, n in enumerate(nfes)},
+            "corrector_selection": {"nfe": list(nfes), "rms": errors, "trajectories": int(x_T.shape[0]),
                                     "error": "RMS over all trajectories",
                                     "reference": f"dpm-solver++ {reference_steps} steps"}}
 

@@ -507,11 +507,10 @@ def _print_corrector_choice(meta: dict) -> None:
     if "corrector_by_steps" not in meta:
         return
     sel = meta["corrector_selection"]
-    choice = ", ".join(f"{n} {'on' if v else 'off'}" for n, v in meta["corrector_by_steps"].items())
-    print(f"corrector by NFE: {choice}; "
-          f"RMS error on {sel['trajectories']} validation trajectories at NFE "
-          f"{sel['nfe']}: with {', '.join(f'{v:.4f}' for v in sel['rms_with'])}; without "
-          f"{', '.join(f'{v:.4f}' for v in sel['rms_without'])}")
+    choice = ", ".join(f"{n} {mode}" for n, mode in meta["corrector_by_steps"].items())
+    errors = "; ".join(f"{mode} {', '.join(f'{v:.4f}' for v in values)}" for mode, values in sel["rms"].items())
+    print(f"corrector by NFE: {choice}; RMS error on {sel['trajectories']} validation trajectories "
+          f"at NFE {sel['nfe']}: {errors}")
 
 
 def _check_device(name: str) -> None:

@@ -15,11 +15,14 @@ the divided differences times n! (the paper's pseudo-order, for 5-10 steps).  Th
 t = 0 returns the data prediction of the (corrected) last point.  With l = 1, s = b = 0
 (``degenerated=true``) the predictor is DPM-Solver++ with exact phi-functions.
 
-Default: order 1, and the corrector as the statistics file says for the step count
+``use_corrector``: true, false, or "half" (the reference code's ``half``: correct only the
+points above t = 0.5, where the trajectory picks its image, and not the low-noise ones).
+Default: order 1, and the corrector mode the statistics file says for the step count
 (``corrector_by_steps`` in its metadata, which ``sdinfer calibrate`` chooses by the error on
-validation trajectories; on if the file does not say).  On the default models at NFE 5-10 with guidance 4 order 1 beat
-orders 2 and 3 (bench/results/dpm_solver_v3-*.md); the corrector helped on the DiT and hurt
-on the UNet.  The paper uses order 2 for guided sampling.
+validation trajectories; on if the file does not say).  On the default models at NFE 5-10
+with guidance 4 order 1 beat orders 2 and 3 (bench/results/dpm_solver_v3-*.md), and which
+corrector mode pays changes with the model and the step count.  The paper uses order 2 for
+guided sampling.
 """
 
 from __future__ import annotations
@@ -33,14 +36,31 @@ import torch
 from .ems import EMS
 
 
-def corrector_setting(meta: dict, steps: int) -> bool:
-    """The statistics file's corrector choice for ``steps`` steps: its choice at that step
-    count, or at the nearest validated one; a file without choices keeps the corrector on."""
+CORRECTOR_MODES = ("on", "half", "off")
+HALF_CORRECTOR_T = 0.5  # "half": correct only the points above this time (the reference code's ``half``)
+
+
+def corrector_mode(value) -> str:
+    """``on``, ``half`` or ``off`` from a setting (booleans mean on / off)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    mode = str(value).lower()
+    if mode == "true" or mode == "false":
+        return "on" if mode == "true" else "off"
+    if mode not in CORRECTOR_MODES:
+        raise ValueError(f"dpm-solver-v3's use_corrector is one of true, false, half; not {value!r}")
+    return mode
+
+
+def corrector_setting(meta: dict, steps: int) -> str:
+    """The statistics file's corrector choice for ``steps`` steps (``on``, ``half`` or ``off``):
+    its choice at that step count, or at the nearest validated one; a file without choices
+    keeps the corrector on."""
     by_steps = meta.get("corrector_by_steps")
     if not by_steps:
-        return bool(meta.get("use_corrector", True))
+        return corrector_mode(meta.get("use_corrector", True))
     nearest = min(by_steps, key=lambda n: (abs(int(n) - steps), -int(n)))
-    return bool(by_steps[nearest])
+    return corrector_mode(by_steps[nearest])
 
 
 @dataclass
@@ -56,7 +76,7 @@ class _Point:
 class DPMSolverV3:
     stats: str | EMS | None = None
     order: int = 1
-    use_corrector: bool | None = None   # None: as the statistics say
+    use_corrector: bool | str | None = None   # True, False, "half"; None: as the statistics say
     p_pseudo: bool = False
     c_pseudo: bool = True
     lower_order_final: bool = True
@@ -69,6 +89,8 @@ class DPMSolverV3:
         self.order = int(self.order)
         if self.order not in (1, 2, 3):
             raise ValueError(f"{self.name} has orders 1, 2 and 3, not {self.order}")
+        if self.use_corrector is not None:
+            self.use_corrector = corrector_mode(self.use_corrector)
         if isinstance(self.stats, (str, Path)):
             try:
                 self.stats = EMS.load(self.stats)
@@ -100,11 +122,8 @@ class DPMSolverV3:
         hist.insert(0, _Point(float(sched.lam(t)), x, pred.eps, float(sched.alpha(t)), float(sched.sigma(t))))
         del hist[self.order + 1:]
         c_order = state.get("p_order", 0) + (1 if self.c_pseudo else 0)
-        if self.use_corrector is not None:
-            use_corrector = self.use_corrector
-        else:
-            use_corrector = corrector_setting(ems.meta, ctx.num_steps)
-        if use_corrector and len(hist) >= 2 and c_order > 1:
+        mode = self.use_corrector or corrector_setting(ems.meta, ctx.num_steps)
+        if (mode == "on" or (mode == "half" and t > HALF_CORRECTOR_T)) and len(hist) >= 2 and c_order > 1:
             now, before = hist[0], hist[1]
             others = [now, *hist[2:]][:c_order - 1]
             corrected = self._update(ems, before, now.lam, now.alpha, others, self.c_pseudo)
