@@ -12,7 +12,8 @@ guided trajectory sometimes ends in another image altogether (a per-prompt error
 and the first table counts those, the second the typical prompt.  Each solver runs on the
 trailing and the uniform-lambda grids and on the GITS grid the model ships; the last rows
 give the best of each family per NFE.  ``--only REGEX`` runs only the matching solver specs;
-``--also-first K`` prints the tables again over the first K prompts alone (the same runs).
+``--also-first K`` prints the tables again over the first K prompts alone (the same runs);
+``--tables-from JSON`` prints the tables of an earlier run's ``--json`` file.
 """
 
 from __future__ import annotations
@@ -69,7 +70,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", default=None, help="run only the solver specs that match this regex")
     ap.add_argument("--json", default=None, help="write the per-prompt errors here")
+    ap.add_argument("--tables-from", default=None,
+                    help="print the tables of an earlier run's --json file (a run stopped early too), run nothing")
     args = ap.parse_args()
+    if args.tables_from:
+        with open(args.tables_from) as f:
+            saved = json.load(f)
+        print(f"model {saved['model']}, {saved['prompts']} held-out prompts, cfg {CFG:g}; error against "
+              "1000-step DPM-Solver++(3M)")
+        rows = {tuple(key.split("|")): errors for key, errors in saved["errors"].items()}
+        print_tables(rows)
+        if args.also_first:
+            print_tables(rows, args.also_first)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     _quiet_libraries()
