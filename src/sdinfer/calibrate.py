@@ -21,7 +21,7 @@ pixels of each channel, which keeps 64 trajectories enough; ``reduce="none"`` ke
 value per element as the paper does with thousands of samples.
 
 Whether the corrector pays depends on the model, the statistics and the step count (on the
-default models it helped the DiT and mostly hurt the UNet at NFE 5-10), so ``choose_corrector``
+default models each of on, half and off wins somewhere at NFE 5-10), so ``choose_corrector``
 samples validation trajectories (other prompts and seeds than the calibration's) at NFE 5-20
 with it, without it and with the reference code's "half" corrector (only above t = 0.5),
 against a 200-step DPM-Solver++(2M) solution, and writes the mode with the lowest error at
