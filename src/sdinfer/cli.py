@@ -677,10 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--smooth", type=float, default=0.1,
                    help="width in log-SNR of the Gaussian that smooths the statistics; 0: none (default: 0.1)")
     c.add_argument("--validation", type=int, default=8,
-                   help="further trajectories on which to choose whether the solver's corrector pays "
-                        "(0: keep it on), or on which a learned grid must beat its start (default: 8)")
+                   help="further trajectories on which to choose dpm-solver-v3's corrector mode per NFE "
+                        "(on, half, off; 0: keep it on), or on which a learned grid must beat its start (default: 8)")
     c.add_argument("--validate-only", action="store_true",
-                   help="dpm-solver-v3: choose the corrector of the existing statistics file again on "
+                   help="dpm-solver-v3: choose the corrector modes of the existing statistics file again on "
                         "--validation trajectories (needs --overwrite; the statistics are kept)")
     c.add_argument("--seed", type=int, default=0, help="seed of noise and probes (default: 0)")
     c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
