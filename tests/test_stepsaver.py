@@ -71,10 +71,12 @@ def test_bench_min_steps_then_generate_auto(tmp_path, capsys):
     assert int(Image.open(png).text["steps"]) in (2, 4, 6)
 
 
-def test_the_default_model_ships_a_predictor_for_auto_steps(pipe):
+@pytest.mark.parametrize("model", ["unet", "dit"])
+def test_the_default_models_ship_a_predictor_for_auto_steps(pipe, model):
     from sdinfer.models.default import shapes
     from sdinfer.stepsaver import CANDIDATES, predictor_for
 
+    pipe = pipe if model == "unet" else Pipeline.from_pretrained(model)
     counts = predictor_for(pipe).predict(prompt_features(pipe, shapes.heldout_prompts()[:50]))
     assert set(counts) <= set(CANDIDATES) | {50} and len(set(counts)) > 1   # it tells prompts apart
     assert pipe(PROMPTS[:1], steps="auto", seeds=[0]).pixels.shape[0] == 1
