@@ -11,7 +11,9 @@ grids (trailing, leading, linspace, logsnr, karras, time_uniform, time_quadratic
 optimal grid of GITS, calibrated on other noise -- on a default model the grid it ships), and
 DDIM, DPM-Solver++(2M) and DPM-Solver-v3 on their learned grids (``samplers/learned_grid.py``: learned on
 other noise; on a default model those in its learned-grid file, learned on other prompts
-and noise, NaN where it has none);
+and noise, NaN where it has none); rows ``[trailing, sigma_min]`` end at the first training step
+instead of clean data (``final="sigma_min"``, as diffusers' DDIM does and its multistep
+schedulers' ``final_sigmas_type="sigma_min"``, whose rows are here too);
 DPM-Solver-v3 on statistics from other noise (a default model's shipped ones); rows marked
 +afs take the analytic first step (one step more for the same NFE).  Diffusers' schedulers
 with their own defaults and their Karras / uniform-lambda ("lu_lambdas") options where they
@@ -47,6 +49,11 @@ GRIDS = ["trailing", "leading", "linspace", "logsnr", "karras", "time_uniform", 
 WITH_AFS = ["ddim", "dpm-solver++-2m", "unipc:order=2", "dpm-solver-v3"]
 # also on their learned grids (a default model's learned-grid file, NaN where it has none; on the mixture learned here)
 LEARNED = ["ddim", "dpm-solver++-2m", "dpm-solver-v3"]
+# also ending at the first training step instead of clean data (``final="sigma_min"``, diffusers'
+# ``final_sigmas_type``; diffusers' DDIM always ends there), on the trailing grid (the leading
+# and linspace grids end at timestep 0 already)
+FINAL_SIGMA_MIN = ["ddim", "dpm-solver++-2m", "dpm-solver++-3m", "unipc:order=2", "dpm-solver-v3",
+                   "dpm-solver-v3:use_corrector=false", "dpm-solver-v3:use_corrector=half"]
 TWO_EVALUATIONS = {"heun"}
 ONE_EXTRA_EVALUATION = {"plms"}  # its first step evaluates twice
 
@@ -66,10 +73,14 @@ def _diffusers_schedulers(prediction_type: str = "epsilon"):
         "DPMSolverMultistep 2M lu_lambdas": lambda: DPMSolverMultistepScheduler(**base, use_lu_lambdas=True),
         "DPMSolverMultistep 3M lu_lambdas": lambda: DPMSolverMultistepScheduler(**base, solver_order=3,
                                                                                 use_lu_lambdas=True),
+        "DPMSolverMultistep 2M sigma_min": lambda: DPMSolverMultistepScheduler(**base, final_sigmas_type="sigma_min"),
+        "DPMSolverMultistep 3M sigma_min": lambda: DPMSolverMultistepScheduler(**base, solver_order=3,
+                                                                               final_sigmas_type="sigma_min"),
         "DPMSolverSinglestep 2": lambda: DPMSolverSinglestepScheduler(**base, lower_order_final=True),
         "DPMSolverSinglestep 3": lambda: DPMSolverSinglestepScheduler(**base, solver_order=3,
                                                                       lower_order_final=True),
         "UniPCMultistep bh2": lambda: UniPCMultistepScheduler(**base),
+        "UniPCMultistep bh2 sigma_min": lambda: UniPCMultistepScheduler(**base, final_sigmas_type="sigma_min"),
         "UniPCMultistep 3": lambda: UniPCMultistepScheduler(**base, solver_order=3),
         "UniPCMultistep 3 karras": lambda: UniPCMultistepScheduler(**base, solver_order=3,
                                                                    use_karras_sigmas=True),
@@ -100,10 +111,12 @@ def steps_for(spec: str, nfe: int, afs: bool = False) -> int:
 
 
 def our_rows(only: str | None):
-    """(row name, sampler spec, grid, analytic first step) of every row of ours to run."""
-    rows = [(f"sdinfer {spec} [{grid}]", spec, grid, False) for spec in OURS for grid in GRIDS]
-    rows += [(f"sdinfer {spec}+afs [{grid}]", spec, grid, True) for spec in WITH_AFS for grid in GRIDS]
-    rows += [(f"sdinfer {spec} [learned]", spec, "learned", False) for spec in LEARNED]
+    """(row name, sampler spec, grid, analytic first step, final time) of every row of ours to run."""
+    rows = [(f"sdinfer {spec} [{grid}]", spec, grid, False, "zero") for spec in OURS for grid in GRIDS]
+    rows += [(f"sdinfer {spec}+afs [{grid}]", spec, grid, True, "zero") for spec in WITH_AFS for grid in GRIDS]
+    rows += [(f"sdinfer {spec} [learned]", spec, "learned", False, "zero") for spec in LEARNED]
+    rows += [(f"sdinfer {spec} [trailing, sigma_min]", spec, "trailing", False, "sigma_min")
+             for spec in FINAL_SIGMA_MIN]
     return [r for r in rows if only is None or re.search(only, r[0])]
 
 
@@ -154,10 +167,10 @@ def solver(spec: str, stats=None):
     return s
 
 
-def run_ours(spec, grid, nfe, sched, x_T, stats=None, afs=False):
+def run_ours(spec, grid, nfe, sched, x_T, stats=None, afs=False, final="zero"):
     den = Denoiser(gm.model_fn(sched), sched, "sample")
     x = sample_loop(den, solver(spec, stats), x_T.clone(), steps_for(spec, nfe, afs), None, None, spacing=grid,
-                    analytic_first_step=afs)
+                    analytic_first_step=afs, final=final)
     return x, den.nfe
 
 
@@ -191,12 +204,12 @@ def model_problem(name: str, prompts: int):
     return pipe, cond, uncond, x_T
 
 
-def run_model(pipe, cond, uncond, x_T, sampler, steps, grid=None, afs=False):
+def run_model(pipe, cond, uncond, x_T, sampler, steps, grid=None, afs=False, final="zero"):
     from sdinfer.samplers.base import sample_loop as loop
     den = pipe.denoiser(4.0)
     pipe.attach_statistics(sampler, 4.0)
     with torch.no_grad():
-        x = loop(den, sampler, x_T.clone(), steps, cond, uncond, spacing=grid, analytic_first_step=afs)
+        x = loop(den, sampler, x_T.clone(), steps, cond, uncond, spacing=grid, analytic_first_step=afs, final=final)
     return x, den.nfe
 
 
@@ -225,7 +238,7 @@ def main() -> None:
             return float((x - ref).square().mean().sqrt())
 
         grids = {g: pipe.time_grid(g, 4.0, max(NFES) + 1) for g in GRIDS}
-        for name, spec, grid, afs in our_rows(args.only):
+        for name, spec, grid, afs, final in our_rows(args.only):
             errors = []
             for nfe in NFES:
                 steps = steps_for(spec, nfe, afs)
@@ -234,7 +247,7 @@ def main() -> None:
                 except UserError:  # no grid learned for this step count
                     errors.append(float("nan"))
                     continue
-                x, used = run_model(pipe, cond, uncond, x_T, get_sampler(spec), steps, spacing, afs)
+                x, used = run_model(pipe, cond, uncond, x_T, get_sampler(spec), steps, spacing, afs, final)
                 errors.append(rmse(x) if used <= nfe else float("nan"))
             rows[name] = errors
         for name, make in _diffusers_schedulers(pipe.model.prediction_type).items():
@@ -259,11 +272,11 @@ def main() -> None:
         def rmse(x):
             return float((x - ref).square().mean().sqrt())
 
-        for name, spec, grid, afs in our_rows(args.only):
+        for name, spec, grid, afs, final in our_rows(args.only):
             errors = []
             for nfe in NFES:
                 spacing = mixture_learned_grid(sched, spec, nfe, gits, stats) if grid == "learned" else grids[grid]
-                x, used = run_ours(spec, spacing, nfe, sched, x_T, stats, afs)
+                x, used = run_ours(spec, spacing, nfe, sched, x_T, stats, afs, final)
                 errors.append(rmse(x) if used <= nfe else float("nan"))
             rows[name] = errors
         for name, make in _diffusers_schedulers().items():

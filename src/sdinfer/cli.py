@@ -122,7 +122,8 @@ def _generate(args, setup=None, rank: int = 0) -> int:
         result = pipe([args.prompt] * args.batch, steps=args.steps, sampler=args.sampler,
                       guidance_scale=args.cfg, seed=args.seed, size=args.size,
                       progress=not args.quiet and rank == 0, predictor=args.predictor,
-                      spacing=args.spacing, analytic_first_step=args.analytic_first_step)
+                      spacing=args.spacing, analytic_first_step=args.analytic_first_step,
+                      final=args.final)
     if rank != 0:
         return 0
     if args.accelerate:
@@ -598,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--analytic-first-step", action="store_true",
                    help="take the first step from the Gaussian-data prediction instead of a model call "
                         "(GENIE / GITS): --steps N costs N - 1 evaluations")
+    g.add_argument("--final", default="zero", choices=("zero", "sigma_min"),
+                   help="where the last step lands: zero (clean data) or sigma_min (the first training "
+                        "step, as diffusers' DDIM; the trailing grid only) (default: zero)")
     g.add_argument("--accelerate", default=None, metavar="SPEC",
                    help="feature cache to install, e.g. deepcache:interval=3 (UNets) or fora:interval=3 "
                         "(transformers); several joined by +")

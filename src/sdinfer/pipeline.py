@@ -21,6 +21,7 @@ from .errors import UserError
 from .models.calling import TextConditioning, call_denoiser
 from .models.loading import LoadedModel, load_model
 from .samplers import get_sampler, sample_loop
+from .samplers.base import FINALS, check_final_fits
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 4.0
@@ -143,6 +144,15 @@ class Pipeline:
             return self._gits_grid(guidance_scale, steps)
         return self._learned_grid(guidance_scale, steps, sampler or "ddim")
 
+    def _check_final(self, final: str, spacing, solver, steps: int) -> None:
+        schedule = self.model.schedule
+        grid = spacing if spacing is not None else (schedule.default_spacing if schedule.is_flow
+                                                    else getattr(solver, "spacing", schedule.default_spacing))
+        try:
+            check_final_fits(schedule, steps, grid, final)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+
     def _gits_grid(self, guidance_scale: float, steps: int):
         from .calibrate import grid_path
         from .samplers.optimal_grid import OptimalGrid
@@ -189,13 +199,17 @@ class Pipeline:
     def __call__(self, prompts: str | list[str], steps: int | str = DEFAULT_STEPS,
                  sampler: str = "ddim", guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0,
                  size: int | None = None, seeds: list[int] | None = None, progress: bool = False,
-                 predictor=None, spacing=None, analytic_first_step: bool = False) -> GenerationResult:
+                 predictor=None, spacing=None, analytic_first_step: bool = False,
+                 final: str = "zero") -> GenerationResult:
         """``steps="auto"``: StepSaver's predictor (``predictor``: a path or a StepPredictor;
         default the one beside the model) picks the count, the largest over the prompts.
         ``spacing``: a grid name (None: the sampler's own), ``"gits"`` (the grid the model
         ships for this guidance scale), ``"learned"`` (the grid learned for this sampler, step
         count and guidance scale) or a grid object.  ``analytic_first_step``: the first
-        step without a model call (``steps`` steps cost ``steps - 1`` evaluations)."""
+        step without a model call (``steps`` steps cost ``steps - 1`` evaluations).  ``final``:
+        where the last step lands, ``"zero"`` (clean data) or ``"sigma_min"`` (the first
+        training step, as diffusers' DDIM and ``final_sigmas_type="sigma_min"``; the trailing
+        grid only: leading and linspace end at timestep 0 already)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("no prompt given; pass at least one prompt")
@@ -215,6 +229,8 @@ class Pipeline:
         if steps < solver.min_steps:
             raise UserError(f"sampler {solver.name!r} needs at least {solver.min_steps} steps, "
                             f"got {steps}")
+        if final not in FINALS:
+            raise UserError(f"unknown final time {final!r}; choose one of {', '.join(FINALS)}")
         if analytic_first_step:
             from .samplers.analytic_first_step import check_supports
             if steps < 2:
@@ -225,6 +241,8 @@ class Pipeline:
                 raise UserError(str(err)) from None
         self.attach_statistics(solver, guidance_scale)
         given_spacing, spacing = spacing, self.time_grid(spacing, guidance_scale, steps, sampler)
+        if final != "zero":
+            self._check_final(final, spacing, solver, steps)
         size = self.check_size(size)
         seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
         start = time.perf_counter()
@@ -241,7 +259,7 @@ class Pipeline:
         noise_generator = torch.Generator().manual_seed(seeds[0] + 10**6)  # stochastic samplers
         try:
             x = sample_loop(den, solver, x, steps, cond, uncond, generator=noise_generator, spacing=spacing,
-                            analytic_first_step=analytic_first_step,
+                            analytic_first_step=analytic_first_step, final=final,
                             generation=next(_generation_counter),
                             callback=(lambda i, _: bar.update(1)) if bar is not None else None)
         except FloatingPointError as err:
@@ -258,6 +276,8 @@ class Pipeline:
             params["spacing"] = given_spacing if isinstance(given_spacing, str) else getattr(spacing, "name", "custom")
         if analytic_first_step:
             params["analytic_first_step"] = True
+        if final != "zero":
+            params["final"] = final
         return GenerationResult(images, pixels, den.nfe, den.model_calls, seconds, params)
 
 

@@ -17,6 +17,7 @@ import torch
 
 from .denoiser import Denoiser
 from .samplers import get_sampler, sample_loop
+from .samplers.base import check_final_fits
 from .samplers.diffusers_scheduler import DiffusersSampler
 from .samplers.dpm_solver_singlestep import dpm_solver_adaptive
 
@@ -65,6 +66,9 @@ def sample(model: Callable, x_T: torch.Tensor, schedule, sampler="dpm-solver++",
         raise TypeError(f"sampler must be a name such as 'dpm-solver++', an sdinfer sampler or a "
                         f"diffusers scheduler, not {type(sampler).__name__}")
 
+    if timesteps is None and not sched.is_flow:
+        check_final_fits(sched, steps, spacing if spacing is not None else
+                         getattr(solver, "spacing", sched.default_spacing), final)
     den = Denoiser(model_fn, sched, prediction_type, guidance_scale)
     return sample_loop(den, solver, x_T, steps, cond, uncond, generator=generator,
                        spacing=spacing, timesteps=timesteps, final=final,

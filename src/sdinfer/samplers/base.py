@@ -131,6 +131,23 @@ def continuous_grid(denoiser: Denoiser, steps: int, spacing: str = "trailing",
     return [float(schedule.continuous_time(m)) for m in model_ts] + [last]
 
 
+def check_final_fits(schedule, steps: int, spacing, final: str) -> None:
+    """The user-facing check of ``final="sigma_min"``: it ends the trailing grid at the first
+    training step; continuous and calibrated grids have their own end, and leading and linspace
+    end at timestep 0 already (their last step would have zero length, which only diffusers'
+    PNDM takes: ``sample_loop`` itself allows it)."""
+    if final != "sigma_min":
+        return
+    if not isinstance(spacing, str) or spacing not in DISCRETE_SPACINGS:
+        name = spacing if isinstance(spacing, str) else getattr(spacing, "name", "calibrated")
+        raise ValueError(f"final='sigma_min' ends the trailing grid at the first training step; the "
+                         f"{name} grid has its own end: use final='zero' or the trailing grid")
+    if timestep_grid(schedule.num_train_timesteps, steps, spacing)[-1] <= 0:
+        raise ValueError(f"the {spacing} grid's last timestep is 0, the first training step, so with "
+                         "final='sigma_min' its last step would have zero length; use final='zero' or "
+                         "the trailing grid")
+
+
 def _grid_object_times(grid, steps: int, final: str, schedule) -> list[float]:
     if final != "zero":
         raise ValueError(f"a {getattr(grid, 'name', 'calibrated')} grid ends at clean data; use final='zero'")
