@@ -17,7 +17,8 @@ schedulers' ``final_sigmas_type="sigma_min"``, whose rows are here too);
 DPM-Solver-v3 on statistics from other noise (a default model's shipped ones); rows marked
 +afs take the analytic first step (one step more for the same NFE).  Diffusers' schedulers
 with their own defaults and their Karras / uniform-lambda ("lu_lambdas") options where they
-have them.  The last rows give the best of each side per NFE.
+have them.  The last rows give the best of each side per NFE.  A second table gives the
+adaptive DPM-Solver-12 / -23 (their own steps) at several tolerances: NFE used and error.
 
     python bench/error_vs_nfe.py --model unet --only 'leading|linspace|afs' --merge OLD.md
 
@@ -37,6 +38,7 @@ from sdinfer.denoiser import Denoiser
 from sdinfer.errors import UserError
 from sdinfer.eval import gaussian_mixture as gm
 from sdinfer.samplers import get_sampler, sample_loop
+from sdinfer.samplers.dpm_solver_singlestep import dpm_solver_adaptive
 
 NFES = [5, 6, 8, 10, 12, 15, 20, 25, 50]
 OURS = ["ddim", "dpm-solver++-2m", "dpm-solver++-3m", "dpm-solver:order=3",
@@ -54,6 +56,8 @@ LEARNED = ["ddim", "dpm-solver++-2m", "dpm-solver-v3"]
 # and linspace grids end at timestep 0 already)
 FINAL_SIGMA_MIN = ["ddim", "dpm-solver++-2m", "dpm-solver++-3m", "unipc:order=2", "dpm-solver-v3",
                    "dpm-solver-v3:use_corrector=false", "dpm-solver-v3:use_corrector=half"]
+# DPM-Solver-12 / -23 (order, rtol): they choose their own steps, so they get a table of their own
+ADAPTIVE = [(2, 0.2), (2, 0.1), (2, 0.05), (3, 0.2), (3, 0.1), (3, 0.05)]
 TWO_EVALUATIONS = {"heun"}
 ONE_EXTRA_EVALUATION = {"plms"}  # its first step evaluates twice
 
@@ -213,6 +217,19 @@ def run_model(pipe, cond, uncond, x_T, sampler, steps, grid=None, afs=False, fin
     return x, den.nfe
 
 
+def print_adaptive(adaptive, rmse, ours_best, theirs_best) -> None:
+    """DPM-Solver-12 / -23 choose their own steps: each tolerance's NFE and error, beside the
+    best fixed-step errors at the largest NFE of the main table that it does not exceed."""
+    print("\n| adaptive sampler | NFE | error | best sdinfer at NFE <= it | best diffusers at NFE <= it |")
+    print("|---|---|---|---|---|")
+    for order, rtol in ADAPTIVE:
+        res = adaptive(order, rtol)
+        below = [i for i, n in enumerate(NFES) if n <= res.nfe]
+        fixed = [f"{best[below[-1]]:.2e} (NFE {NFES[below[-1]]})" if below else "-" for best in (ours_best, theirs_best)]
+        print(f"| DPM-Solver-{'12' if order == 2 else '23'} rtol={rtol} | {res.nfe} | {rmse(res.x):.2e} | "
+              f"{fixed[0]} | {fixed[1]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--plot", default=None)
@@ -238,6 +255,10 @@ def main() -> None:
             return float((x - ref).square().mean().sqrt())
 
         grids = {g: pipe.time_grid(g, 4.0, max(NFES) + 1) for g in GRIDS}
+
+        def adaptive(order, rtol):
+            with torch.no_grad():
+                return dpm_solver_adaptive(pipe.denoiser(4.0), x_T.clone(), cond, uncond, order=order, rtol=rtol)
         for name, spec, grid, afs, final in our_rows(args.only):
             errors = []
             for nfe in NFES:
@@ -268,6 +289,10 @@ def main() -> None:
         ref, _ = run_ours("dpm-solver++-3m", "logsnr", 1000, sched, x_T)
         stats, gits = mixture_aids(sched)
         grids = {**{g: g for g in GRIDS}, "gits": gits}
+
+        def adaptive(order, rtol):
+            return dpm_solver_adaptive(Denoiser(gm.model_fn(sched), sched, "sample"), x_T.clone(),
+                                       order=order, rtol=rtol, atol=rtol / 10)
 
         def rmse(x):
             return float((x - ref).square().mean().sqrt())
@@ -307,6 +332,8 @@ def main() -> None:
     print("| **best diffusers** | " + " | ".join(f"**{e:.2e}**" for e in theirs_best) + " |")
     print("| best sdinfer / best diffusers | " +
           " | ".join(f"{a / b:.2f}" for a, b in zip(ours_best, theirs_best)) + " |")
+    if args.only is None or re.search(args.only, "adaptive"):
+        print_adaptive(adaptive, rmse, ours_best, theirs_best)
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")
