@@ -61,7 +61,8 @@ def test_the_formula_on_the_default_unet():
 
 
 def test_warmup_covering_every_step_equals_one_device(findings):
-    # measured: 3.2e-6 (float rounding of the patch-wise convs and the combined GroupNorm statistics)
+    # measured: 2.1e-6 (float rounding of the patch-wise convs; 1.0e-5 on this CPU while the GroupNorm
+    # statistics were summed in float32, 3.2e-6 on the CPU of an earlier session)
     assert findings["exact"]["max_abs_error"] <= 1e-5
 
 

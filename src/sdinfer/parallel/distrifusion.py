@@ -41,7 +41,7 @@ sent, ``comm.py``):
 - each self-attention layer of S image tokens (over the whole image) and K/V width D (heads x
   head width): the patch's keys and values, 2 B (S / N) D (N - 1) e;
 - each GroupNorm of G groups: the mean and variance of each sample and group (E[x^2] is
-  var + mean^2), in float32 whatever the model's dtype: 2 B G (N - 1) 4;
+  var + mean^2), summed in float64 and sent in float32 whatever the model's dtype: 2 B G (N - 1) 4;
 - once: the output patch, B C_out (H / N) W (N - 1) e, for an H x W latent.
 
 On the default UNet at 64 x 64, guided (B 2), N 2, float32: 28 convs (sum of C W over them
@@ -199,10 +199,12 @@ class PatchGroupNormHook(ModelHook):
             return self.fn_ref.original_forward(x, *args, **kwargs)
         b, groups = x.shape[0], module.num_groups
         xg = x.reshape(b, groups, -1).float()
-        mean, var = xg.mean(-1), xg.var(-1, unbiased=False)
+        # float64 sums: the statistics then match torch's own GroupNorm to float32 rounding
+        mean = xg.mean(-1, dtype=torch.float64)
+        var = (xg.square().mean(-1, dtype=torch.float64) - mean.square()).clamp_min(0)
         n, rank = call.comm.size, call.comm.rank
-        full = call.exchange(self.layer, torch.stack([mean, var]), dim=0, sync=self.mode == "sync")
-        means, variances = full.view(n, 2, b, groups).unbind(1)
+        full = call.exchange(self.layer, torch.stack([mean, var]).float(), dim=0, sync=self.mode == "sync")
+        means, variances = full.double().view(n, 2, b, groups).unbind(1)
         if call.fresh or self.mode in ("sync", "stale"):
             if not call.fresh and self.mode == "stale":
                 means, variances = means.clone(), variances.clone()
@@ -215,7 +217,7 @@ class PatchGroupNormHook(ModelHook):
             full_second = second.mean(0) + (var + mean.square() - second[rank])
             full_var = full_second - full_mean.square()
             full_var = torch.where(full_var < 0, var, full_var)
-        out = (xg - full_mean[..., None]) * torch.rsqrt(full_var + module.eps)[..., None]
+        out = (xg - full_mean[..., None].float()) * torch.rsqrt(full_var + module.eps)[..., None].float()
         out = out.reshape(x.shape).to(x.dtype)
         if module.affine:
             shape = (1, -1) + (1,) * (x.ndim - 2)
