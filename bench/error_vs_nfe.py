@@ -20,6 +20,10 @@ with their own defaults and their Karras / uniform-lambda ("lu_lambdas") options
 have them.  The last rows give the best of each side per NFE.  A second table gives the
 adaptive DPM-Solver-12 / -23 (their own steps) at several tolerances: NFE used and error.
 
+    python bench/error_vs_nfe.py --model unet --prompts 64 --heldout --nfes 6
+
+checks one column on 64 held-out prompts (noise seeds 10000+) instead of the 8 quick ones.
+
     python bench/error_vs_nfe.py --model unet --only 'leading|linspace|afs' --merge OLD.md
 
 runs only the rows whose names match and keeps the other rows of an earlier run's table
@@ -194,17 +198,19 @@ def run_diffusers(make, nfe, sched, x_T):
     return x.double(), len(scheduler.timesteps)
 
 
-def model_problem(name: str, prompts: int):
-    """A default model with guidance 4 on the quick prompts: a denoiser factory, noise, text."""
+def model_problem(name: str, prompts: int, heldout: bool = False):
+    """A default model with guidance 4 on the quick prompts (noise seeds 0, 1, ...) or the
+    held-out ones (seeds 10000, 10001, ..., as bench/dpm_solver_v3.py): the pipeline, text, noise."""
     from sdinfer.cli import _quiet_libraries
     from sdinfer.eval.prompts import QUICK
+    from sdinfer.models.default import shapes
     from sdinfer.pipeline import Pipeline
 
     _quiet_libraries()
     pipe = Pipeline.from_pretrained(name)
-    texts = (QUICK * 4)[:prompts]
+    texts = shapes.heldout_prompts()[:prompts] if heldout else (QUICK * 4)[:prompts]
     cond, uncond = pipe.encode(texts), pipe.encode([""] * len(texts))
-    x_T = pipe.noise(list(range(len(texts))), pipe.model.native_size)
+    x_T = pipe.noise([(10_000 if heldout else 0) + i for i in range(len(texts))], pipe.model.native_size)
     return pipe, cond, uncond, x_T
 
 
@@ -236,11 +242,19 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--model", default=None, help="unet or dit: a default model instead of the mixture")
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--heldout", action="store_true",
+                        help="the held-out prompts with noise seeds 10000+ instead of the quick prompts")
+    parser.add_argument("--nfes", default=None, help="comma-separated NFE columns (default: 5,6,8,10,12,15,20,25,50)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", default=None, help="run only the rows whose name matches this regex")
     parser.add_argument("--merge", default=None,
                         help="an earlier run's table: its rows are kept where this run has none")
     args = parser.parse_args()
+    global NFES
+    if args.nfes:
+        if args.merge:
+            parser.error("--merge keeps an earlier table's columns: not with --nfes")
+        NFES = [int(n) for n in args.nfes.split(",")]
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -248,7 +262,7 @@ def main() -> None:
     theirs: dict[str, list[float]] = {}
     if args.model:
         from sdinfer.samplers.diffusers_scheduler import DiffusersSampler
-        pipe, cond, uncond, x_T = model_problem(args.model, args.prompts)
+        pipe, cond, uncond, x_T = model_problem(args.model, args.prompts, args.heldout)
         ref, _ = run_model(pipe, cond, uncond, x_T, get_sampler("ddim"), 1000)
 
         def rmse(x):
