@@ -273,6 +273,7 @@ def main() -> None:
         def adaptive(order, rtol):
             with torch.no_grad():
                 return dpm_solver_adaptive(pipe.denoiser(4.0), x_T.clone(), cond, uncond, order=order, rtol=rtol)
+
         for name, spec, grid, afs, final in our_rows(args.only):
             errors = []
             for nfe in NFES:
