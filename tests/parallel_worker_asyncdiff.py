@@ -1,9 +1,10 @@
 """A rank of the AsyncDiff tests, started by ``sdinfer.parallel.launch.launch_local``.
 
-``python parallel_worker_asyncdiff.py OUT``: AsyncDiff on the default UNet (64x64) and DiT
-(32x32) against one device, DDIM at cfg 4: with every step a warm-up step, with the default
-warm-up, the blocks each rank ran, the bytes each rank sent, and bad inputs.  Rank 0 writes
-the findings to OUT (JSON) for ``test_parallel_asyncdiff.py`` to judge.
+``python parallel_worker_asyncdiff.py [stride2] OUT``: AsyncDiff (stride 1 on 2 ranks, or
+stride 2 on 3) on the default UNet (64x64) and DiT (32x32) against one device, DDIM at cfg 4:
+with every step a warm-up step, with the default warm-up, the blocks each rank ran, the bytes
+each rank sent, and bad inputs.  Rank 0 writes the findings to OUT (JSON) for
+``test_parallel_asyncdiff.py`` to judge.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from sdinfer.eval.metrics import psnr
 from sdinfer.parallel import apply, launch
 from sdinfer.parallel.asyncdiff import balanced_split
-from parallel_helpers import error_of, write_findings
+from parallel_helpers import error_of, under, write_findings
 
 PROMPT = "a red circle in the top left"
 STEPS = 8
@@ -53,16 +54,17 @@ def run_under(pipe, spec: str, size: int, steps: int = STEPS) -> dict:
 
 
 
-def main(out_path: str) -> int:
+def main(out_path: str, mode: str = "") -> int:
     from sdinfer.pipeline import Pipeline
 
     info = launch.init_process_group("gloo")
+    options = ",stride=2" if mode == "stride2" else ""
     found: dict = {}
     for name, size in (("unet", 64), ("dit", 32)):
         pipe = Pipeline.from_pretrained(name)
         reference = pipe([PROMPT], steps=STEPS, sampler="ddim", guidance_scale=4.0, size=size, seeds=[3]).pixels
-        exact = run_under(pipe, f"asyncdiff:warmup_steps={STEPS}", size)
-        stale = run_under(pipe, "asyncdiff", size)
+        exact = run_under(pipe, f"asyncdiff:warmup_steps={STEPS}{options}", size)
+        stale = run_under(pipe, f"asyncdiff:warmup_steps=1{options}", size)
         found[name] = {
             "exact_max_abs_error": float((exact.pop("pixels") - reference).abs().max()),
             "exact": exact,
@@ -73,17 +75,23 @@ def main(out_path: str) -> int:
                 reference)),
             "out_channels": int(pipe.model.denoiser.config.out_channels),
         }
-    found["balanced_split"] = balanced_split([5, 1, 1, 1, 1, 1, 4], 2)
     dit = Pipeline.from_pretrained("dit")
+    if mode == "stride2":
+        found["errors"] = {"two calls a step": error_of(lambda: under(
+            dit, "asyncdiff:stride=2", lambda: dit([PROMPT], steps=4, sampler="heun", size=32, seeds=[3])))}
+        write_findings(found, out_path)
+        return 0
+    found["balanced_split"] = balanced_split([5, 1, 1, 1, 1, 1, 4], 2)
     single = dist.new_group([0]), dist.new_group([1])
     found["errors"] = {
         "world size 1": error_of(lambda: apply(dit, "asyncdiff", group=single[info.rank])),
         "no warm-up": error_of(lambda: apply(dit, "asyncdiff:warmup_steps=0")),
-        "stride 2": error_of(lambda: apply(dit, "asyncdiff:stride=2")),
+        "stride 2 on 2 ranks": error_of(lambda: apply(dit, "asyncdiff:stride=2")),
+        "stride 3": error_of(lambda: apply(dit, "asyncdiff:stride=3")),
     }
     write_findings(found, out_path)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(launch.run_rank(lambda: main(sys.argv[1])))
+    sys.exit(launch.run_rank(lambda: main(sys.argv[-1], *sys.argv[1:-1])))

@@ -93,3 +93,38 @@ def test_data_workers_render_the_same_batches(tmp_path):
         assert not torch.equal(alone.batch(0)[0], alone.batch(1)[0])
     finally:
         helped.close()
+
+
+def test_fine_tuning_at_another_resolution_starts_from_the_given_model(tmp_path):
+    """``--init-from dit --resolution 64``: every parameter (and the text encoder) starts as the
+    shipped model's; the positional table is the 64x64 one; the batches are 64x64."""
+    from safetensors.torch import load_file
+
+    from sdinfer.models.loading import DEFAULT_MODELS
+
+    cfg = TrainConfig(arch="dit", steps=2, batch_size=2, resolution=64, init_from="dit")
+    trainer = Trainer(cfg, tmp_path)
+    shipped = load_file(str(DEFAULT_MODELS["dit"] / "transformer" / "diffusion_pytorch_model.safetensors"))
+    for name, param in trainer.model.named_parameters():
+        torch.testing.assert_close(param, shipped[name].float(), rtol=0, atol=0)
+        torch.testing.assert_close(trainer.ema[f"model.{name}"], shipped[name].float(), rtol=0, atol=0)
+    assert trainer.model.pos_embed.pos_embed.shape[1] == 32 * 32
+    assert trainer.batch(0)[0].shape == (2, 3, 64, 64)
+
+
+def test_fine_tuning_refuses_a_model_of_another_architecture_and_a_bad_resolution(tmp_path):
+    import pytest
+
+    from sdinfer.errors import UserError
+
+    with pytest.raises(UserError, match="transformer.*is missing.*same architecture"):
+        Trainer(TrainConfig(arch="dit", steps=2, init_from="unet"), tmp_path)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        TrainConfig(resolution=30)
+
+
+def test_train_default_resolution_option_is_checked(tmp_path, capsys):
+    from sdinfer.cli import main
+
+    assert main(["train-default", "--arch", "unet", "--resolution", "30", "--run-dir", str(tmp_path)]) == 2
+    assert "--resolution as a multiple of 4" in capsys.readouterr().err

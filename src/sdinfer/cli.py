@@ -532,18 +532,21 @@ def cmd_train_default(args) -> int:
     from .models.default.train import TrainConfig, train
 
     given = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-             "restarts": args.restarts}
+             "restarts": args.restarts, "resolution": args.resolution, "init_from": args.init_from}
     settings = {**TRAIN_OVERRIDES[args.arch], **{k: v for k, v in given.items() if v is not None}}
     if args.restarts is None and args.steps is not None:  # a shorter run keeps the defaults that fit
         settings["restarts"] = tuple(r for r in settings.get("restarts", ()) if r < args.steps)
     try:
         cfg = TrainConfig(arch=args.arch, **settings)
     except ValueError as err:
-        raise UserError(f"{err}; give --steps larger than the last of --restarts") from None
+        hint = ("give --resolution as a multiple of 4" if "resolution" in str(err)
+                else "give --steps larger than the last of --restarts")
+        raise UserError(f"{err}; {hint}") from None
     _check_device(args.device)
     if args.data_workers < 0:
         raise UserError(f"--data-workers must be >= 0, got {args.data_workers}")
-    run_dir = Path(args.run_dir or f"runs/default-{args.arch}")
+    sized = "" if cfg.resolution == 32 else f"-{cfg.resolution}"
+    run_dir = Path(args.run_dir or f"runs/default-{args.arch}{sized}")
     _quiet_libraries()
     trainer = train(cfg, run_dir, max_minutes=args.max_minutes, threads=args.threads,
                     device=args.device, data_workers=args.data_workers)
@@ -709,12 +712,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None, help="seed of data, noise and weights (default: 0)")
     t.add_argument("--restarts", type=_whole_number, nargs="*", default=None,
                    help="steps at which the learning-rate schedule restarts (extends a finished run)")
+    t.add_argument("--resolution", type=int, default=None,
+                   help="image side to train at, a multiple of 4 (default: 32)")
+    t.add_argument("--init-from", default=None,
+                   help="start from this model's weights (a shipped model name or a pipeline folder "
+                        "of the same architecture), e.g. to fine-tune at another --resolution "
+                        "(default: fresh weights)")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     t.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default: cpu)")
     t.add_argument("--data-workers", type=int, default=0,
                    help="processes that render batches ahead of the training step (default: 0)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this long")
-    t.add_argument("--run-dir", default=None, help="checkpoint folder (default: runs/default-ARCH)")
+    t.add_argument("--run-dir", default=None, help="checkpoint folder (default: runs/default-ARCH, or runs/default-ARCH-RESOLUTION)")
     t.add_argument("--export-to", default=None, help="where to write the finished model (default: RUN_DIR/model)")
     t.set_defaults(func=cmd_train_default)
     return parser

@@ -25,6 +25,9 @@ class StepContext:
     # sdinfer's denoiser batches [cond, uncond], diffusers' text-to-image pipelines [uncond, cond];
     # None where the batch is not split between guidance branches (or its split is unknown)
     guidance_halves: tuple[str, str] | None = ("cond", "uncond")
+    # the next step's timestep in the model's convention, where the loop knows it (None on the
+    # last step and where the context is inferred from the model's calls)
+    next_model_t: float | None = None
 
     @property
     def is_first(self) -> bool:

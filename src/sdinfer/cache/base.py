@@ -65,7 +65,7 @@ def relative_change(current: torch.Tensor, reference: torch.Tensor) -> float:
     return float(sums[0] / sums[1].clamp(min=1e-12))
 
 
-def _timestep_index(forward) -> int:
+def timestep_index(forward) -> int:
     """Position of the ``timestep`` argument in a model's forward (diffusers' name for it)."""
     try:
         names = [n for n in inspect.signature(forward).parameters if n != "self"]
@@ -136,7 +136,7 @@ class StepTracker(ModelHook):
         if current_step() is not None:
             return self.fn_ref.original_forward(*args, **kwargs)
         if self.t_index is None:
-            self.t_index = _timestep_index(self.fn_ref.original_forward)
+            self.t_index = timestep_index(self.fn_ref.original_forward)
         t = _timestep_of(args, kwargs, self.t_index)
         if t is None:
             raise ValueError(f"a cached {type(module).__name__} needs the timestep of each call "

@@ -187,7 +187,8 @@ def sample_loop(denoiser: Denoiser, sampler: Sampler, x: torch.Tensor, steps: in
     for i in range(steps):
         t, t_next = times[i], times[i + 1]
         ctx = StepContext(step_index=i, num_steps=steps, t=t,
-                          model_t=float(denoiser.schedule.model_time(t)), generation=generation)
+                          model_t=float(denoiser.schedule.model_time(t)), generation=generation,
+                          next_model_t=float(denoiser.schedule.model_time(t_next)) if i < steps - 1 else None)
         x = sampler.step(denoiser, x, t, t_next, state, ctx, cond, uncond, generator)
         if callback is not None:
             callback(i, x)

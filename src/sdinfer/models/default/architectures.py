@@ -128,12 +128,15 @@ def build_text_encoder(seed: int) -> CLIPTextModel:
     return model
 
 
-def build_denoiser(arch: str, seed: int) -> torch.nn.Module:
+def build_denoiser(arch: str, seed: int, resolution: int = shapes.RESOLUTION) -> torch.nn.Module:
+    """A default architecture, freshly initialised, for ``resolution`` x ``resolution`` images
+    (the DiT's positional table then covers resolution / DIT_PATCH patches a side)."""
     torch.manual_seed(seed)
     if arch == "unet":
-        return UNet2DConditionModel(**UNET_CONFIG)
+        return UNet2DConditionModel(**{**UNET_CONFIG, "sample_size": resolution})
     if arch == "dit":
-        return dit_init(SD3Transformer2DModel(**DIT_CONFIG))
+        return dit_init(SD3Transformer2DModel(**{**DIT_CONFIG, "sample_size": resolution,
+                                                 "pos_embed_max_size": resolution // DIT_PATCH}))
     raise ValueError(f"unknown default architecture {arch!r}; choose 'unet' or 'dit'")
 
 

@@ -20,7 +20,7 @@ def export_pipeline(trainer, out_dir: Path, use_ema: bool = True,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     arch = trainer.cfg.arch
-    denoiser = arch_mod.build_denoiser(arch, 0)
+    denoiser = arch_mod.build_denoiser(arch, 0, trainer.cfg.resolution)
     text_encoder = arch_mod.build_text_encoder(0)
     if use_ema:
         denoiser.load_state_dict(_with_buffers(denoiser, trainer.ema_state("model")))
@@ -41,6 +41,7 @@ def export_pipeline(trainer, out_dir: Path, use_ema: bool = True,
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
         "scheduler": ["diffusers", "DDPMScheduler"],
         "sdinfer": {"arch": arch, "training_steps": trainer.step,
+                    "resolution": trainer.cfg.resolution, "init_from": trainer.cfg.init_from,
                     "transformers_version": transformers.__version__},
     }
     (out_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

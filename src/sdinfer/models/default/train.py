@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ...errors import UserError
 from ..calling import TextConditioning, call_denoiser
 from . import architectures as arch_mod
 from . import shapes
@@ -52,9 +53,16 @@ class TrainConfig:
     # steps at which the cosine schedule restarts with a new warm-up (SGDR, Loshchilov &
     # Hutter 2017): a finished run extends by a restart without changing its past
     restarts: tuple[int, ...] = ()
+    resolution: int = shapes.RESOLUTION
+    # a pipeline folder or shipped model name whose weights start the run (fine-tuning,
+    # e.g. at another resolution); None: freshly initialised
+    init_from: str | None = None
 
     def __post_init__(self):
         self.restarts = tuple(int(r) for r in self.restarts)
+        if self.resolution < 8 or self.resolution % 4:
+            raise ValueError(f"resolution {self.resolution} must be a multiple of 4, at least 8 "
+                             "(the UNet halves it twice, the DiT cuts 2x2 patches)")
         bounds = (0, *self.restarts, self.steps)
         if any(b >= c for b, c in zip(bounds, bounds[1:])):
             raise ValueError(f"restarts {self.restarts} must increase strictly inside (0, steps={self.steps})")
@@ -78,12 +86,12 @@ class TrainConfig:
 
 
 def render_batch(seed: int, batch_size: int, caption_dropout: float, step: int,
-                 heldout: frozenset[str]) -> tuple[np.ndarray, list[str]]:
-    """The images (uint8, B x H x W x 3) and captions of training step ``step``."""
+                 heldout: frozenset[str], res: int = shapes.RESOLUTION) -> tuple[np.ndarray, list[str]]:
+    """The images (uint8, B x res x res x 3) and captions of training step ``step``."""
     seed = seed * 1_000_003 + step
     specs = shapes.sample_specs(batch_size, seed, set(heldout))
     rng = np.random.default_rng(seed + 7)
-    images = np.stack([shapes.render(s, rng) for s in specs])
+    images = np.stack([shapes.render(s, rng, res) for s in specs])
     captions = [s.caption if rng.random() >= caption_dropout else "" for s in specs]
     return images, captions
 
@@ -97,7 +105,10 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = arch_mod.build_tokenizer()
         self.text_encoder = arch_mod.build_text_encoder(cfg.seed).to(self.device)
-        self.model = arch_mod.build_denoiser(cfg.arch, cfg.seed).to(self.device)
+        self.model = arch_mod.build_denoiser(cfg.arch, cfg.seed, cfg.resolution)
+        if cfg.init_from is not None:
+            load_initial_weights(self.model, self.text_encoder, cfg.arch, cfg.init_from)
+        self.model.to(self.device)
         self.ema = {k: v.detach().clone() for k, v in self._params().items()}
         self.scheduler = arch_mod.build_scheduler()
         ac = self.scheduler.alphas_cumprod.to(torch.float32)
@@ -121,6 +132,7 @@ class Trainer:
     # ---- data -------------------------------------------------------------
     def batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
         args = (self.cfg.seed, self.cfg.batch_size, self.cfg.caption_dropout)
+        more = (self.heldout, self.cfg.resolution)
         if self.data_workers > 0:
             if self._pool is None:
                 # spawned, not forked: the trainer's process may hold a CUDA context
@@ -128,11 +140,11 @@ class Trainer:
                                                  mp_context=multiprocessing.get_context("spawn"))
             for k in range(step, min(step + 4 * self.data_workers, self.cfg.steps)):
                 if k not in self._ahead:
-                    self._ahead[k] = self._pool.submit(render_batch, *args, k, self.heldout)
+                    self._ahead[k] = self._pool.submit(render_batch, *args, k, *more)
             future = self._ahead.pop(step, None)
-            images, captions = future.result() if future else render_batch(*args, step, self.heldout)
+            images, captions = future.result() if future else render_batch(*args, step, *more)
         else:
-            images, captions = render_batch(*args, step, self.heldout)
+            images, captions = render_batch(*args, step, *more)
         x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         return x0, captions
 
@@ -247,6 +259,35 @@ class Trainer:
                 print(f"stopped after {max_minutes} minutes at step {self.step}; "
                       "run the same command again to resume", flush=True)
                 return
+
+
+def load_initial_weights(denoiser: torch.nn.Module, text_encoder: torch.nn.Module, arch: str,
+                         source: str) -> None:
+    """Start from a trained pipeline's denoiser and text encoder (safetensors, in place).
+
+    Every parameter must be there with its shape; buffers whose shape follows the resolution
+    (the DiT's sin-cos positional table) keep the new model's own."""
+    from ..loading import check_safetensors, resolve
+    from .export import DENOISER_FOLDER
+
+    _, folder = resolve(source)
+    parts = [(denoiser, folder / DENOISER_FOLDER[arch] / "diffusion_pytorch_model.safetensors"),
+             (text_encoder, folder / "text_encoder" / "model.safetensors")]
+    for module, path in parts:
+        if not path.is_file():
+            raise UserError(f"--init-from {source}: {path} is missing; pass a pipeline folder of "
+                            f"the same architecture ({arch}), as train-default exports it")
+        check_safetensors(path)
+        given = load_file(str(path))
+        params = dict(module.named_parameters())
+        state = module.state_dict()
+        wrong = [k for k in params if k not in given or given[k].shape != params[k].shape]
+        if wrong:
+            raise UserError(f"--init-from {source}: {path} does not fit the {arch} being trained "
+                            f"({len(wrong)} parameters missing or of another shape, e.g. {wrong[0]}); "
+                            "pass a model of the same architecture")
+        keep = {k: v for k, v in given.items() if k in state and v.shape == state[k].shape}
+        module.load_state_dict({**state, **{k: v.to(state[k].dtype) for k, v in keep.items()}})
 
 
 def train(cfg: TrainConfig, run_dir: Path, max_minutes: float | None = None,
