@@ -5,8 +5,9 @@
 
 A "device" here is one CPU core: the script starts 2 gloo ranks (``launch_local``), each with
 one thread, and times the single-device run on rank 0 with one thread while rank 1 waits.
-Per strategy and model (default UNet at 64x64, default DiT at 32x32; DDIM, cfg 4, held-out
-prompts one at a time, the latency of one request):
+Per strategy and model (the default UNet at 64x64, the default DiT at 32x32, and both fine-tuned
+at 64x64 at 64x64; ``--model`` picks one; DDIM, cfg 4, held-out prompts one at a time, the
+latency of one request):
 
 - latency: the median over ``--repeats`` generations of the prompts, and the speed-up over one
   device;
@@ -44,12 +45,13 @@ CASES = {   # model: (size, strategies)
     "dit": (32, ["cfg", "ulysses", "ring", "pipefusion", "pipefusion:patches=4", "asyncdiff",
                  "asyncdiff:warmup_steps=5"]),
 }
+# the default models fine-tuned at 64x64, at their own size
+CASES["unet-64"] = (64, CASES["unet"][1])
+CASES["dit-64"] = (64, CASES["dit"][1])
 
 
-CASES_3 = {   # on 3 ranks: AsyncDiff's stride 2 (2 components and a rank for the last one)
-    "unet": (64, ["asyncdiff:stride=2", "asyncdiff:stride=2,warmup_steps=5"]),
-    "dit": (32, ["asyncdiff:stride=2", "asyncdiff:stride=2,warmup_steps=5"]),
-}
+STRIDE_2 = ["asyncdiff:stride=2", "asyncdiff:stride=2,warmup_steps=5"]
+CASES_3 = {model: (size, STRIDE_2) for model, (size, _) in CASES.items()}   # on 3 ranks
 
 
 def gloo_alpha_beta(comm) -> tuple[float, float]:
@@ -92,7 +94,7 @@ def rank_main(args) -> int:
     alpha, beta = gloo_alpha_beta(comm)
     rows = []
     for model, (size, specs) in (CASES if args.world_size == 2 else CASES_3).items():
-        if args.model and model != args.model:
+        if args.model and model not in args.model:
             continue
         pipe = Pipeline.from_pretrained(model)
         reference, times = None, []
@@ -176,7 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--model", choices=sorted(CASES), default=None)
+    p.add_argument("--model", choices=sorted(CASES), action="append", default=None,
+                   help="the model(s) to run (default: all)")
     p.add_argument("--world-size", type=int, default=2,
                    help="ranks (default 2); 3 runs the strategies that need 3 (AsyncDiff stride 2), "
                         "oversubscribing a 2-core CPU: their latency is then not a speed-up")

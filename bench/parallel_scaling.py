@@ -609,8 +609,8 @@ def asyncdiff_layers(model: str, full: Count, units: list[str], skips: list[tupl
     """AsyncDiff at the paper's granularity (split points between a UNet's resnets and attentions,
     as AsyncDiff's pipe_config.py cuts them): the layers cut into N runs of about equal FLOPs;
     exchanged: each cut's activation and every skip feature read on another rank.  ``stride`` 2
-    (AsyncDiff's stride denoising, on N + 1 devices; not in sdinfer): one round of the components
-    advances two steps."""
+    (AsyncDiff's stride denoising, on N + 1 devices; sdinfer's ``asyncdiff:stride=2`` at block
+    granularity): one round of the components advances two steps."""
     costs = [full.probes[u].flops for u in units]
     owners = balanced_split(costs, n)
     where = dict(zip(units, owners))

@@ -108,7 +108,10 @@ def test_fine_tuning_at_another_resolution_starts_from_the_given_model(tmp_path)
     for name, param in trainer.model.named_parameters():
         torch.testing.assert_close(param, shipped[name].float(), rtol=0, atol=0)
         torch.testing.assert_close(trainer.ema[f"model.{name}"], shipped[name].float(), rtol=0, atol=0)
-    assert trainer.model.pos_embed.pos_embed.shape[1] == 32 * 32
+    table = trainer.model.pos_embed.pos_embed[0].view(32, 32, -1)
+    # interpolated: every other row and column is the 32x32 model's table
+    torch.testing.assert_close(table[::2, ::2].reshape(256, -1), shipped["pos_embed.pos_embed"][0].float(),
+                               rtol=0, atol=1e-3)
     assert trainer.batch(0)[0].shape == (2, 3, 64, 64)
 
 

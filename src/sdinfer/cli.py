@@ -20,6 +20,7 @@ examples:
   sdinfer models
   sdinfer generate "a red circle in the top left" --accelerate deepcache:interval=3
   sdinfer generate "a red circle in the top left" --model dit --parallel ulysses --world-size 2
+  sdinfer generate "a red circle in the top left" --parallel asyncdiff:stride=2 --world-size 3
   torchrun --nproc-per-node 2 -m sdinfer generate "a red circle" --model dit --parallel cfg
   sdinfer bench --model dit --accelerate fora:interval=2 --accelerate fora:interval=3
   sdinfer calibrate --model unet --cfg 4
@@ -613,7 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ranks), ulysses or ring (a transformer's image tokens split over the ranks). Stale "
                         "(faster, approximate after warmup_steps): distrifusion (UNet image patches), "
                         "pipefusion (transformer layers and patches pipelined), asyncdiff (the model's "
-                        "blocks split into components). Options as NAME:key=value, e.g. asyncdiff:warmup_steps=3")
+                        "blocks split into components; asyncdiff:stride=2 on one rank more advances two steps a "
+                        "round). Options as NAME:key=value, e.g. asyncdiff:warmup_steps=3")
     g.add_argument("--world-size", type=int, default=None, metavar="N",
                    help="with --parallel: start N ranks on this machine (under torchrun leave it out)")
     g.add_argument("--backend", default="gloo",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import DDPMScheduler, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
@@ -129,14 +130,23 @@ def build_text_encoder(seed: int) -> CLIPTextModel:
 
 
 def build_denoiser(arch: str, seed: int, resolution: int = shapes.RESOLUTION) -> torch.nn.Module:
-    """A default architecture, freshly initialised, for ``resolution`` x ``resolution`` images
-    (the DiT's positional table then covers resolution / DIT_PATCH patches a side)."""
+    """A default architecture, freshly initialised, for ``resolution`` x ``resolution`` images.
+
+    The DiT's sin-cos positional table then has resolution / DIT_PATCH rows and columns, spaced
+    so that they span the positions of the 32x32 model's (PixArt's ``interpolation_scale``):
+    a model fine-tuned from the 32x32 one at another resolution finds each place in the image
+    at the position it learned for it.  The table is a saved buffer, so it loads with the
+    weights."""
     torch.manual_seed(seed)
     if arch == "unet":
         return UNet2DConditionModel(**{**UNET_CONFIG, "sample_size": resolution})
     if arch == "dit":
-        return dit_init(SD3Transformer2DModel(**{**DIT_CONFIG, "sample_size": resolution,
-                                                 "pos_embed_max_size": resolution // DIT_PATCH}))
+        grid = resolution // DIT_PATCH
+        model = SD3Transformer2DModel(**{**DIT_CONFIG, "sample_size": resolution, "pos_embed_max_size": grid})
+        table = get_2d_sincos_pos_embed(model.inner_dim, grid, base_size=shapes.RESOLUTION // DIT_PATCH,
+                                        output_type="pt")
+        model.pos_embed.pos_embed.copy_(table.float().unsqueeze(0))
+        return dit_init(model)
     raise ValueError(f"unknown default architecture {arch!r}; choose 'unet' or 'dit'")
 
 
