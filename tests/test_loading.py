@@ -18,6 +18,14 @@ def test_default_models_load_offline():
     assert load_model("dit").family == "SD3Transformer2DModel"
 
 
+@pytest.mark.parametrize("name, family", [("unet-64", "UNet2DConditionModel"), ("dit-64", "SD3Transformer2DModel")])
+def test_fine_tuned_64_models_draw_at_64_by_default(name, family):
+    pipe = Pipeline.from_pretrained(name)
+    assert pipe.model.family == family and pipe.model.native_size == 64
+    out = pipe(["a red circle in the top left"], steps=2)
+    assert out.pixels.shape == (1, 3, 64, 64) and torch.isfinite(out.pixels).all()
+
+
 @pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_pixart"])
 def test_saved_diffusers_pipelines_generate(fixture, request):
     path = request.getfixturevalue(fixture)

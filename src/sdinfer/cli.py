@@ -299,7 +299,7 @@ def cmd_models(args) -> int:
     from .models.loading import DEFAULT_MODELS, load_model
 
     _quiet_libraries()
-    print(f"{'name':<8} {'class':<26} {'parameters':>11} {'on disk':>9}  path")
+    print(f"{"name":<8} {"class":<26} {'parameters':>11} {'on disk':>9}  path")
     for name, path in DEFAULT_MODELS.items():
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         model = load_model(name)
@@ -563,13 +563,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sdinfer", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Generate images with diffusion models faster, and measure by how much and "
                     "at what cost in quality. Runs offline on the shipped default models "
-                    "(32x32 shapes) or on diffusers pipelines saved on disk.",
+                    "(32x32 shapes, two of them also fine-tuned at 64x64) or on diffusers pipelines saved on disk.",
         epilog=EXAMPLES)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(p, many_steps=False):
         p.add_argument("--model", default="default",
-                       help="default | unet | dit | PATH to a diffusers pipeline folder (default: default, the shipped UNet)")
+                       help="default | unet | dit | unet-64 | dit-64 (the two fine-tuned at 64x64) | PATH to a diffusers "
+                            "pipeline folder (default: default, the shipped UNet)")
         p.add_argument("--sampler", default="ddim",
                        help="sampler with options, e.g. ddim, ddim:eta=1, ddpm, plms, dpm-solver++:order=3, "
                             "dpm-solver, unipc, euler, heun (default: ddim)")
@@ -665,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dpm-solver-v3, gits (an optimal time grid: generate --spacing gits), "
                         "learned-grid (one sampler's grids learned on its global error: generate "
                         "--spacing learned), or a cache method that calibrates (default: dpm-solver-v3)")
-    c.add_argument("--model", default="default", help="default | unet | dit | PATH (default: default)")
+    c.add_argument("--model", default="default", help="default | unet | dit | unet-64 | dit-64 | PATH (default: default)")
     c.add_argument("--cfg", type=float, default=4.0, help="guidance scale the statistics are for (default: 4)")
     c.add_argument("--prompts", default="train",
                    help="train (captions like the default models' training data) | quick | FILE")

@@ -22,7 +22,8 @@ from ..errors import UserError
 from ..schedules import NoiseSchedule
 
 DEFAULT_DIR = Path(__file__).parent / "default" / "weights"
-DEFAULT_MODELS = {"unet": DEFAULT_DIR / "unet", "dit": DEFAULT_DIR / "dit"}
+# the two default models, and the same fine-tuned at 64x64 (for the multi-device strategies)
+DEFAULT_MODELS = {name: DEFAULT_DIR / name for name in ("unet", "dit", "unet-64", "dit-64")}
 DEFAULT_ALIASES = {"default": "unet"}
 DENOISER_COMPONENTS = ("unet", "transformer")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
