@@ -299,7 +299,7 @@ def cmd_models(args) -> int:
     from .models.loading import DEFAULT_MODELS, load_model
 
     _quiet_libraries()
-    print(f"{"name":<8} {"class":<26} {'parameters':>11} {'on disk':>9}  path")
+    print(f"{'name':<8} {'class':<26} {'parameters':>11} {'on disk':>9}  path")
     for name, path in DEFAULT_MODELS.items():
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         model = load_model(name)
