@@ -80,9 +80,9 @@ class AsyncDiffConfig:
 
     def check_world_size(self, size: int) -> None:
         if self.components(size) < 2:
-            raise ValueError(f"asyncdiff with stride {self.stride} splits the denoiser into {size} - "
-                             f"{self.stride - 1} components (one per rank, stride 2 one rank more): it needs "
-                             f"a world size of {1 + self.stride} or more, got {size}")
+            extra = " and one rank more for the last" if self.stride == 2 else ""
+            raise ValueError(f"asyncdiff (stride {self.stride}) runs at least 2 components, one per rank{extra}: "
+                             f"it needs a world size of {1 + self.stride} or more, got {size}")
 
 
 def balanced_split(costs: list[int], parts: int) -> list[int]:
