@@ -50,11 +50,17 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--data-workers", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: train-default's)")
+    ap.add_argument("--init-from", default=None, help="start a new run from this pipeline's weights")
     args = ap.parse_args()
     run_dir = Path(args.run_dir or f"runs/default-{args.arch}")
     base = dict(TRAIN_OVERRIDES[args.arch])
     if args.batch_size:
         base["batch_size"] = args.batch_size
+    if args.lr:
+        base["lr"] = args.lr
+    if args.init_from:
+        base["init_from"] = args.init_from
     rate = steps_per_second(TrainConfig(arch=args.arch, **{**base, "steps": 10**6, "restarts": ()}),
                             args.device, args.data_workers)
     new_steps = max(100, int(rate * args.minutes * 60 * 0.9) // 100 * 100)
@@ -63,6 +69,8 @@ def main() -> int:
     cmd = [sys.executable, "-m", "sdinfer", "train-default", "--arch", args.arch, "--run-dir", str(run_dir),
            "--batch-size", str(base["batch_size"]), "--device", args.device,
            "--data-workers", str(args.data_workers), "--max-minutes", str(args.minutes * 1.15)]
+    cmd += ["--lr", str(base["lr"])] if "lr" in base else []
+    cmd += ["--init-from", base["init_from"]] if "init_from" in base else []
     if done and done["step"] >= done["config"]["steps"]:
         start = done["step"]
         cmd += ["--steps", str(start + new_steps),

@@ -68,7 +68,8 @@ DIT_CONFIG = dict(
 TRAIN_OVERRIDES = {
     # the UNet's first 2,000 steps are one cosine cycle, then the schedule restarts
     "unet": dict(steps=8500, batch_size=32, min_snr_gamma=None, restarts=(2000,)),
-    # the DiT trained on a GPU: 4,100 steps of batch 128, then a restart to 8,100
+    # the DiT trained on a GPU: 4,100 steps of batch 128, then a restart to 8,100; the shipped
+    # DiT is that model fine-tuned at batch 1,024 (--init-from, BENCHMARKS.md "Default models")
     "dit": dict(steps=8100, batch_size=128, min_snr_gamma=None, restarts=(4100,)),
 }
 
