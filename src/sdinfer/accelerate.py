@@ -10,7 +10,7 @@ Specs are strings (``NAME:key=value,...``, several joined by ``+``) or config ob
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -19,16 +19,22 @@ from . import cache
 from .errors import UserError
 
 
-@dataclass
+@dataclass(repr=False)
 class Accelerated:
     """The accelerators installed by one ``accelerate`` call."""
 
     model: torch.nn.Module
     handles: list[cache.CacheHandle] = field(default_factory=list)
+    configs: list = field(default_factory=list)   # one per handle
 
     @property
     def methods(self) -> list[str]:
         return [h.method for h in self.handles]
+
+    def __repr__(self) -> str:
+        """One line: the specs installed (every setting) and the model's class, not the model."""
+        installed = " + ".join(spec_text(c) for c in self.configs) or "nothing installed"
+        return f"Accelerated({installed} on {type(self.model).__name__})"
 
     def reset(self) -> None:
         for h in self.handles:
@@ -38,6 +44,13 @@ class Accelerated:
         for h in reversed(self.handles):
             h.remove()
         self.handles.clear()
+        self.configs.clear()
+
+
+def spec_text(config) -> str:
+    """A cache config as the spec that makes it, every setting spelled out: ``fora:interval=3``."""
+    settings = ",".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config))
+    return f"{cache.method_of(config)}:{settings}" if settings else cache.method_of(config)
 
 
 def denoiser_of(target) -> tuple[torch.nn.Module, object]:
@@ -100,6 +113,7 @@ def accelerate(target, spec) -> Accelerated:
             config = cache.parse_spec(item) if isinstance(item, str) else item
             check_cache(model, cache.method_of(config))
             out.handles.append(cache.apply(model, config, num_steps, guidance_of(target)))
+            out.configs.append(config)
     except (ValueError, TypeError) as err:
         out.remove()
         raise UserError(str(err)) from None

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import UserError
 from ..schedules import NoiseSchedule
+from .quiet import quiet_loading
 
 DEFAULT_DIR = Path(__file__).parent / "default" / "weights"
 # the two default models, and the same fine-tuned at 64x64 (for the multi-device strategies)
@@ -154,7 +155,7 @@ def _load_component(folder: Path, library: str, class_name: str, dtype: torch.dt
     elif library == "transformers":
         kwargs = {"use_safetensors": True, "dtype": dtype}
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_loading():
             warnings.simplefilter("ignore")
             model = cls.from_pretrained(str(folder), **kwargs)
     except UserError:

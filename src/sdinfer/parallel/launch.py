@@ -16,8 +16,11 @@ group's timeout (``DEFAULT_TIMEOUT_S``) if a peer stops answering without dying.
 that failed leaves a note in the launcher's store ("rank 1 failed: RuntimeError: ..."); the
 launcher, which sees every exit, writes one for a rank that died without a word ("rank 1 was
 killed by SIGKILL") and stops the ranks that did not stop on their own within ``grace_s``
-(SIGTERM, then SIGKILL); each stopping rank prints "rank 0 stopped because <note>".  Under
-torchrun its agent does the watching and names the failed rank in its summary.
+(SIGTERM, then SIGKILL); each stopping rank prints "rank 0 stopped because <note>".  A failure
+that every rank meets alike (a strategy the model does not take) is printed once: the first
+rank's note wins atomically, a rank whose failure reads the same stays quiet, and the launcher
+adds nothing to a rank's refusal of its input (exit code 2).  Under torchrun its agent does
+the watching and names the failed rank in its summary.
 """
 
 from __future__ import annotations
@@ -117,14 +120,27 @@ def _stop(signum, frame):
     raise RankStopped("stopped by the launcher")
 
 
-def leave_note(note: str) -> None:
-    """Tell the launcher's store why the ranks stop (the first note wins)."""
+def leave_note(note: str) -> str | None:
+    """Tell the launcher's store why the ranks stop (the first note wins, atomically); returns
+    the note that won, or None without a store."""
     if _store is not None:
         try:
-            if not _store.check([FAILURE_KEY]):
-                _store.set(FAILURE_KEY, note)
+            return _store.compare_set(FAILURE_KEY, "", note).decode()
         except RuntimeError:   # the launcher is gone too; nothing to tell
             pass
+    return None
+
+
+def _failure_note(rank: int, message: str) -> str:
+    return f"rank {rank} failed: {message}"
+
+
+def already_said(first_note: str | None, rank: int, message: str) -> bool:
+    """Whether another rank has already reported this very failure (every rank refusing the
+    same input): then this rank stays quiet, and the user reads the error once."""
+    if first_note is None or first_note == _failure_note(rank, message):
+        return False
+    return first_note.startswith("rank ") and first_note.partition(" failed: ")[2] == message
 
 
 def read_note(wait_s: float) -> str | None:
@@ -171,12 +187,13 @@ def _report(rank: int, err: BaseException) -> int:
         _say(f"rank {rank} stopped because {note}" if note else f"rank {rank} stopped: {err}")
         return 1
     if isinstance(err, UserError):
-        leave_note(f"rank {rank} failed: {err}")
-        _say(f"rank {rank}: {err}")
+        if not already_said(leave_note(_failure_note(rank, str(err))), rank, str(err)):
+            _say(f"rank {rank}: {err}")
         return 2
-    traceback.print_exception(err)
-    leave_note(f"rank {rank} failed: {type(err).__name__}: {err}")
-    _say(f"rank {rank} failed: {type(err).__name__}: {err}")
+    message = f"{type(err).__name__}: {err}"
+    if not already_said(leave_note(_failure_note(rank, message)), rank, message):
+        traceback.print_exception(err)
+        _say(_failure_note(rank, message))
     return 1
 
 
@@ -218,9 +235,11 @@ def _watch(procs: list[subprocess.Popen], store, poll_s: float, grace_s: float) 
                 if code != 0 and failed_at is None:
                     failed_at = time.monotonic()
                     note = _exit_note(rank, code)
-                    if not store.check([FAILURE_KEY]):
+                    said = store.check([FAILURE_KEY])
+                    if not said:
                         store.set(FAILURE_KEY, note)
-                    _say(f"{note}; stopping the other ranks")
+                    if not (said and code == 2):   # a rank that refused its input said why
+                        _say(f"{note}; stopping the other ranks")
         late = time.monotonic() - failed_at if failed_at is not None else 0.0
         for proc in procs:
             if proc.poll() is None and late > 2 * grace_s:
