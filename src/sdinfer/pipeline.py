@@ -255,7 +255,8 @@ class Pipeline:
         bar = None
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=steps, desc="denoising", unit="step", leave=False)
+            bar = tqdm(total=None if getattr(solver, "chooses_steps", False) else steps,
+                       desc="denoising", unit="step", leave=False)
         noise_generator = torch.Generator().manual_seed(seeds[0] + 10**6)  # stochastic samplers
         try:
             x = sample_loop(den, solver, x, steps, cond, uncond, generator=noise_generator, spacing=spacing,
