@@ -50,7 +50,8 @@ def sample(model: Callable, x_T: torch.Tensor, schedule, sampler="dpm-solver++",
         return model(x, t) if text is None else model(x, t, text)
 
     if isinstance(sampler, str):
-        spec = sampler + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
+        extra = ",".join(f"{k}={v}" for k, v in options.items())
+        spec = sampler if not extra else sampler + ("," if ":" in sampler else ":") + extra
         solver = get_sampler(spec)
     elif hasattr(sampler, "set_timesteps") and hasattr(sampler, "step"):  # a diffusers scheduler
         solver = DiffusersSampler(sampler)
