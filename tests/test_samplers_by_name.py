@@ -133,6 +133,19 @@ def test_pipeline_runs_paradigms_by_name(default_pipe):
     assert float((par.pixels - ddim.pixels).abs().mean()) < 0.05
 
 
+def test_accelerators_refuse_samplers_with_their_own_loop(default_pipe):
+    from sdinfer.errors import UserError
+
+    handle = sdinfer.accelerate(default_pipe, "deepcache:interval=2")
+    try:
+        for name in ("paradigms", "parataa", "dpm-solver-23"):
+            with pytest.raises(UserError, match="its own loop over the steps"):
+                default_pipe("a red circle", steps=4, sampler=name)
+    finally:
+        handle.remove()
+    assert default_pipe("a red circle", steps=2, sampler="parataa").nfe >= 2
+
+
 @pytest.mark.slow
 def test_cli_generates_with_an_adaptive_sampler(tmp_path, capsys):
     from PIL import Image

@@ -21,7 +21,7 @@ from .errors import UserError
 from .models.calling import TextConditioning, call_denoiser
 from .models.loading import LoadedModel, load_model
 from .samplers import get_sampler, sample_loop
-from .samplers.base import FINALS, check_final_fits
+from .samplers.base import FINALS, check_final_fits, steps_one_by_one
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 4.0
@@ -153,6 +153,16 @@ class Pipeline:
         except ValueError as err:
             raise UserError(str(err)) from None
 
+    def _check_own_loop(self, solver) -> None:
+        """Caches and parallel strategies follow one model call per step: a sampler that chooses
+        its steps or evaluates many in one call runs without them."""
+        registry = getattr(self.model.denoiser, "_diffusers_hook", None)
+        if not steps_one_by_one(solver) and getattr(registry, "hooks", None):
+            raise UserError(f"sampler {solver.name!r} runs its own loop over the steps (it chooses them or "
+                            "evaluates several in one model call), which the accelerators installed on "
+                            "this pipeline cannot follow; remove them (handle.remove()) or use a "
+                            "step-by-step sampler such as ddim or dpm-solver++")
+
     def _gits_grid(self, guidance_scale: float, steps: int):
         from .calibrate import grid_path
         from .samplers.optimal_grid import OptimalGrid
@@ -231,6 +241,7 @@ class Pipeline:
                             f"got {steps}")
         if final not in FINALS:
             raise UserError(f"unknown final time {final!r}; choose one of {', '.join(FINALS)}")
+        self._check_own_loop(solver)
         if analytic_first_step:
             from .samplers.analytic_first_step import check_supports
             if steps < 2:
