@@ -219,7 +219,10 @@ class Pipeline:
         step without a model call (``steps`` steps cost ``steps - 1`` evaluations).  ``final``:
         where the last step lands, ``"zero"`` (clean data) or ``"sigma_min"`` (the first
         training step, as diffusers' DDIM and ``final_sigmas_type="sigma_min"``; the trailing
-        grid only: leading and linspace end at timestep 0 already)."""
+        grid only: leading and linspace end at timestep 0 already).  ``sampler``: any name of
+        ``samplers.SAMPLERS``; ``dpm-solver-12`` / ``-23`` choose their own steps (``steps`` does
+        not apply), ``paradigms`` / ``parataa`` batch several steps per model call; ``nfe`` in the
+        result counts every step evaluated, ``model_calls`` the forward passes."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("no prompt given; pass at least one prompt")
