@@ -17,7 +17,7 @@ import torch
 from sdinfer.eval.prompts import load_prompts
 from sdinfer.pipeline import Pipeline
 from sdinfer.samplers import DDIM, sample_loop
-from sdinfer.samplers.parallel import paradigms
+from sdinfer.samplers.paradigms import paradigms
 from sdinfer.samplers.parataa import parataa
 
 STEPS = 100

@@ -12,7 +12,7 @@ import torch
 from sdinfer.denoiser import Denoiser
 from sdinfer.eval import gaussian_mixture as gm
 from sdinfer.samplers import DDIM, get_sampler, sample_loop
-from sdinfer.samplers.parallel import paradigms
+from sdinfer.samplers.paradigms import paradigms
 from sdinfer.samplers.parataa import parataa
 
 STEPS = [20, 30, 40, 60, 80]

@@ -68,12 +68,12 @@ def test_the_half_corrector_corrects_only_above_half_time(gm_problem):
     corrected_at = {}
 
     class Counting(DPMSolverV3):
-        def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
+        def step(self, model, x, t, t_next, state):
             before = self._update
             calls = []
             self._update = lambda *a: calls.append(a) or before(*a)
             try:
-                return super().step(denoiser, x, t, t_next, state, ctx, cond, uncond, generator)
+                return super().step(model, x, t, t_next, state)
             finally:
                 del self._update
                 # a corrected step updates twice (the corrector, then the predictor; no step here ends at t = 0)

@@ -6,7 +6,7 @@ import torch
 from sdinfer.eval import gaussian_mixture as gm
 from sdinfer.denoiser import Denoiser
 from sdinfer.samplers import DDIM, sample_loop
-from sdinfer.samplers.parallel import paradigms
+from sdinfer.samplers.paradigms import paradigms
 
 
 @pytest.fixture(scope="module")

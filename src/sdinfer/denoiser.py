@@ -5,7 +5,9 @@ Wraps ``model_fn(x, model_t, text) -> output`` with its prediction type
 both the data prediction x0 and the noise prediction eps (DPM-Solver's
 ``model_wrapper``, Lu et al. 2022 App. D; v from Salimans & Ho 2022, Eq. 4),
 applies classifier-free guidance (Ho & Salimans 2022, Eq. 6) to the batched
-cond / uncond evaluation, and counts function evaluations.
+cond / uncond evaluation, and counts function evaluations (``nfe``: a call that
+evaluates several sampler steps at once counts each) and forward passes (``model_calls``).
+Samplers see it bound to its text as ``samplers.base.BoundModel``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 class Prediction:
     x0: torch.Tensor
     eps: torch.Tensor
+
+
+def per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A schedule quantity at t (a number, or one time per sample) shaped to broadcast on x."""
+    values = values.to(dtype=x.dtype, device=x.device)
+    return values.view(-1, *([1] * (x.ndim - 1))) if values.ndim == 1 else values
 
 
 class Denoiser:
@@ -61,16 +69,12 @@ class Denoiser:
     def uses_guidance(self) -> bool:
         return self.guidance_scale != 1.0
 
-    def _per_sample(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """A schedule quantity at t (a number, or one time per sample) shaped to broadcast on x."""
-        values = values.to(dtype=x.dtype, device=x.device)
-        return values.view(-1, *([1] * (x.ndim - 1))) if values.ndim == 1 else values
-
-    def raw(self, x: torch.Tensor, t, cond, uncond, ctx: StepContext) -> torch.Tensor:
+    def raw(self, x: torch.Tensor, t, cond, uncond, ctx: StepContext,
+            evaluations: int = 1) -> torch.Tensor:
         """The (guided) model output in the model's own prediction type.
 
         ``t`` is one continuous time, or a 1-D tensor of one time per sample (parallel
-        samplers evaluate several steps in one call)."""
+        samplers evaluate several steps in one call, and count it as ``evaluations``)."""
         model_t = self.schedule.model_time(t).to(dtype=x.dtype, device=x.device)
         if model_t.ndim == 0:
             model_t = model_t.expand(x.shape[0])
@@ -85,20 +89,21 @@ class Denoiser:
             with step_context(replace(ctx, branch="cond", guidance_halves=None)):
                 out = self.model_fn(x, model_t, cond)
         self.model_calls += 1
-        self.nfe += 1
+        self.nfe += evaluations
         if not torch.isfinite(out).all():
             raise FloatingPointError(
                 f"the model returned NaN or inf at step {ctx.step_index} (t={ctx.t:.4f}); "
                 "check the model weights and dtype (float16 on CPU is a common cause)")
         return out
 
-    def __call__(self, x: torch.Tensor, t, cond, uncond, ctx: StepContext) -> Prediction:
-        out = self.raw(x, t, cond, uncond, ctx)
+    def __call__(self, x: torch.Tensor, t, cond, uncond, ctx: StepContext,
+                 evaluations: int = 1) -> Prediction:
+        out = self.raw(x, t, cond, uncond, ctx, evaluations)
         return self.convert(out, x, t)
 
     def convert(self, out: torch.Tensor, x: torch.Tensor, t) -> Prediction:
-        alpha = self._per_sample(self.schedule.alpha(t), x)
-        sigma = self._per_sample(self.schedule.sigma(t), x)
+        alpha = per_sample(self.schedule.alpha(t), x)
+        sigma = per_sample(self.schedule.sigma(t), x)
         if self.prediction_type == "epsilon":
             eps = out
             x0 = (x - sigma * eps) / alpha

@@ -21,7 +21,7 @@ from .errors import UserError
 from .models.calling import TextConditioning, call_denoiser
 from .models.loading import LoadedModel, load_model
 from .samplers import get_sampler, sample_loop
-from .samplers.base import FINALS, check_final_fits
+from .samplers.base import FINALS, check_final_fits, steps_one_by_one
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 4.0
@@ -153,6 +153,16 @@ class Pipeline:
         except ValueError as err:
             raise UserError(str(err)) from None
 
+    def _check_own_loop(self, solver) -> None:
+        """Caches and parallel strategies follow one model call per step: a sampler that chooses
+        its steps or evaluates many in one call runs without them."""
+        registry = getattr(self.model.denoiser, "_diffusers_hook", None)
+        if not steps_one_by_one(solver) and getattr(registry, "hooks", None):
+            raise UserError(f"sampler {solver.name!r} runs its own loop over the steps (it chooses them or "
+                            "evaluates several in one model call), which the accelerators installed on "
+                            "this pipeline cannot follow; remove them (handle.remove()) or use a "
+                            "step-by-step sampler such as ddim or dpm-solver++")
+
     def _gits_grid(self, guidance_scale: float, steps: int):
         from .calibrate import grid_path
         from .samplers.optimal_grid import OptimalGrid
@@ -209,7 +219,10 @@ class Pipeline:
         step without a model call (``steps`` steps cost ``steps - 1`` evaluations).  ``final``:
         where the last step lands, ``"zero"`` (clean data) or ``"sigma_min"`` (the first
         training step, as diffusers' DDIM and ``final_sigmas_type="sigma_min"``; the trailing
-        grid only: leading and linspace end at timestep 0 already)."""
+        grid only: leading and linspace end at timestep 0 already).  ``sampler``: any name of
+        ``samplers.SAMPLERS``; ``dpm-solver-12`` / ``-23`` choose their own steps (``steps`` does
+        not apply), ``paradigms`` / ``parataa`` batch several steps per model call; ``nfe`` in the
+        result counts every step evaluated, ``model_calls`` the forward passes."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("no prompt given; pass at least one prompt")
@@ -231,6 +244,7 @@ class Pipeline:
                             f"got {steps}")
         if final not in FINALS:
             raise UserError(f"unknown final time {final!r}; choose one of {', '.join(FINALS)}")
+        self._check_own_loop(solver)
         if analytic_first_step:
             from .samplers.analytic_first_step import check_supports
             if steps < 2:
@@ -255,7 +269,8 @@ class Pipeline:
         bar = None
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=steps, desc="denoising", unit="step", leave=False)
+            bar = tqdm(total=None if getattr(solver, "chooses_steps", False) else steps,
+                       desc="denoising", unit="step", leave=False)
         noise_generator = torch.Generator().manual_seed(seeds[0] + 10**6)  # stochastic samplers
         try:
             x = sample_loop(den, solver, x, steps, cond, uncond, generator=noise_generator, spacing=spacing,

@@ -19,9 +19,6 @@ from .denoiser import Denoiser
 from .samplers import get_sampler, sample_loop
 from .samplers.base import check_final_fits
 from .samplers.diffusers_scheduler import DiffusersSampler
-from .samplers.dpm_solver_singlestep import dpm_solver_adaptive
-
-ADAPTIVE = "dpm-solver-adaptive"
 from .schedules import FlowMatchSchedule, NoiseSchedule, schedule_from_diffusers
 
 
@@ -42,25 +39,23 @@ def sample(model: Callable, x_T: torch.Tensor, schedule, sampler="dpm-solver++",
            **options) -> torch.Tensor:
     """Sample from ``x_T`` with ``sampler``: a name (extra keyword options go to it), a
     sampler object, or a diffusers scheduler object (run one model call per step).
-    ``"dpm-solver-adaptive"`` (DPM-Solver-12/23, options ``order``, ``rtol``, ``atol``)
-    chooses its own steps.  ``spacing``: a grid name, or a grid object such as a GITS
-    ``OptimalGrid`` (``samplers.optimal_grid``).  ``analytic_first_step``: the first step
+    ``"dpm-solver-12"`` / ``"dpm-solver-23"`` (alias ``"dpm-solver-adaptive"``, options
+    ``rtol``, ``atol``, ...) choose their own steps: ``steps`` does not apply to them;
+    ``"paradigms"`` / ``"parataa"`` run the ``steps`` steps in parallel rounds.  ``spacing``: a
+    grid name, or a grid object such as a GITS ``OptimalGrid`` (``samplers.optimal_grid``).  ``analytic_first_step``: the first step
     without a model call (``samplers.analytic_first_step``)."""
     sched = as_schedule(schedule)
 
     def model_fn(x, t, text):
         return model(x, t) if text is None else model(x, t, text)
 
-    if isinstance(sampler, str) and sampler.split(":")[0].strip().lower() == ADAPTIVE:
-        # its own step sizes: ``steps`` does not apply; options order, rtol, atol, ...
-        den = Denoiser(model_fn, sched, prediction_type, guidance_scale)
-        return dpm_solver_adaptive(den, x_T, cond, uncond, **options).x
     if isinstance(sampler, str):
-        spec = sampler + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
+        extra = ",".join(f"{k}={v}" for k, v in options.items())
+        spec = sampler if not extra else sampler + ("," if ":" in sampler else ":") + extra
         solver = get_sampler(spec)
     elif hasattr(sampler, "set_timesteps") and hasattr(sampler, "step"):  # a diffusers scheduler
         solver = DiffusersSampler(sampler)
-    elif hasattr(sampler, "step"):
+    elif hasattr(sampler, "sample") or hasattr(sampler, "step"):
         solver = sampler
     else:
         raise TypeError(f"sampler must be a name such as 'dpm-solver++', an sdinfer sampler or a "

@@ -1,14 +1,19 @@
-"""Samplers: step functions against one noise schedule and one denoiser."""
+"""Samplers against one noise schedule and one bound model (``base.BoundModel``): step
+functions (``base.StepSampler``), and samplers that run their own loop over the steps (the
+adaptive DPM-Solver, ParaDiGMS, ParaTAA), all in the one registry ``SAMPLERS``."""
 
 from __future__ import annotations
 
-from .base import Sampler, continuous_grid, sample_loop, timestep_grid
+from .base import (BoundModel, Sampler, SamplerState, StepSampler, continuous_grid, sample_loop,
+                   timestep_grid)
 from .ddim import DDIM
 from .ddpm import DDPM
 from .dpm_solver import DPMSolverMultistep
-from .dpm_solver_singlestep import DPMSolverSinglestep
+from .dpm_solver_singlestep import AdaptiveDPMSolver, DPMSolverSinglestep
 from .dpm_solver_v3 import DPMSolverV3
 from .karras import Euler, Heun
+from .paradigms import ParaDiGMS
+from .parataa import ParaTAA
 from .pndm import PLMS
 from .sampler_schedule import SamplerSchedule, is_schedule_spec
 from .unipc import UniPC
@@ -32,6 +37,13 @@ SAMPLERS = {
     "euler": lambda **kw: Euler(**kw),
     "heun": lambda **kw: Heun(**kw),
     "plms": lambda **kw: PLMS(**kw),
+    # their own loops: the adaptive DPM-Solver chooses its steps (``steps`` does not apply);
+    # ParaDiGMS and ParaTAA evaluate many of the ``steps`` steps in one batched model call
+    "dpm-solver-12": lambda **kw: AdaptiveDPMSolver(**kw, order=2, name="dpm-solver-12"),
+    "dpm-solver-23": lambda **kw: AdaptiveDPMSolver(**kw, order=3, name="dpm-solver-23"),
+    "dpm-solver-adaptive": lambda **kw: AdaptiveDPMSolver(**kw),
+    "paradigms": lambda **kw: ParaDiGMS(**kw),
+    "parataa": lambda **kw: ParaTAA(**kw),
 }
 
 
@@ -67,4 +79,6 @@ def _option_value(text: str):
     return text
 
 
-__all__ = ["Sampler", "SAMPLERS", "get_sampler", "sample_loop", "timestep_grid", "continuous_grid", "DDIM", "DDPM", "DPMSolverMultistep", "DPMSolverSinglestep", "DPMSolverV3", "UniPC", "Euler", "Heun", "PLMS"]
+__all__ = ["Sampler", "StepSampler", "SamplerState", "BoundModel", "SAMPLERS", "get_sampler", "sample_loop",
+           "timestep_grid", "continuous_grid", "DDIM", "DDPM", "DPMSolverMultistep", "DPMSolverSinglestep",
+           "DPMSolverV3", "UniPC", "Euler", "Heun", "PLMS", "AdaptiveDPMSolver", "ParaDiGMS", "ParaTAA"]

@@ -7,40 +7,45 @@ so the denoiser's output there is replaced by that of data that are a standard G
 
 the posterior means of x0 and eps given x = alpha x0 + sigma eps (GITS writes it for EDM as
 d = x / sqrt(1 + sigma^2)).  The first model evaluation is saved: a sampler of K steps costs
-K - 1 evaluations.  Any sampler that takes the denoiser's prediction gets it.
+K - 1 evaluations.  Any sampler that takes the model's prediction gets it.
 """
 
 from __future__ import annotations
 
-from ..denoiser import Prediction
+from ..context import current_step
+from ..denoiser import Prediction, per_sample
 
 
 def check_supports(sampler) -> None:
-    """Samplers that call the model's raw output themselves would bypass the analytic step."""
+    """Samplers that call the model's raw output themselves would bypass the analytic step, and
+    samplers with their own loop (adaptive, parallel) have no first grid step to replace."""
+    from .base import steps_one_by_one
     from .diffusers_scheduler import DiffusersSampler
     from .sampler_schedule import SamplerSchedule
 
-    if isinstance(sampler, (DiffusersSampler, SamplerSchedule)):
-        raise ValueError(f"the analytic first step works with sdinfer's single samplers, not with "
-                         f"{type(sampler).__name__}; drop analytic_first_step or use one sampler")
+    if isinstance(sampler, (DiffusersSampler, SamplerSchedule)) or not steps_one_by_one(sampler):
+        raise ValueError(f"the analytic first step works with sdinfer's single step-by-step samplers, "
+                         f"not with {type(sampler).__name__}; drop "
+                         "analytic_first_step or use one such sampler")
 
 
 class AnalyticFirstStep:
-    """A denoiser whose evaluation at the first step's time ``t_first`` is the Gaussian-data
-    prediction (a second evaluation within the first step, as Heun's, calls the model);
-    everything else, evaluation counts included, is the wrapped denoiser's."""
+    """The bound model (``base.BoundModel``) whose evaluation at the first step's time
+    ``t_first`` is the Gaussian-data prediction (a second evaluation within the first step, as
+    Heun's, calls the model); everything else, evaluation counts included, is the wrapped
+    model's."""
 
-    def __init__(self, denoiser, t_first: float):
-        self.denoiser, self.t_first = denoiser, t_first
+    def __init__(self, model, t_first: float):
+        self.model, self.t_first = model, t_first
 
     def __getattr__(self, name):
-        return getattr(self.denoiser, name)
+        return getattr(self.model, name)
 
-    def __call__(self, x, t, cond, uncond, ctx) -> Prediction:
-        if ctx.step_index != 0 or t != self.t_first:
-            return self.denoiser(x, t, cond, uncond, ctx)
-        sched = self.denoiser.schedule
-        alpha = self.denoiser._per_sample(sched.alpha(t), x)
-        sigma = self.denoiser._per_sample(sched.sigma(t), x)
+    def __call__(self, x, t) -> Prediction:
+        ctx = current_step()
+        if ctx is None or ctx.step_index != 0 or t != self.t_first:
+            return self.model(x, t)
+        sched = self.model.schedule
+        alpha, sigma = per_sample(sched.alpha(t), x), per_sample(sched.sigma(t), x)
         norm = alpha.square() + sigma.square()
         return Prediction(x0=alpha * x / norm, eps=sigma * x / norm)

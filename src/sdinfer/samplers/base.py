@@ -1,9 +1,16 @@
 """The sampler interface, the timestep grid and the sampling loop.
 
-A sampler is a step function ``step(denoiser, x, t, t_next, state, ...) -> x_next``
-over continuous times of a ``NoiseSchedule``; its multistep history lives in
-``state``, a dict the loop creates per generation.  The loop hands every model
-evaluation a ``StepContext`` that accelerators read.
+``sample_loop`` binds the denoiser to its text conditioning: a sampler sees
+``model(x, t) -> Prediction`` (``model.raw(x, t)`` for the model's own output,
+``model.schedule`` for the noise schedule), as k-diffusion's loop bodies do.  Most
+samplers are a step function ``step(model, x, t, t_next, state) -> x_next`` over
+continuous times of a ``NoiseSchedule``; their multistep history lives in ``state``, a
+``SamplerState`` (a dict) the loop creates per generation and on which it sets the step
+index, the step count and the generator.  ``sample(model, x, times, state)`` runs a
+whole generation: its default (``StepSampler``) loops over ``step``; samplers that choose
+their own steps (adaptive DPM-Solver) or evaluate many steps in one call (ParaDiGMS,
+ParaTAA) write their own.  Every model evaluation runs inside a ``StepContext`` that the
+loop sets (``BoundModel.at_step``) and accelerators read (``context.current_step``).
 """
 
 from __future__ import annotations
@@ -13,8 +20,9 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..context import StepContext
-from ..denoiser import Denoiser
+from ..context import StepContext, current_step, step_context
+from ..denoiser import Denoiser, Prediction
+from ..models.calling import concat_text
 
 DISCRETE_SPACINGS = ("trailing", "leading", "linspace")
 CONTINUOUS_SPACINGS = ("karras", "logsnr", "time_uniform", "time_quadratic", "flow")
@@ -22,15 +30,127 @@ SPACINGS = DISCRETE_SPACINGS + CONTINUOUS_SPACINGS
 KARRAS_RHO = 7.0
 
 
+Callback = Callable[[int, torch.Tensor], None]
+
+
+class BoundModel:
+    """The denoiser with its text conditioning bound: ``model(x, t)`` is the (guided)
+    prediction at continuous time ``t`` (a number, or a 1-D tensor of one time per sample),
+    evaluated in the step context the loop set (``at_step``)."""
+
+    def __init__(self, denoiser: Denoiser, cond=None, uncond=None, generation: int = 0,
+                 evaluations: int = 1):
+        self.denoiser, self.cond, self.uncond = denoiser, cond, uncond
+        self.generation = generation
+        self.evaluations = evaluations   # sampler steps in one call (``repeated``)
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    @property
+    def nfe(self) -> int:
+        return self.denoiser.nfe
+
+    def _context(self) -> StepContext:
+        ctx = current_step()
+        if ctx is None:
+            raise RuntimeError("the model was called outside a sampling step; a sampler's own "
+                               "sample() wraps each evaluation in model.at_step(...)")
+        return ctx
+
+    def __call__(self, x: torch.Tensor, t) -> Prediction:
+        return self.denoiser(x, t, self.cond, self.uncond, self._context(),
+                             evaluations=self.evaluations)
+
+    def raw(self, x: torch.Tensor, t) -> torch.Tensor:
+        """The (guided) model output in the model's own prediction type."""
+        return self.denoiser.raw(x, t, self.cond, self.uncond, self._context(),
+                                 evaluations=self.evaluations)
+
+    def repeated(self, times: int) -> "BoundModel":
+        """The model on a batch of ``times`` stacked copies of the samples (several steps of
+        one trajectory in one call): the text repeated, each call counted as ``times``
+        evaluations."""
+        def repeat(text):
+            return None if text is None else concat_text(*([text] * times))
+        return BoundModel(self.denoiser, repeat(self.cond), repeat(self.uncond), self.generation,
+                          self.evaluations * times)
+
+    def at_step(self, index: int, num_steps: int, t: float, t_next: float | None = None):
+        """A context manager: the model evaluations inside it belong to step ``index`` of
+        ``num_steps`` (0 where the sampler does not know its count), at time ``t``."""
+        sched = self.schedule
+        next_model_t = None
+        if t_next is not None and index < num_steps - 1:
+            next_model_t = float(sched.model_time(t_next))
+        return step_context(StepContext(step_index=index, num_steps=num_steps, t=t,
+                                        model_t=float(sched.model_time(t)),
+                                        generation=self.generation, next_model_t=next_model_t))
+
+
+class SamplerState(dict):
+    """One generation's sampler state: a dict for the sampler's own history, and the loop's
+    ``step_index``, ``num_steps`` (of the step being taken) and ``generator`` (for the
+    stochastic samplers)."""
+
+    def __init__(self, generator: torch.Generator | None = None, step_index: int = 0,
+                 num_steps: int = 0):
+        super().__init__()
+        self.generator, self.step_index, self.num_steps = generator, step_index, num_steps
+
+    def child(self, key, step_index: int, num_steps: int) -> "SamplerState":
+        """The state kept under ``key`` (created on first use), at its own step index and count
+        (a segment of a ``SamplerSchedule``), sharing the generator."""
+        sub = self.get(key)
+        if sub is None:
+            sub = self[key] = SamplerState(self.generator)
+        sub.step_index, sub.num_steps = step_index, num_steps
+        return sub
+
+
 class Sampler(Protocol):
-    """A solver step; ``spacing`` (optional attribute) is the timestep grid it prefers."""
+    """What the loop runs: ``sample`` a whole generation over the grid ``times`` (its
+    ``len(times) - 1`` steps, from noise at ``times[0]``), calling ``callback(i, x)`` as
+    step ``i`` is done; ``spacing`` (optional attribute) is the grid it prefers."""
 
     name: str
     min_steps: int
 
-    def step(self, denoiser: Denoiser, x: torch.Tensor, t: float, t_next: float, state: dict,
-             ctx: StepContext, cond, uncond, generator: torch.Generator | None) -> torch.Tensor:
+    def sample(self, model: BoundModel, x: torch.Tensor, times: list[float], state: SamplerState,
+               callback: Callback | None = None) -> torch.Tensor:
         ...
+
+
+def run_steps(sampler, model: BoundModel, x: torch.Tensor, times: list[float], state: SamplerState,
+              callback: Callback | None = None) -> torch.Tensor:
+    """One ``sampler.step(model, x, t, t_next, state)`` per step of the grid, each in its step
+    context."""
+    steps = len(times) - 1
+    for i in range(steps):
+        t, t_next = times[i], times[i + 1]
+        state.step_index, state.num_steps = i, steps
+        with model.at_step(i, steps, t, t_next):
+            x = sampler.step(model, x, t, t_next, state)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+class StepSampler:
+    """Base of the samplers that advance one grid step at a time: they define
+    ``step(model, x, t, t_next, state) -> x_next``, and ``sample`` loops over it."""
+
+    def sample(self, model: BoundModel, x: torch.Tensor, times: list[float], state: SamplerState,
+               callback: Callback | None = None) -> torch.Tensor:
+        return run_steps(self, model, x, times, state, callback)
+
+
+def steps_one_by_one(sampler) -> bool:
+    """Whether ``sampler`` is driven step by step (it has a ``step`` and the default ``sample``),
+    as the analytic first step, sampler schedules and diffusers' scheduler loop need."""
+    own = getattr(type(sampler), "sample", None)
+    return hasattr(sampler, "step") and (own is None or own is StepSampler.sample)
 
 
 def timestep_grid(num_train_timesteps: int, steps: int, spacing: str = "trailing") -> list[int]:
@@ -168,7 +288,9 @@ def sample_loop(denoiser: Denoiser, sampler: Sampler, x: torch.Tensor, steps: in
                 analytic_first_step: bool = False) -> torch.Tensor:
     """Run ``sampler`` from the noise ``x`` over ``steps`` steps; returns the clean sample.
     ``analytic_first_step``: the first step takes the Gaussian-data prediction instead of
-    calling the model (``analytic_first_step.py``), so ``steps`` steps cost ``steps - 1``."""
+    calling the model (``analytic_first_step.py``), so ``steps`` steps cost ``steps - 1``.
+    A sampler that chooses its own steps (``chooses_steps``, the adaptive DPM-Solver) takes
+    the grid's ends only and its own number of evaluations (``denoiser.nfe``)."""
     if steps < sampler.min_steps:
         raise ValueError(f"sampler {sampler.name!r} needs at least {sampler.min_steps} steps, "
                          f"got {steps}")
@@ -177,19 +299,14 @@ def sample_loop(denoiser: Denoiser, sampler: Sampler, x: torch.Tensor, steps: in
         spacing = schedule.default_spacing if schedule.is_flow else \
             getattr(sampler, "spacing", schedule.default_spacing)
     times = continuous_grid(denoiser, steps, spacing, timesteps, final)
+    model = BoundModel(denoiser, cond, uncond, generation)
     if analytic_first_step:
         if steps < 2:
             raise ValueError("the analytic first step replaces the first of at least 2 steps; give steps >= 2")
         from .analytic_first_step import AnalyticFirstStep, check_supports
         check_supports(sampler)
-        denoiser = AnalyticFirstStep(denoiser, times[0])
-    state: dict = {}
-    for i in range(steps):
-        t, t_next = times[i], times[i + 1]
-        ctx = StepContext(step_index=i, num_steps=steps, t=t,
-                          model_t=float(denoiser.schedule.model_time(t)), generation=generation,
-                          next_model_t=float(denoiser.schedule.model_time(t_next)) if i < steps - 1 else None)
-        x = sampler.step(denoiser, x, t, t_next, state, ctx, cond, uncond, generator)
-        if callback is not None:
-            callback(i, x)
-    return x
+        model = AnalyticFirstStep(model, times[0])
+    state = SamplerState(generator)
+    if hasattr(sampler, "sample"):
+        return sampler.sample(model, x, times, state, callback)
+    return run_steps(sampler, model, x, times, state, callback)

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import StepSampler
+
 
 @dataclass
-class DDIM:
+class DDIM(StepSampler):
     eta: float = 0.0
     name: str = "ddim"
     min_steps: int = 1
@@ -28,9 +30,9 @@ class DDIM:
                 or not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"ddim eta must be a number in [0, 1], got {self.eta!r}")
 
-    def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
-        pred = denoiser(x, t, cond, uncond, ctx)
-        sched = denoiser.schedule
+    def step(self, model, x, t, t_next, state):
+        pred = model(x, t)
+        sched = model.schedule
         a_t, s_t = sched.alpha(t).item(), sched.sigma(t).item()
         a_n, s_n = sched.alpha(t_next).item(), sched.sigma(t_next).item()
         s = 0.0
@@ -38,6 +40,6 @@ class DDIM:
             s = self.eta * (s_n / s_t) * (1.0 - (a_t / a_n) ** 2) ** 0.5
         x_next = a_n * pred.x0 + max(s_n**2 - s**2, 0.0) ** 0.5 * pred.eps
         if s > 0:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            noise = torch.randn(x.shape, generator=state.generator, dtype=x.dtype, device=x.device)
             x_next = x_next + s * noise
         return x_next

@@ -15,15 +15,17 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import StepSampler
+
 
 @dataclass
-class DDPM:
+class DDPM(StepSampler):
     name: str = "ddpm"
     min_steps: int = 1
 
-    def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
-        pred = denoiser(x, t, cond, uncond, ctx)
-        sched = denoiser.schedule
+    def step(self, model, x, t, t_next, state):
+        pred = model(x, t)
+        sched = model.schedule
         ab_t = float(sched.alpha(t)) ** 2
         ab_s = float(sched.alpha(t_next)) ** 2
         a = ab_t / ab_s
@@ -32,5 +34,5 @@ class DDPM:
         var = (1 - ab_s) / (1 - ab_t) * b
         if t_next == 0.0 or var <= 0:
             return mean
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        noise = torch.randn(x.shape, generator=state.generator, dtype=x.dtype, device=x.device)
         return mean + var**0.5 * noise

@@ -25,10 +25,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 
-from ..context import StepContext
 from ..denoiser import Denoiser
 from ..schedules import NoiseSchedule
-from .base import continuous_grid
+from .base import BoundModel, SamplerState, StepSampler, continuous_grid, steps_one_by_one
 
 # samplers that evaluate the model twice in a step (Heun always, PLMS in its first step), which
 # a pipeline's one call per timestep cannot feed; diffusers' HeunDiscreteScheduler and
@@ -56,8 +55,8 @@ class _RecordingDenoiser(Denoiser):
 
     last_x0 = None
 
-    def __call__(self, x, t, cond, uncond, ctx):
-        pred = super().__call__(x, t, cond, uncond, ctx)
+    def __call__(self, x, t, cond, uncond, ctx, evaluations: int = 1):
+        pred = super().__call__(x, t, cond, uncond, ctx, evaluations)
         self.last_x0 = pred.x0
         return pred
 
@@ -76,6 +75,10 @@ class SdinferScheduler(SchedulerMixin, ConfigMixin):
         from . import get_sampler
 
         self.solver = get_sampler(sampler)
+        if not steps_one_by_one(self.solver):
+            raise ValueError(f"sampler {self.solver.name!r} runs its own loop over the steps, which a "
+                             "diffusers pipeline's loop cannot drive; use it through sdinfer.sample "
+                             "or sdinfer's Pipeline")
         if self.solver.name in SEVERAL_EVALUATIONS_PER_STEP:
             raise ValueError(f"sampler {self.solver.name!r} evaluates the model twice in a step, "
                              "which a pipeline's one call per timestep cannot feed; use it through "
@@ -84,11 +87,12 @@ class SdinferScheduler(SchedulerMixin, ConfigMixin):
         self.schedule = NoiseSchedule.from_diffusers_config(dict(self.config))
         self._output = _PipelineOutput()
         self.denoiser = _RecordingDenoiser(self._output, self.schedule, prediction_type)
+        self._model = BoundModel(self.denoiser)
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = torch.empty(0)
         self._times: list[float] = []
-        self._state: dict = {}
+        self._state = SamplerState()
         self._step_index = 0
 
     def set_timesteps(self, num_inference_steps: int, device=None, **_):
@@ -98,7 +102,7 @@ class SdinferScheduler(SchedulerMixin, ConfigMixin):
         model_t = self.schedule.model_time(torch.tensor(self._times[:-1], dtype=torch.float64))
         self.timesteps = model_t.to(device=device, dtype=torch.float32)
         self.num_inference_steps = num_inference_steps
-        self._state, self._step_index = {}, 0
+        self._state, self._step_index = SamplerState(), 0
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
@@ -112,11 +116,11 @@ class SdinferScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"step called {i + 1} times for {self.num_inference_steps} steps; "
                              "call set_timesteps again for a new generation")
         t, t_next = self._times[i], self._times[i + 1]
-        ctx = StepContext(step_index=i, num_steps=self.num_inference_steps, t=t,
-                          model_t=float(self.schedule.model_time(t)))
+        state, n = self._state, self.num_inference_steps
+        state.step_index, state.num_steps, state.generator = i, n, generator
         self._output.pending = model_output.to(sample.dtype)
-        prev = self.solver.step(self.denoiser, sample, t, t_next, self._state, ctx, None, None,
-                                generator)
+        with self._model.at_step(i, n, t, t_next):
+            prev = self.solver.step(self._model, sample, t, t_next, state)
         self._output.pending = None
         self._step_index += 1
         x0 = self.denoiser.last_x0
@@ -135,7 +139,7 @@ class SdinferScheduler(SchedulerMixin, ConfigMixin):
 
 
 @dataclass
-class DiffusersSampler:
+class DiffusersSampler(StepSampler):
     """A diffusers scheduler driven by our loop.  It keeps its own timesteps, state and
     latent (sigma-scaled for the Karras-style schedulers; x_t for the others)."""
 
@@ -143,21 +147,21 @@ class DiffusersSampler:
     name: str = "diffusers"
     min_steps: int = 1
 
-    def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
+    def step(self, model, x, t, t_next, state):
         sched = self.scheduler
-        if ctx.step_index == 0:
-            sched.set_timesteps(ctx.num_steps)
-            if len(sched.timesteps) != ctx.num_steps:
+        i, n = state.step_index, state.num_steps
+        if i == 0:
+            sched.set_timesteps(n)
+            if len(sched.timesteps) != n:
                 raise ValueError(f"{type(sched).__name__} makes {len(sched.timesteps)} model calls "
-                                 f"for {ctx.num_steps} steps; only one call per step runs here")
+                                 f"for {n} steps; only one call per step runs here")
             state["latent"] = x * sched.init_noise_sigma
-        model_t = sched.timesteps[ctx.step_index]
-        t_model = float(denoiser.schedule.continuous_time(model_t.double()))
-        out = denoiser.raw(sched.scale_model_input(state["latent"], model_t), t_model, cond, uncond,
-                           ctx)
+        model_t = sched.timesteps[i]
+        t_model = float(model.schedule.continuous_time(model_t.double()))
+        out = model.raw(sched.scale_model_input(state["latent"], model_t), t_model)
         takes_generator = "generator" in inspect.signature(sched.step).parameters
-        extra = {"generator": generator} if takes_generator else {}
+        extra = {"generator": state.generator} if takes_generator else {}
         state["latent"] = sched.step(out, model_t, state["latent"], **extra).prev_sample
-        if ctx.step_index + 1 < ctx.num_steps:
-            return sched.scale_model_input(state["latent"], sched.timesteps[ctx.step_index + 1])
+        if i + 1 < n:
+            return sched.scale_model_input(state["latent"], sched.timesteps[i + 1])
         return state["latent"]

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import StepSampler
 from .exponential_integrator import exponential_update
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver")
@@ -57,7 +58,7 @@ def check_order_and_algorithm(name: str, order, algorithm: str) -> int:
 
 
 @dataclass
-class DPMSolverMultistep:
+class DPMSolverMultistep(StepSampler):
     order: int = 2
     algorithm: str = "dpmsolver++"
     lower_order_final: bool = True
@@ -71,25 +72,25 @@ class DPMSolverMultistep:
         if self.sde and self.algorithm != "dpmsolver++":
             raise ValueError("the SDE variant exists for dpm-solver++ only; use dpm-solver++:sde=true")
 
-    def _step_order(self, ctx, available: int) -> int:
-        short = ctx.num_steps < 15 and self.lower_order_final
+    def _step_order(self, state, available: int) -> int:
+        short = state.num_steps < 15 and self.lower_order_final
         order = min(self.order, available)
-        if ctx.step_index == ctx.num_steps - 1 and short:
+        if state.step_index == state.num_steps - 1 and short:
             order = 1
-        elif ctx.step_index == ctx.num_steps - 2 and short:
+        elif state.step_index == state.num_steps - 2 and short:
             order = min(order, 2)
         return order
 
-    def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
-        pred = denoiser(x, t, cond, uncond, ctx)
-        sched = denoiser.schedule
+    def step(self, model, x, t, t_next, state):
+        pred = model(x, t)
+        sched = model.schedule
         data = self.algorithm == "dpmsolver++"
         history = state.setdefault("history", [])
         history.insert(0, (float(sched.lam(t)), pred.x0 if data else pred.eps))
         del history[self.order:]
         if t_next == 0.0:
             return pred.x0
-        order = self._step_order(ctx, len(history))
+        order = self._step_order(state, len(history))
         lam_t = float(sched.lam(t_next))
         lam_s, m0 = history[0]
         h = lam_t - lam_s
@@ -109,6 +110,6 @@ class DPMSolverMultistep:
                     d2 = 2.0 * d2
         noise = None
         if self.sde:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            noise = torch.randn(x.shape, generator=state.generator, dtype=x.dtype, device=x.device)
         return exponential_update(sched, x, t, t_next, h, m0, d1, d2, data=data,
                                   midpoint=order == 2, noise=noise)

@@ -19,7 +19,8 @@ paper's DPM-Solver-3 with r_1 = 1/3, r_2 = 2/3.
 ``dpm_solver_adaptive`` is the paper's Algorithm 4 (App. C): a step of order k
 and one of order k - 1 share their evaluations; their difference, normalised by
 max(atol, rtol * max(|x_lower|, |x_prev|)), is the error E (RMS, the worst sample's); a step with E <= 1
-is accepted, and h <- theta h E^{-1/k} (in lambda) either way.
+is accepted, and h <- theta h E^{-1/k} (in lambda) either way.  As a sampler
+(``AdaptiveDPMSolver``: ``dpm-solver-12``, ``dpm-solver-23``) it ignores the loop's step count.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..context import StepContext
+from .base import StepSampler
 from .dpm_solver import ALGORITHMS, check_order_and_algorithm
 from .exponential_integrator import block_update, singlestep_update
 
@@ -48,7 +49,7 @@ def order_list(steps: int, order: int, lower_order_final: bool = True) -> list[i
 
 
 @dataclass
-class DPMSolverSinglestep:
+class DPMSolverSinglestep(StepSampler):
     order: int = 2
     algorithm: str = "dpmsolver++"
     solver_type: str = "midpoint"
@@ -61,15 +62,15 @@ class DPMSolverSinglestep:
         if self.solver_type not in SOLVER_TYPES:
             raise ValueError(f"unknown solver_type {self.solver_type!r}; choose midpoint or heun")
 
-    def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
-        pred = denoiser(x, t, cond, uncond, ctx)
-        sched = denoiser.schedule
+    def step(self, model, x, t, t_next, state):
+        pred = model(x, t)
+        sched = model.schedule
         data = self.algorithm == "dpmsolver++"
         if "orders" not in state:
-            state["orders"] = order_list(ctx.num_steps, self.order, self.lower_order_final)
+            state["orders"] = order_list(state.num_steps, self.order, self.lower_order_final)
         if t_next == 0.0:
             return pred.x0
-        order = state["orders"][ctx.step_index]
+        order = state["orders"][state.step_index]
         out = pred.x0 if data else pred.eps
         if order == 1:
             state["block"] = (x, t, float(sched.lam(t)), [])
@@ -86,6 +87,43 @@ class AdaptiveResult:
     rejected: int
 
 
+@dataclass
+class AdaptiveDPMSolver:
+    """DPM-Solver-12 (``order=2``) or -23 (``order=3``) as a sampler: it chooses its own steps,
+    so the loop's step count and grid do not apply (it runs from t = 1 to ``t_end``; the number
+    of model evaluations is its own, in ``denoiser.nfe``).  Registered as ``dpm-solver-12``,
+    ``dpm-solver-23`` and ``dpm-solver-adaptive`` (order 2 unless given)."""
+
+    order: int = 2
+    algorithm: str = "dpmsolver++"
+    rtol: float = 0.05
+    atol: float = 0.0078
+    h_init: float = 0.05
+    theta: float = 0.9
+    t_end: float | None = None
+    denoise_final: bool = True
+    max_trials: int = 10_000
+    name: str = "dpm-solver-adaptive"
+    min_steps: int = 1
+    chooses_steps = True   # the Pipeline's progress has no known total
+
+    def __post_init__(self) -> None:
+        check_adaptive_options(self.order, self.algorithm, self.rtol, self.atol, self.h_init, self.theta)
+
+    def sample(self, model, x, times, state, callback=None) -> torch.Tensor:
+        return adaptive_solve(model, x, self.order, self.algorithm, self.rtol, self.atol, self.h_init,
+                              self.theta, self.t_end, self.denoise_final, self.max_trials, callback).x
+
+
+def check_adaptive_options(order, algorithm, rtol, atol, h_init, theta) -> None:
+    if order not in (2, 3):
+        raise ValueError(f"adaptive DPM-Solver has orders 2 (DPM-Solver-12) and 3 (-23), not {order}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown DPM-Solver algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    if rtol <= 0 or atol <= 0 or h_init <= 0 or not 0 < theta <= 1:
+        raise ValueError("adaptive DPM-Solver needs rtol > 0, atol > 0, h_init > 0, 0 < theta <= 1")
+
+
 def dpm_solver_adaptive(denoiser, x: torch.Tensor, cond=None, uncond=None, order: int = 2,
                         algorithm: str = "dpmsolver++", rtol: float = 0.05, atol: float = 0.0078,
                         h_init: float = 0.05, theta: float = 0.9, t_end: float | None = None,
@@ -96,13 +134,20 @@ def dpm_solver_adaptive(denoiser, x: torch.Tensor, cond=None, uncond=None, order
     prediction there.  ``atol`` is in data units (0.0078 = 1/128, the paper's value for
     images in [-1, 1]).  A rejected step keeps its start's evaluation (the reference code
     evaluates it again)."""
-    if order not in (2, 3):
-        raise ValueError(f"adaptive DPM-Solver has orders 2 (DPM-Solver-12) and 3 (-23), not {order}")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown DPM-Solver algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-    if rtol <= 0 or atol <= 0 or h_init <= 0 or not 0 < theta <= 1:
-        raise ValueError("adaptive DPM-Solver needs rtol > 0, atol > 0, h_init > 0, 0 < theta <= 1")
-    sched = denoiser.schedule
+    from .base import BoundModel
+
+    check_adaptive_options(order, algorithm, rtol, atol, h_init, theta)
+    return adaptive_solve(BoundModel(denoiser, cond, uncond, generation), x, order, algorithm, rtol,
+                          atol, h_init, theta, t_end, denoise_final, max_trials)
+
+
+def adaptive_solve(model, x: torch.Tensor, order: int, algorithm: str, rtol: float, atol: float,
+                   h_init: float, theta: float, t_end: float | None, denoise_final: bool,
+                   max_trials: int, callback=None) -> AdaptiveResult:
+    """``dpm_solver_adaptive`` on a bound model (``base.BoundModel``); ``callback(i, x)`` after
+    the i-th accepted step.  Each evaluation's step context has the accepted steps so far as
+    its index and 0 as the step count (unknown)."""
+    sched = model.schedule
     data = algorithm == "dpmsolver++"
     t_end = sched.t_min if t_end is None else t_end
     lam_end = float(sched.lam(t_end))
@@ -111,9 +156,8 @@ def dpm_solver_adaptive(denoiser, x: torch.Tensor, cond=None, uncond=None, order
 
     def evaluate(x_in, t_in):
         counts["nfe"] += 1
-        ctx = StepContext(step_index=counts["accepted"], num_steps=0, t=t_in,
-                          model_t=float(sched.model_time(t_in)), generation=generation)
-        return denoiser(x_in, t_in, cond, uncond, ctx)
+        with model.at_step(counts["accepted"], 0, t_in):
+            return model(x_in, t_in)
 
     def time_at(lam):
         return float(sched.inverse_lambda(torch.tensor(lam, dtype=torch.float64)))
@@ -137,6 +181,8 @@ def dpm_solver_adaptive(denoiser, x: torch.Tensor, cond=None, uncond=None, order
         if err <= 1.0:
             x_s, x_prev, s, lam_s, m_s = higher, lower, t, lam_s + h, None
             counts["accepted"] += 1
+            if callback is not None:
+                callback(counts["accepted"] - 1, x_s)
         else:
             counts["rejected"] += 1
         h = theta * h * max(err, 1e-10) ** (-1.0 / order)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .base import StepSampler
 from .ems import EMS
 
 
@@ -73,7 +74,7 @@ class _Point:
 
 
 @dataclass
-class DPMSolverV3:
+class DPMSolverV3(StepSampler):
     stats: str | EMS | None = None
     order: int = 1
     use_corrector: bool | str | None = None   # True, False, "half"; None: as the statistics say
@@ -114,15 +115,15 @@ class DPMSolverV3:
                              f"of shape {tuple(like.shape[1:])}; calibrate them on this model") from None
         return self.stats
 
-    def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
-        sched = denoiser.schedule
-        pred = denoiser(x, t, cond, uncond, ctx)
+    def step(self, model, x, t, t_next, state):
+        sched = model.schedule
+        pred = model(x, t)
         ems = self.statistics(sched, x)
         hist: list[_Point] = state.setdefault("history", [])
         hist.insert(0, _Point(float(sched.lam(t)), x, pred.eps, float(sched.alpha(t)), float(sched.sigma(t))))
         del hist[self.order + 1:]
         c_order = state.get("p_order", 0) + (1 if self.c_pseudo else 0)
-        mode = self.use_corrector or corrector_setting(ems.meta, ctx.num_steps)
+        mode = self.use_corrector or corrector_setting(ems.meta, state.num_steps)
         if (mode == "on" or (mode == "half" and t > HALF_CORRECTOR_T)) and len(hist) >= 2 and c_order > 1:
             now, before = hist[0], hist[1]
             others = [now, *hist[2:]][:c_order - 1]
@@ -135,7 +136,7 @@ class DPMSolverV3:
             return (now.x - now.sigma * now.eps) / now.alpha
         p_order = min(self.order, len(hist))
         if self.lower_order_final:
-            p_order = min(p_order, ctx.num_steps - ctx.step_index)
+            p_order = min(p_order, state.num_steps - state.step_index)
         state["p_order"] = p_order
         return self._update(ems, hist[0], float(sched.lam(t_next)), float(sched.alpha(t_next)),
                             hist[1:p_order], self.p_pseudo)

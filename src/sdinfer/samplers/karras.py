@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .base import StepSampler
+
 
 def _ve_noise(sched, t: float) -> float:
     return math.exp(-float(sched.lam(t))) if t > 0 else 0.0
@@ -38,30 +40,30 @@ def _slope(sched, pred):
 
 
 @dataclass
-class Euler:
+class Euler(StepSampler):
     name: str = "euler"
     min_steps: int = 1
     spacing: str = "karras"
 
-    def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
-        sched = denoiser.schedule
+    def step(self, model, x, t, t_next, state):
+        sched = model.schedule
         (c, tau), (c_n, tau_n) = _ode_frame(sched, t), _ode_frame(sched, t_next)
-        d = _slope(sched, denoiser(x, t, cond, uncond, ctx))
+        d = _slope(sched, model(x, t))
         return (c * x + (tau_n - tau) * d) / c_n
 
 
 @dataclass
-class Heun:
+class Heun(StepSampler):
     name: str = "heun"
     min_steps: int = 1
     spacing: str = "karras"
 
-    def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
-        sched = denoiser.schedule
+    def step(self, model, x, t, t_next, state):
+        sched = model.schedule
         (c, tau), (c_n, tau_n) = _ode_frame(sched, t), _ode_frame(sched, t_next)
-        d = _slope(sched, denoiser(x, t, cond, uncond, ctx))
+        d = _slope(sched, model(x, t))
         x_euler = (c * x + (tau_n - tau) * d) / c_n
         if tau_n == 0.0:
             return x_euler
-        d2 = _slope(sched, denoiser(x_euler, t_next, cond, uncond, ctx))
+        d2 = _slope(sched, model(x_euler, t_next))
         return (c * x + (tau_n - tau) * 0.5 * (d + d2)) / c_n

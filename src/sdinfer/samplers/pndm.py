@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .base import StepSampler
+
 WEIGHTS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12),
            4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
@@ -31,19 +33,19 @@ def transfer(sched, x, eps, t: float, s: float):
 
 
 @dataclass
-class PLMS:
+class PLMS(StepSampler):
     name: str = "plms"
     min_steps: int = 1
     spacing: str = "leading"
 
-    def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
-        sched = denoiser.schedule
-        eps = denoiser(x, t, cond, uncond, ctx).eps
+    def step(self, model, x, t, t_next, state):
+        sched = model.schedule
+        eps = model(x, t).eps
         history = state.setdefault("eps", [])
         if not history:
             history.insert(0, eps)
             x_euler = transfer(sched, x, eps, t, t_next)
-            eps_next = denoiser(x_euler, t_next, cond, uncond, ctx).eps
+            eps_next = model(x_euler, t_next).eps
             return transfer(sched, x, 0.5 * (eps + eps_next), t, t_next)
         history.insert(0, eps)
         del history[4:]

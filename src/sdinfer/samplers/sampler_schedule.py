@@ -11,8 +11,9 @@ segments in turn on one grid:
     dpm-solver++(order=3):0-50%,...     options in parentheses; ranges in % of the steps
 
 Each segment's sampler keeps its own history (a multistep sampler starts again at
-first order after a hand-over) and sees the step index and count of its segment;
-the model evaluations keep the run's own step context, which the accelerators read.
+first order after a hand-over) and sees the step index and count of its segment (a
+child ``SamplerState``); the model evaluations keep the run's own step context, which
+the accelerators read.
 The preset ``sampler-scheduler`` is the paper's SDE-then-ODE combination, with the
 hand-over at half of the steps (the paper tunes the split per data set).
 """
@@ -20,7 +21,9 @@ hand-over at half of the steps (the paper tunes the split per data set).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+
+from .base import StepSampler, steps_one_by_one
 
 PRESETS = {"sampler-scheduler": "dpm-solver++-sde:0-50%,dpm-solver++:50%-100%"}
 _ITEM = re.compile(r"^\s*([\w+.-]+)(?:\(([^)]*)\))?\s*:\s*(\d+%?)\s*-\s*(\d+%?)\s*$")
@@ -45,23 +48,7 @@ def _to_step(value: str, steps: int) -> int:
     return round(int(value[:-1]) * steps / 100) if value.endswith("%") else int(value)
 
 
-class _SegmentDenoiser:
-    """The denoiser as a segment sees it: model calls carry the run's step context."""
-
-    def __init__(self, denoiser, ctx):
-        self._denoiser, self._ctx = denoiser, ctx
-
-    def __getattr__(self, name):
-        return getattr(self._denoiser, name)
-
-    def __call__(self, x, t, cond, uncond, ctx):
-        return self._denoiser(x, t, cond, uncond, self._ctx)
-
-    def raw(self, x, t, cond, uncond, ctx):
-        return self._denoiser.raw(x, t, cond, uncond, self._ctx)
-
-
-class SamplerSchedule:
+class SamplerSchedule(StepSampler):
     name = "sampler-schedule"
     min_steps = 1
 
@@ -77,8 +64,12 @@ class SamplerSchedule:
                                  "NAME(key=value;...):START%-END%")
             name, opts, start, end = m.groups()
             options = ",".join(o.strip() for o in (opts or "").split(";") if o.strip())
-            self.segments.append(_Segment(get_sampler(name + (":" + options if options else "")),
-                                          start, end))
+            sampler = get_sampler(name + (":" + options if options else ""))
+            if not steps_one_by_one(sampler):
+                raise ValueError(f"sampler {name!r} runs its own loop over the steps (it chooses them "
+                                 "or evaluates many at once), so it cannot take a range of steps; "
+                                 "use it alone")
+            self.segments.append(_Segment(sampler, start, end))
         spacings = {getattr(s.sampler, "spacing", "trailing") for s in self.segments}
         self.spacing = spacings.pop() if len(spacings) == 1 else "trailing"
 
@@ -96,13 +87,12 @@ class SamplerSchedule:
                              f"not at the {steps} steps asked for; make the last range end at "
                              f"{steps} (or 100%)")
 
-    def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
-        if ctx.step_index == 0:
-            self.check(ctx.num_steps)
+    def step(self, model, x, t, t_next, state):
+        if state.step_index == 0:
+            self.check(state.num_steps)
         for k, seg in enumerate(self.segments):
-            start, end = seg.bounds(ctx.num_steps)
-            if start <= ctx.step_index < end:
-                local = replace(ctx, step_index=ctx.step_index - start, num_steps=end - start)
-                return seg.sampler.step(_SegmentDenoiser(denoiser, ctx), x, t, t_next,
-                                        state.setdefault(k, {}), local, cond, uncond, generator)
-        raise ValueError(f"step {ctx.step_index} lies in no range of {self.spec!r}")
+            start, end = seg.bounds(state.num_steps)
+            if start <= state.step_index < end:
+                local = state.child(k, state.step_index - start, end - start)
+                return seg.sampler.step(model, x, t, t_next, local)
+        raise ValueError(f"step {state.step_index} lies in no range of {self.spec!r}")

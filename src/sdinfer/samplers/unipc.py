@@ -20,12 +20,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .base import StepSampler
+
 
 SOLVER_TYPES = ("bh1", "bh2")
 
 
 @dataclass
-class UniPC:
+class UniPC(StepSampler):
     order: int = 2
     solver_type: str = "bh2"
     lower_order_final: bool = True
@@ -78,9 +80,9 @@ class UniPC:
         res = sum(r * d for r, d in zip(rhos[:-1], diffs)) if diffs else 0.0
         return x_t - a_t * b_h * (res + rhos[-1] * (m_new - m_s))
 
-    def step(self, denoiser, x, t, t_next, state, ctx, cond, uncond, generator):
-        pred = denoiser(x, t, cond, uncond, ctx)
-        sched = denoiser.schedule
+    def step(self, model, x, t, t_next, state):
+        pred = model(x, t)
+        sched = model.schedule
         history = state.setdefault("history", [])
         if self.use_corrector and "last_x" in state:
             x = self._update(sched, state["last_x"], state["last_t"], t, history,
@@ -89,7 +91,7 @@ class UniPC:
         del history[self.order:]
         order = min(self.order, len(history))
         if self.lower_order_final:
-            order = min(order, ctx.num_steps - ctx.step_index)
+            order = min(order, state.num_steps - state.step_index)
         state.update(last_x=x, last_t=t, last_order=order)
         if t_next == 0.0 and order == 1:
             return pred.x0

@@ -13,7 +13,8 @@ noise a DDPM step would add there; the paper's and diffusers' ``_get_variance``
 normalisation; the final state takes the last step's), and always by at least one
 step, whose value is exact.  Latency falls to the number of
 rounds; total evaluations rise.  Drifts here are DDIM's (eta = 0; DPM-Solver-1)
-or DDPM's with its noise drawn up front.
+or DDPM's with its noise drawn up front.  ``paradigms`` runs on a denoiser;
+``ParaDiGMS`` is the sampler ``paradigms`` of the registry, on the loop's grid.
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..context import StepContext
-from ..models.calling import concat_text
-from .base import continuous_grid
+from .base import BoundModel, continuous_grid
 
 DRIFTS = ("ddim", "ddpm")
 
@@ -47,19 +46,51 @@ def step_variances(alpha: torch.Tensor) -> torch.Tensor:
     return torch.cat([v, v[-1:]]).clamp(min=1e-12)
 
 
-def _repeat(cond, times: int):
-    return None if cond is None else concat_text(*([cond] * times))
+def check_paradigms_options(window, tolerance, drift) -> None:
+    if drift not in DRIFTS:
+        raise ValueError(f"ParaDiGMS runs on {', '.join(DRIFTS)}, not {drift!r}")
+    if window < 1 or tolerance <= 0:
+        raise ValueError("ParaDiGMS needs window >= 1 and tolerance > 0")
+
+
+@dataclass
+class ParaDiGMS:
+    """ParaDiGMS as a sampler (``paradigms``, options ``window``, ``tolerance``, ``drift``):
+    the loop's ``steps`` steps on its grid, ``window`` of them per batched model call; the
+    denoiser counts every step evaluated (``nfe``) and every batched call (``model_calls``)."""
+
+    window: int = 16
+    tolerance: float = 0.1
+    drift: str = "ddim"
+    name: str = "paradigms"
+    min_steps: int = 1
+    spacing: str = "trailing"
+
+    def __post_init__(self) -> None:
+        check_paradigms_options(self.window, self.tolerance, self.drift)
+
+    def sample(self, model, x, times, state, callback=None) -> torch.Tensor:
+        return paradigms_on_grid(model, x, times, self.window, self.tolerance, self.drift,
+                                 state.generator, callback).x
 
 
 def paradigms(denoiser, x_T: torch.Tensor, steps: int, cond=None, uncond=None, window: int = 16,
               tolerance: float = 0.1, drift: str = "ddim", spacing: str = "trailing",
               generator: torch.Generator | None = None, generation: int = 0) -> ParallelResult:
-    if drift not in DRIFTS:
-        raise ValueError(f"ParaDiGMS runs on {', '.join(DRIFTS)}, not {drift!r}")
-    if window < 1 or tolerance <= 0:
-        raise ValueError("ParaDiGMS needs window >= 1 and tolerance > 0")
-    sched = denoiser.schedule
-    times = torch.tensor(continuous_grid(denoiser, steps, spacing), dtype=torch.float64)
+    check_paradigms_options(window, tolerance, drift)
+    times = continuous_grid(denoiser, steps, spacing)
+    return paradigms_on_grid(BoundModel(denoiser, cond, uncond, generation), x_T, times, window,
+                             tolerance, drift, generator)
+
+
+def paradigms_on_grid(model, x_T: torch.Tensor, grid: list[float], window: int, tolerance: float,
+                      drift: str, generator: torch.Generator | None = None,
+                      callback=None) -> ParallelResult:
+    """ParaDiGMS over the times ``grid`` (its ``len(grid) - 1`` steps) on a bound model;
+    ``callback(i, x)`` as step i becomes final."""
+    sched = model.schedule
+    steps = len(grid) - 1
+    times = torch.tensor(grid, dtype=torch.float64)
     alpha, sigma = sched.alpha(times), sched.sigma(times)
     noise = None
     if drift == "ddpm":
@@ -74,10 +105,8 @@ def paradigms(denoiser, x_T: torch.Tensor, steps: int, cond=None, uncond=None, w
         idx = torch.arange(a, end)
         x_in = torch.cat(xs[a:end])
         t_in = times[idx].repeat_interleave(b)
-        ctx = StepContext(step_index=a, num_steps=steps, t=float(times[a]),
-                          model_t=float(sched.model_time(times[a])), generation=generation)
-        with torch.no_grad():
-            pred = denoiser(x_in, t_in, _repeat(cond, p), _repeat(uncond, p), ctx)
+        with torch.no_grad(), model.at_step(a, steps, float(times[a])):
+            pred = model.repeated(p)(x_in, t_in)
         rounds += 1
         evaluations += p
         shape = (p, b, *x_T.shape[1:])
@@ -104,5 +133,8 @@ def paradigms(denoiser, x_T: torch.Tensor, steps: int, cond=None, uncond=None, w
         stride = max(1, int(bad[0]) if len(bad) else p)
         for j in range(end + 1, steps + 1):  # guesses past the window start from the newest value
             xs[j] = xs[end]
+        if callback is not None:
+            for k in range(a, min(a + stride, steps)):
+                callback(k, xs[k + 1])
         a += stride
     return ParallelResult(x=xs[steps], rounds=rounds, evaluations=evaluations, steps=steps)
