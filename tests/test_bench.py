@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +11,6 @@ import torch
 
 from sdinfer.eval import bench
 
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 class FakeClock:
@@ -117,7 +115,16 @@ def test_machine_names_the_cpu():
     assert name in bench.machine_description() and "threads" in bench.machine_description()
 
 
-def test_self_comparison_on_a_tiny_pipeline_reads_one(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny models on two threads under a loaded machine spend their time in thread barriers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_self_comparison_on_a_tiny_pipeline_reads_one(tiny_sd, one_thread):
     """The real harness on a tiny saved pipeline, the baseline against itself: the timed runs are
     interleaved, so the only thing between speedup_wall and 1.0 is the machine's noise.
 
@@ -126,11 +133,9 @@ def test_self_comparison_on_a_tiny_pipeline_reads_one(tmp_path):
     1.29; runs of ~60 ms on a shared core are that noisy.  Hence 0.4: the test fails for a
     systematic order effect of that size (or for a broken ratio) and not for a busy machine.  The
     exact figure (1.00 +- 0.03 on the default models, idle machine) is a BENCHMARKS measurement."""
-    from tiny_pipelines import save_tiny_sd
-
     from sdinfer.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(str(save_tiny_sd(tmp_path / "sd")))
+    pipe = Pipeline.from_pretrained(str(tiny_sd))
     spec = bench.RunSpec(sampler="ddim", steps=10, cfg=4.0)
     report = bench.run_bench(pipe, [spec], spec, [f"a red circle {i}" for i in range(8)], batch=2,
                              repeats=5, log=lambda m: None, progress=False)
