@@ -7,6 +7,8 @@ Every table in BENCHMARKS.md sits between ``<!-- table: NAME -->`` and ``<!-- en
 where its rows come from:
 
 - ``summary``: the one-screen summary at the top, built from the bench JSON below;
+- ``self-comparisons``: every ``bench/results/{heldout,self}-*.json`` whose configuration is its
+  own baseline (the timing's bias and noise);
 - a name in ``BENCH_TABLES``: the records of an ``sdinfer bench --json`` file;
 - a name in ``PARALLEL_TABLES``: the rows of a ``bench/parallel.py`` JSON file;
 - any other name: ``bench/results/tables/NAME.json`` (``columns`` and ``rows``, cells as printed),
@@ -129,6 +131,28 @@ def parallel_table(file: str) -> str:
                      "hidden", "PSNR vs 1 device"], rows)
 
 
+SELF_COMPARISONS = ("heldout-*.json", "self-*.json")
+
+
+def self_comparison_table() -> str:
+    """Every bench JSON whose one configuration is its own baseline: what speedup_wall reads when
+    nothing differs, i.e. the timing's bias and noise."""
+    rows = []
+    files = sorted({p for pattern in SELF_COMPARISONS for p in RESULTS.glob(pattern)})
+    for path in files:
+        report = json.loads(path.read_text())
+        meta, records = report["meta"], report["records"]
+        if len(records) != 2 or records[1]["config"] != records[0]["config"].removeprefix("baseline "):
+            continue
+        same = records[1]
+        runs = ", ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(records[0]["wall_s_runs"], same["wall_s_runs"]))
+        rows.append([f"`{path.name}`", meta["model"], str(meta["prompts"]), str(meta["batch"]),
+                     str(meta["repeats"]), meta.get("timing", "baseline first"), f"{same['speedup_wall']:.2f}x",
+                     runs, meta["date"]])
+    return markdown(["JSON", "model", "prompts", "batch", "timed runs", "timing", "speedup_wall",
+                     "wall s per run (baseline / itself)", "date"], rows)
+
+
 def stored_table(name: str) -> str:
     path = RESULTS / "tables" / f"{name}.json"
     if not path.exists():
@@ -193,6 +217,8 @@ def summary_table() -> str:
 def table(name: str) -> str:
     if name == "summary":
         return summary_table()
+    if name == "self-comparisons":
+        return self_comparison_table()
     if name in BENCH_TABLES:
         return bench_table(*BENCH_TABLES[name])
     if name in PARALLEL_TABLES:
