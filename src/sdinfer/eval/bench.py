@@ -130,8 +130,8 @@ def measure_all(pipe: Pipeline, specs: list[RunSpec], prompts: list[str], batch:
                             result = generate(specs[i], chunk)
                             walls[i][r] += time.perf_counter() - start
                     peak_mb[i] = mem.mb if math.isnan(peak_mb[i]) else max(peak_mb[i], mem.mb)
-                    if r == 0:
-                        first[i].append(result)
+                    if r == 0:   # kept for quality and counts; the rest of the result is dropped
+                        first[i].append((result.pixels, result.nfe, result.model_calls))
                     bar.update()
     finally:
         bar.close()
@@ -139,8 +139,8 @@ def measure_all(pipe: Pipeline, specs: list[RunSpec], prompts: list[str], batch:
     for i, spec in enumerate(specs):
         with _installed(pipe, spec):
             macs = count_macs(lambda: generate(spec, (prompts[:1], seeds[:1])))
-        out.append(Measurement(spec=spec, pixels=torch.cat([res.pixels for res in first[i]]),
-                               nfe=first[i][0].nfe, model_calls=first[i][0].model_calls, macs=macs,
+        pixels, nfe, model_calls = torch.cat([p for p, _, _ in first[i]]), first[i][0][1], first[i][0][2]
+        out.append(Measurement(spec=spec, pixels=pixels, nfe=nfe, model_calls=model_calls, macs=macs,
                                wall_runs=walls[i], peak_mem_mb=peak_mb[i]))
     return out
 
