@@ -53,6 +53,7 @@ def test_it_buys_accuracy_at_low_nfe_on_the_mixture():
         assert (afs - ref).square().mean() < 0.9 * (plain - ref).square().mean(), nfe
 
 
+@pytest.mark.slow
 def test_through_the_pipeline_and_the_cli(tmp_path, capsys):
     from PIL import Image
 

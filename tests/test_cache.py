@@ -23,6 +23,7 @@ def _generate(pipe, steps=6, sampler="ddim", cfg=4.0):
     return pipe([PROMPT], steps=steps, sampler=sampler, guidance_scale=cfg).pixels
 
 
+@pytest.mark.slow
 def test_deepcache_skips_the_deep_path_on_the_default_unet(unet_pipe):
     net = unet_pipe.model.denoiser
     deep, shallow = CallCounter(net.mid_block.resnets[0]), CallCounter(net.down_blocks[0].resnets[0])
@@ -38,6 +39,7 @@ def test_deepcache_skips_the_deep_path_on_the_default_unet(unet_pipe):
     assert torch.equal(_generate(unet_pipe), base)          # removed: exactly the uncached model
 
 
+@pytest.mark.slow
 def test_deepcache_layer_branch_skips_inside_the_branch_blocks(unet_pipe):
     """DeepCache's branch id 0 (block 0, layer 0): of the shallow blocks only the last up layer runs."""
     net = unet_pipe.model.denoiser
@@ -53,6 +55,7 @@ def test_deepcache_layer_branch_skips_inside_the_branch_blocks(unet_pipe):
     assert not torch.equal(cached, base)
 
 
+@pytest.mark.slow
 def test_caches_refreshing_every_step_are_exact(unet_pipe, dit_pipe):
     for pipe, spec in [(unet_pipe, "deepcache:interval=1"), (unet_pipe, "deepcache:interval=1,branch=1"),
                        (unet_pipe, "deepcache:interval=1,layer=0"),
@@ -60,6 +63,7 @@ def test_caches_refreshing_every_step_are_exact(unet_pipe, dit_pipe):
         assert_exact(_generate, pipe, spec)
 
 
+@pytest.mark.slow
 def test_fora_skips_attention_and_mlp_on_the_default_dit(dit_pipe):
     block = dit_pipe.model.denoiser.transformer_blocks[1]
     attn, mlp = CallCounter(block.attn.to_q), CallCounter(block.ff.net[0])
@@ -71,6 +75,7 @@ def test_fora_skips_attention_and_mlp_on_the_default_dit(dit_pipe):
     assert (attn.calls, mlp.calls) == (3, 3)   # steps 0, 3 and the last (5)
 
 
+@pytest.mark.slow
 def test_fbcache_skips_the_blocks_after_the_first_on_the_default_dit(dit_pipe):
     base = _generate(dit_pipe, steps=50)
     first = CallCounter(dit_pipe.model.denoiser.transformer_blocks[0].attn.to_q)
@@ -84,12 +89,14 @@ def test_fbcache_skips_the_blocks_after_the_first_on_the_default_dit(dit_pipe):
     assert psnr(cached, base) > 30.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["deepcache:interval=3", "deepcache:interval=2,schedule=nonuniform",
                                   "fbcache:threshold=0.1"])
 def test_a_new_generation_starts_clean(unet_pipe, dit_pipe, spec):
     assert_new_generation_starts_clean(_generate, dit_pipe if spec.startswith("fbcache") else unet_pipe, spec)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", [s for s in sorted(SAMPLERS) if steps_one_by_one(get_sampler(s))])
 def test_caches_compose_with_every_sampler(unet_pipe, sampler):
     base = _generate(unet_pipe, steps=20, sampler=sampler)
@@ -241,6 +248,7 @@ def test_a_declared_adapter_makes_a_new_class_cacheable():
     assert not torch.equal(outs[1], fresh)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, message", [
     ("nocache:interval=2", "unknown cache method 'nocache'"),
     ("deepcache:intervl=2", "deepcache has no option 'intervl'"),
@@ -262,6 +270,7 @@ def test_bad_specs_are_clear_errors(unet_pipe, spec, message):
         not unet_pipe.model.denoiser._diffusers_hook.hooks   # nothing left installed
 
 
+@pytest.mark.slow
 def test_a_method_on_a_family_it_does_not_support_names_the_supported(unet_pipe, dit_pipe):
     with pytest.raises(UserError, match="deepcache supports UNets.*UNet2DConditionModel"):
         sdinfer.accelerate(dit_pipe, "deepcache")
@@ -273,6 +282,7 @@ def test_a_method_on_a_family_it_does_not_support_names_the_supported(unet_pipe,
         sdinfer.accelerate(torch.nn.Linear(2, 2), "fora")
 
 
+@pytest.mark.slow
 def test_generate_and_bench_take_accelerate(tmp_path, capsys):
     import json
 

@@ -44,6 +44,7 @@ def _planned(model, spec: str, steps: int, index: int) -> int:
     return int(refresh_plan(plan.cumulative, plan.threshold, steps)[:, index].sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["unet", "dit"])
 def test_blockcache_skips_layer_blocks_on_the_default_models(unet_pipe, dit_pipe, which):
     pipe = unet_pipe if which == "unet" else dit_pipe
@@ -64,12 +65,14 @@ def test_blockcache_skips_layer_blocks_on_the_default_models(unet_pipe, dit_pipe
     assert torch.equal(_generate(pipe), base)     # removed: exactly the uncached model
 
 
+@pytest.mark.slow
 def test_threshold_zero_is_exact_and_a_new_generation_starts_clean(unet_pipe, dit_pipe):
     for pipe in (unet_pipe, dit_pipe):
         assert_exact(_generate, pipe, "blockcache:threshold=0")
     assert_new_generation_starts_clean(_generate, unet_pipe, "blockcache:threshold=0.6")
 
 
+@pytest.mark.slow
 def test_alignment_moves_reused_outputs_towards_the_uncached_ones(unet_pipe):
     from sdinfer.context import StepContext, current_step
 
@@ -177,6 +180,7 @@ def test_blockcache_on_each_transformer_class(tmp_path, index):
     assert torch.equal(cached[0], base[0]) and not torch.equal(cached[1], base[1])
 
 
+@pytest.mark.slow
 def test_missing_or_foreign_calibration_is_a_clear_error(dit_pipe, tmp_path):
     sd3 = tiny_transformers()[0][0]
     with pytest.raises(UserError, match="blockcache needs calibration data.*not loaded from a folder.*"
@@ -190,6 +194,7 @@ def test_missing_or_foreign_calibration_is_a_clear_error(dit_pipe, tmp_path):
     assert not hasattr(net, "_diffusers_hook") or not net._diffusers_hook.hooks   # nothing left installed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, message", [
     ("blockcache:threshold=-0.1", "blockcache threshold must be a number >= 0, got -0.1"),
     ("blockcache:threshold=nan", "blockcache threshold must be a number >= 0, got nan"),

@@ -29,6 +29,7 @@ def _cached(pipe, spec, steps=6):
         handle.remove()
 
 
+@pytest.mark.slow
 def test_dbcache_skips_the_middle_blocks_on_the_default_dit(dit_pipe):
     blocks = dit_pipe.model.denoiser.transformer_blocks   # 4 blocks: front 0, middle 1-2, back 3
     front, middle, back = (CallCounter(blocks[i].attn.to_q) for i in (0, 2, 3))
@@ -41,18 +42,21 @@ def test_dbcache_skips_the_middle_blocks_on_the_default_dit(dit_pipe):
     assert torch.equal(_generate(dit_pipe, steps=20), base)   # removed: exactly the uncached model
 
 
+@pytest.mark.slow
 def test_threshold_0_is_exact(dit_pipe):
     base = _generate(dit_pipe)
     for spec in ("dbcache:threshold=0", "dbcache:fn=2,bn=1,threshold=0,taylorseer=true,order=2"):
         assert torch.equal(_cached(dit_pipe, spec), base), spec
 
 
+@pytest.mark.slow
 def test_fn_1_bn_0_is_first_block_cache(dit_pipe):
     for threshold in (0.08, 0.2):
         assert torch.equal(_cached(dit_pipe, f"dbcache:fn=1,bn=0,threshold={threshold},taylorseer=false", steps=20),
                            _cached(dit_pipe, f"fbcache:threshold={threshold}", steps=20))
 
 
+@pytest.mark.slow
 def test_the_taylorseer_calibrator_forecasts_the_middle_residual(dit_pipe):
     base = _generate(dit_pipe, steps=20)
     frozen = _cached(dit_pipe, "dbcache:fn=1,bn=0,threshold=0.16,taylorseer=false", steps=20)
@@ -60,6 +64,7 @@ def test_the_taylorseer_calibrator_forecasts_the_middle_residual(dit_pipe):
     assert psnr(forecast, base) > psnr(frozen, base) + 2.0   # measured 52.4 dB vs 48.5 dB (10 of 20 computed)
 
 
+@pytest.mark.slow
 def test_a_new_generation_starts_clean(dit_pipe):
     spec = "dbcache:threshold=0.2,taylorseer=true"
     handle = sdinfer.accelerate(dit_pipe, spec)
@@ -122,6 +127,7 @@ def test_dbcache_on_each_transformer_class(index, spec, computed):
     assert [torch.equal(c, b) for c, b in zip(cached, base)] == [i in computed for i in range(6)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, message", [
     ("dbcache:fn=0", "dbcache fn must be a whole number >= 1, got 0"),
     ("dbcache:bn=-1", "dbcache bn must be a whole number >= 0, got -1"),
@@ -141,6 +147,7 @@ def test_bad_knobs_are_clear_errors(dit_pipe, spec, message):
     assert not hasattr(denoiser, "_diffusers_hook") or not denoiser._diffusers_hook.hooks   # nothing installed
 
 
+@pytest.mark.slow
 def test_a_unet_is_refused_naming_the_supported_classes(unet_pipe):
     with pytest.raises(UserError, match="dbcache supports transformers .*DiTTransformer2DModel.*"
                                         "FluxTransformer2DModel.*PixArtTransformer2DModel.*SD3Transformer2DModel.*"

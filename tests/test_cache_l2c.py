@@ -43,6 +43,7 @@ def _planned(model, budget: float, index: int, given: str = "") -> int:
     return int(computed_layers(logits, budget)[:, index].sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["unet", "dit"])
 def test_l2c_skips_layers_on_the_default_models(unet_pipe, dit_pipe, which):
     pipe = unet_pipe if which == "unet" else dit_pipe
@@ -61,6 +62,7 @@ def test_l2c_skips_layers_on_the_default_models(unet_pipe, dit_pipe, which):
     assert not torch.equal(cached, base)
 
 
+@pytest.mark.slow
 def test_budget_one_is_exact_removal_restores_and_a_new_generation_starts_clean(unet_pipe, dit_pipe, tmp_path):
     for pipe in (unet_pipe, dit_pipe):
         router = _router(tmp_path, pipe.model.denoiser, steps=5)
@@ -85,6 +87,7 @@ def test_budget_one_is_exact_removal_restores_and_a_new_generation_starts_clean(
     assert torch.equal(second, fresh)
 
 
+@pytest.mark.slow
 def test_a_run_with_another_step_count_is_a_clear_error(dit_pipe):
     handle = sdinfer.accelerate(dit_pipe, "l2c")
     try:
@@ -177,6 +180,7 @@ def test_l2c_on_each_transformer_class(tmp_path, index):
     assert torch.equal(cached[0], base[0]) and not torch.equal(cached[1], base[1])
 
 
+@pytest.mark.slow
 def test_missing_or_foreign_calibration_is_a_clear_error(dit_pipe, tmp_path):
     sd3 = tiny_transformers()[0][0]
     with pytest.raises(UserError, match="l2c needs calibration data.*not loaded from a folder.*"
@@ -190,6 +194,7 @@ def test_missing_or_foreign_calibration_is_a_clear_error(dit_pipe, tmp_path):
     assert not hasattr(net, "_diffusers_hook") or not net._diffusers_hook.hooks   # nothing left installed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, message", [
     ("l2c:budget=1.5", r"l2c budget must be the fraction of the cache steps' layers computed, in \[0, 1\], got 1.5"),
     ("l2c:budget=-0.1", r"l2c budget must be .* got -0.1"),

@@ -33,6 +33,7 @@ def _flat_calibration(folder, model) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["unet", "dit"])
 def test_magcache_skips_the_whole_stack_on_the_default_models(unet_pipe, dit_pipe, which):
     pipe = unet_pipe if which == "unet" else dit_pipe
@@ -53,6 +54,7 @@ def test_magcache_skips_the_whole_stack_on_the_default_models(unet_pipe, dit_pip
     assert torch.equal(_generate(pipe), base)   # removed: exactly the uncached model
 
 
+@pytest.mark.slow
 def test_exact_settings_and_a_new_generation_starts_clean(unet_pipe, dit_pipe):
     for pipe, spec in [(unet_pipe, "magcache:threshold=0"), (dit_pipe, "magcache:threshold=0"),
                        (dit_pipe, "magcache:threshold=100,max_skip_steps=0")]:
@@ -114,6 +116,7 @@ def test_magcache_on_each_transformer_class(tmp_path, index):
     assert torch.equal(cached[1], base[1]) and not torch.equal(cached[2], base[2])
 
 
+@pytest.mark.slow
 def test_the_calibrator_runs_end_to_end(tmp_path, capsys, dit_pipe):
     from test_cli import run
 
@@ -133,6 +136,7 @@ def test_the_calibrator_runs_end_to_end(tmp_path, capsys, dit_pipe):
         handle.remove()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, message", [
     ("magcache:threshold=-1", "magcache threshold must be >= 0"),
     ("magcache:max_skip_steps=1.5", "magcache max_skip_steps must be a whole number >= 0"),
@@ -146,6 +150,7 @@ def test_bad_knobs_are_clear_errors(unet_pipe, spec, message):
         sdinfer.accelerate(unet_pipe, spec)
 
 
+@pytest.mark.slow
 def test_calibration_missing_or_of_another_model_is_a_clear_error(tmp_path, dit_pipe):
     from tiny_pipelines import build_tiny_sd
 

@@ -53,6 +53,7 @@ def test_order_0_keeps_the_feature_itself():
     assert torch.equal(series.forecast(9), feature + 1)
 
 
+@pytest.mark.slow
 def test_taylorseer_forecasts_the_sublayers_on_the_default_dit(dit_pipe):
     block = dit_pipe.model.denoiser.transformer_blocks[1]
     attn, mlp = CallCounter(block.attn.to_q), CallCounter(block.ff.net[0])
@@ -64,6 +65,7 @@ def test_taylorseer_forecasts_the_sublayers_on_the_default_dit(dit_pipe):
     assert torch.equal(_generate(dit_pipe, steps=10), base)   # removed: exactly the uncached model
 
 
+@pytest.mark.slow
 def test_taylorseer_forecasts_the_deep_path_on_the_default_unet(unet_pipe):
     net = unet_pipe.model.denoiser
     deep, shallow = CallCounter(net.mid_block.resnets[0]), CallCounter(net.down_blocks[0].resnets[0])
@@ -75,11 +77,13 @@ def test_taylorseer_forecasts_the_deep_path_on_the_default_unet(unet_pipe):
     assert torch.equal(_generate(unet_pipe, steps=10), base)
 
 
+@pytest.mark.slow
 def test_interval_1_is_exact(unet_pipe, dit_pipe):
     for pipe in (unet_pipe, dit_pipe):
         assert torch.equal(_cached(pipe, "taylorseer:interval=1,order=2"), _generate(pipe))
 
 
+@pytest.mark.slow
 def test_order_0_is_fora_and_deepcache(unet_pipe, dit_pipe):
     # 7 steps at interval 3: full steps 0, 3 and 6 (the last), for FORA and DeepCache alike
     assert torch.equal(_cached(dit_pipe, "taylorseer:interval=3,order=0,warmup=0"),
@@ -90,6 +94,7 @@ def test_order_0_is_fora_and_deepcache(unet_pipe, dit_pipe):
                            _cached(dit_pipe, "fora:interval=3"))
 
 
+@pytest.mark.slow
 def test_a_new_generation_starts_clean(dit_pipe):
     handle = sdinfer.accelerate(dit_pipe, "taylorseer:interval=2,order=2")
     try:
@@ -143,6 +148,7 @@ def test_taylorseer_on_each_transformer_class(index):
     assert not torch.equal(cached[3], base[3])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, message", [
     ("taylorseer:interval=0", "taylorseer interval must be a whole number >= 1, got 0"),
     ("taylorseer:order=3", "taylorseer order must be one of 0, 1, 2, got 3"),

@@ -30,6 +30,7 @@ def _identity_calibration(folder, model) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["unet", "dit"])
 def test_teacache_skips_the_whole_stack_on_the_default_models(unet_pipe, dit_pipe, which):
     pipe = unet_pipe if which == "unet" else dit_pipe
@@ -51,6 +52,7 @@ def test_teacache_skips_the_whole_stack_on_the_default_models(unet_pipe, dit_pip
     assert torch.equal(_generate(pipe), base)   # removed: exactly the uncached model
 
 
+@pytest.mark.slow
 def test_threshold_zero_is_exact_and_a_new_generation_starts_clean(unet_pipe, dit_pipe):
     for pipe in (unet_pipe, dit_pipe):
         assert_exact(_generate, pipe, "teacache:threshold=0")
@@ -106,6 +108,7 @@ def test_teacache_on_each_transformer_class(tmp_path, index):
             assert torch.equal(cached[-1], base[-1]) == (computed == 6)
 
 
+@pytest.mark.slow
 def test_the_calibrator_runs_end_to_end(tmp_path, capsys, dit_pipe):
     from test_cli import run
 
@@ -122,6 +125,7 @@ def test_the_calibrator_runs_end_to_end(tmp_path, capsys, dit_pipe):
     handle.remove()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, message", [
     ("teacache:threshold=-0.1", "teacache threshold must be >= 0"),
     ("teacache:threshold=x", "teacache option threshold='x' is not a float"),
@@ -133,6 +137,7 @@ def test_bad_knobs_are_clear_errors(dit_pipe, spec, message):
         sdinfer.accelerate(dit_pipe, spec)
 
 
+@pytest.mark.slow
 def test_calibration_missing_or_of_another_model_is_a_clear_error(tmp_path, unet_pipe):
     from tiny_pipelines import build_tiny_pixart
 

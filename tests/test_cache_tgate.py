@@ -53,6 +53,7 @@ def test_the_schedule_is_the_reference_ones():
     assert TGateConfig(gate=0.4).planning_steps(steps[0]) == 10   # the paper's 10 of 25
 
 
+@pytest.mark.slow
 def test_tgate_gates_cross_attention_and_merges_branches_on_the_default_unet(unet_pipe):
     block = unet_pipe.model.denoiser.down_blocks[2].attentions[0].transformer_blocks[0]
     cross, self_attn, batches = CallCounter(block.attn2.to_q), CallCounter(block.attn1.to_q), BatchSizes(block.ff)
@@ -65,6 +66,7 @@ def test_tgate_gates_cross_attention_and_merges_branches_on_the_default_unet(une
     assert torch.equal(_generate(unet_pipe), base)   # removed: exactly the uncached model
 
 
+@pytest.mark.slow
 def test_tgate_freezes_the_text_stream_and_merges_branches_on_the_default_dit(dit_pipe):
     block = dit_pipe.model.denoiser.transformer_blocks[1]
     text_mlp, joint, batches = CallCounter(block.ff_context.net[0]), CallCounter(block.attn.to_q), BatchSizes(block.ff)
@@ -77,6 +79,7 @@ def test_tgate_freezes_the_text_stream_and_merges_branches_on_the_default_dit(di
     assert torch.equal(_generate(dit_pipe), base)
 
 
+@pytest.mark.slow
 def test_tgate_with_the_gate_past_the_last_step_is_exact(unet_pipe, dit_pipe):
     for pipe in (unet_pipe, dit_pipe):
         base = _generate(pipe)
@@ -85,6 +88,7 @@ def test_tgate_with_the_gate_past_the_last_step_is_exact(unet_pipe, dit_pipe):
             assert torch.equal(_cached(pipe, spec), base), spec
 
 
+@pytest.mark.slow
 def test_without_merging_each_branch_keeps_its_own_cross_attention(unet_pipe):
     block = unet_pipe.model.denoiser.down_blocks[2].attentions[0].transformer_blocks[0]
     cross, batches = CallCounter(block.attn2.to_q), BatchSizes(block.ff)
@@ -96,6 +100,7 @@ def test_without_merging_each_branch_keeps_its_own_cross_attention(unet_pipe):
     assert not torch.equal(merged, unmerged)
 
 
+@pytest.mark.slow
 def test_the_merged_pass_takes_the_conditional_half_the_context_names(unet_pipe):
     """The default UNet also feeds the text to its time embedding, so the half matters."""
     net = unet_pipe.model.denoiser
@@ -216,6 +221,7 @@ def test_tgate_rejects_a_class_conditioned_dit_and_needs_a_step_count_for_a_frac
         handle.remove()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["tgate:gate=0.4,sp_interval=2", "tgate:gate=0.5,fi_interval=2,merge=false"])
 def test_a_new_generation_starts_clean(unet_pipe, dit_pipe, spec):
     for pipe in (unet_pipe, dit_pipe):
@@ -258,6 +264,7 @@ def test_tgate_composes_with_deepcache_across_the_merge_and_comes_off_in_any_ord
     assert torch.equal(run(), base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, knob", [("gate=0", "gate"), ("gate=1.5", "gate"), ("gate_step=-1", "gate_step"),
                                         ("gate_step=2.5", "gate_step"), ("sp_interval=0", "sp_interval"),
                                         ("fi_interval=0", "fi_interval"), ("warm_up=-1", "warm_up"),

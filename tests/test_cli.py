@@ -15,6 +15,7 @@ def run(capsys, *args):
     return code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_generate_default_writes_png_with_metadata(tmp_path, capsys):
     out = tmp_path / "out.png"
     code, stdout, _ = run(capsys, "generate", "a red circle in the top left", "-o", str(out),
@@ -28,6 +29,7 @@ def test_generate_default_writes_png_with_metadata(tmp_path, capsys):
     assert str(out) in stdout and " s " in stdout
 
 
+@pytest.mark.slow
 def test_generate_batch_and_other_model(tmp_path, capsys):
     out = tmp_path / "b.png"
     code, _, _ = run(capsys, "generate", "a blue square in the center", "-o", str(out), "--model",
@@ -95,6 +97,7 @@ def test_unwritable_folder(tmp_path, capsys):
     assert code == 2 and "not writable" in err
 
 
+@pytest.mark.slow
 def test_existing_output_needs_overwrite(tmp_path, capsys):
     out = tmp_path / "keep.png"
     out.write_bytes(b"precious")
@@ -105,6 +108,7 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     assert code == 0 and Image.open(out).size == (32, 32)
 
 
+@pytest.mark.slow
 def test_models_lists_both(capsys):
     code, out, _ = run(capsys, "models")
     assert code == 0 and "UNet2DConditionModel" in out and "SD3Transformer2DModel" in out
@@ -118,6 +122,7 @@ def test_help_reads_for_newcomers(capsys):
         assert flag in out
 
 
+@pytest.mark.slow
 def test_bench_writes_json_and_self_baseline_is_exact(tmp_path, capsys):
     js, png = tmp_path / "b.json", tmp_path / "b.png"
     code, out, err = run(capsys, "bench", "--model", "unet", "--steps", "3", "--prompts", "quick",
@@ -135,6 +140,7 @@ def test_bench_writes_json_and_self_baseline_is_exact(tmp_path, capsys):
     assert png.exists() and "speedup_wall" in out
 
 
+@pytest.mark.slow
 def test_bench_with_other_baseline(tmp_path, capsys):
     js = tmp_path / "b.json"
     code, _, err = run(capsys, "bench", "--model", "dit", "--steps", "2", "--baseline", "ddim:4",
@@ -150,6 +156,7 @@ def test_bench_bad_prompt_set(capsys):
     assert code == 2 and "prompt set" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["unet", "dit"])
 def test_dpm_solver_v3_uses_the_shipped_statistics(model, tmp_path, capsys):
     out = tmp_path / "v3.png"
@@ -164,6 +171,7 @@ def test_dpm_solver_v3_uses_the_shipped_statistics(model, tmp_path, capsys):
     assert code == 2 and "no DPM-Solver-v3 statistics at" in err
 
 
+@pytest.mark.slow
 def test_calibrate_writes_statistics_and_keeps_existing_files(tmp_path, capsys):
     from sdinfer.samplers.ems import EMS
 

@@ -40,6 +40,7 @@ def test_sample_refuses_sigma_min_where_the_grid_has_its_own_end():
                            spacing=spacing, final="sigma_min")
 
 
+@pytest.mark.slow
 def test_through_the_pipeline_and_the_cli(tmp_path, capsys):
     from PIL import Image
 

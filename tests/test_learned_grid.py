@@ -85,6 +85,7 @@ def test_files_round_trip_and_bad_ones_are_refused(tmp_path):
         LearnedGrids({"ddim|3": torch.tensor([1.0, 0.5, 0.0])})
 
 
+@pytest.mark.slow
 def test_calibrate_and_generate_with_a_learned_grid(tmp_path, capsys, monkeypatch):
     import sdinfer.calibrate as calibrate
 

@@ -9,6 +9,7 @@ from sdinfer.models.loading import load_model
 from sdinfer.pipeline import Pipeline
 
 
+@pytest.mark.slow
 def test_default_models_load_offline():
     for name in ("default", "unet", "dit"):
         m = load_model(name)
@@ -38,6 +39,7 @@ def test_saved_diffusers_pipelines_generate(fixture, request):
     assert out.nfe == 3
 
 
+@pytest.mark.slow
 def test_image_does_not_depend_on_batch(default_pipe):
     alone = default_pipe(["a red circle in the top left"], steps=4, seeds=[11])
     batched = default_pipe(["a blue square in the center", "a red circle in the top left"],
@@ -45,6 +47,7 @@ def test_image_does_not_depend_on_batch(default_pipe):
     torch.testing.assert_close(alone.pixels[0], batched.pixels[1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_unknown_words_warn_by_name(default_pipe):
     with pytest.warns(UserWarning, match="zebra"):
         default_pipe(["a zebra circle in the top left"], steps=2)
@@ -107,6 +110,7 @@ def test_broken_model_index(tiny_sd, tmp_path):
         load_model(path)
 
 
+@pytest.mark.slow
 def test_nan_weights_give_a_clear_error(default_pipe):
     from sdinfer.pipeline import Pipeline
 

@@ -93,6 +93,7 @@ def test_gits_as_a_name_without_a_grid_says_where_to_get_one():
         sample_loop(den, get_sampler("ddim"), x, 5, None, None, spacing="gits")
 
 
+@pytest.mark.slow
 def test_calibrate_and_generate_with_the_gits_grid(tmp_path, capsys, monkeypatch):
     out = tmp_path / "gits.safetensors"
     args = ["calibrate", "--method", "gits", "--model", "unet", "--samples", "2", "--points", "6",
@@ -117,6 +118,7 @@ def test_calibrate_and_generate_with_the_gits_grid(tmp_path, capsys, monkeypatch
     assert code == 2 and "unknown time grid 'spiral'" in err
 
 
+@pytest.mark.slow
 def test_the_pipeline_runs_on_a_grid_object_as_on_its_times():
     from sdinfer.pipeline import Pipeline
 

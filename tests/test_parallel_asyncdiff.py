@@ -18,12 +18,14 @@ def findings(tmp_path_factory):
     return run_workers(WORKER, None, tmp_path_factory.mktemp("asyncdiff") / "findings.json")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["unet", "dit"])
 def test_every_step_a_warmup_step_equals_one_device(findings, model):
     assert findings[model]["exact_max_abs_error"] <= 1e-5   # measured: 0 (every rank runs the whole model)
     assert all(rank["bytes"] == {} for rank in findings[model]["exact"]["ranks"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, least", [("unet", 18), ("dit", 8)])
 def test_stale_components_differ_but_stay_near_one_device(findings, model, least):
     """8 steps with 1 warm-up step: 7 of 8 calls read the previous call's features, which at 8
@@ -32,6 +34,7 @@ def test_stale_components_differ_but_stay_near_one_device(findings, model, least
     assert least < findings[model]["stale_psnr"] < 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["unet", "dit"])
 def test_each_rank_runs_only_its_component_after_warmup(findings, model):
     stale = findings[model]["stale"]
@@ -42,6 +45,7 @@ def test_each_rank_runs_only_its_component_after_warmup(findings, model):
         assert seen["block_runs"] == [STEPS if owner == rank else 1 for owner in owners]
 
 
+@pytest.mark.slow
 def test_removing_it_restores_the_model(findings):
     assert findings["unet"]["restored"] and findings["dit"]["restored"]
 
@@ -59,6 +63,7 @@ def sent(findings, model, rank):
     return findings[model]["stale"]["ranks"][rank]["bytes"].get("broadcast", 0)
 
 
+@pytest.mark.slow
 def test_bytes_per_step_on_the_default_dit(findings):
     """SD3 joint blocks, 2 ranks: blocks 0-1 on rank 0, 2-3 on rank 1.  Rank 0 sends block 1's
     output (text 16 x 96 and image 256 x 96 tokens a sample) at each stale call but the last
@@ -70,6 +75,7 @@ def test_bytes_per_step_on_the_default_dit(findings):
     assert stale["ranks"][0]["calls"] == {"broadcast": 6} and stale["ranks"][1]["calls"] == {"broadcast": 7}
 
 
+@pytest.mark.slow
 def test_bytes_per_step_on_the_default_unet(findings):
     """UNet2DConditionModel 16/32/64 channels at 64x64: each block's output (elements a sample),
     hidden states and, for down blocks, the skip features the mid and up blocks read."""
@@ -90,6 +96,7 @@ def test_bytes_per_step_on_the_default_unet(findings):
         assert sent(findings, "unet", rank) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, words", [
     ("world size 1", ["needs a world size of 2 or more, got 1"]),
     ("no warm-up", ["warmup_steps=0", "at least 1 synchronous step"]),
@@ -109,12 +116,14 @@ def stride2(tmp_path_factory):
     return run_workers(WORKER, "stride2", tmp_path_factory.mktemp("asyncdiff2") / "findings.json", ranks=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["unet", "dit"])
 def test_stride_2_every_step_a_warmup_step_equals_one_device(stride2, model):
     assert stride2[model]["exact_max_abs_error"] <= 1e-5
     assert all(rank["bytes"] == {} for rank in stride2[model]["exact"]["ranks"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, least", [("unet", 11), ("dit", 8)])
 def test_stride_2_is_stale_but_near_one_device(stride2, model, least):
     """8 steps, 1 warm-up: steps 2, 4 and 6 reuse the components computed ahead at their
@@ -123,6 +132,7 @@ def test_stride_2_is_stale_but_near_one_device(stride2, model, least):
     assert least < stride2[model]["stale_psnr"] < 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["unet", "dit"])
 def test_stride_2_runs_each_component_on_its_rank_and_the_last_on_the_extra_rank(stride2, model):
     stale = stride2[model]["stale"]
@@ -134,6 +144,7 @@ def test_stride_2_runs_each_component_on_its_rank_and_the_last_on_the_extra_rank
         assert seen["block_runs"] == [1 + 4 if owner == mine else 1 for owner in owners]
 
 
+@pytest.mark.slow
 def test_stride_2_bytes_on_the_default_dit(stride2):
     """Blocks 0-1 on rank 0, 2-3 on rank 1, the last component also on rank 2.  At each compute
     step but the last (steps 1, 3, 5) rank 0 broadcasts block 1's output (text 16 and image 256
@@ -146,6 +157,7 @@ def test_stride_2_bytes_on_the_default_dit(stride2):
     assert sent2 == [3 * B * (16 + 256) * 96 * F32 * 2, 3 * B * 256 * 96 * F32 * 2, 4 * B * 3 * 32 * 32 * F32 * 2]
 
 
+@pytest.mark.slow
 def test_stride_2_refuses_a_sampler_with_two_calls_a_step(stride2):
     message = stride2["errors"]["two calls a step"]
     assert message is not None and "more than once a step" in message and "stride=1" in message

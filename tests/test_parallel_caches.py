@@ -17,17 +17,20 @@ def findings(tmp_path_factory):
     return run_workers(WORKER, "caches", tmp_path_factory.mktemp("parallel-caches") / "findings.json")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_a_cache_under_a_strategy_equals_that_cache_on_one_device(findings, case):
     """Every rank decides on the whole batch / all tokens, as one device does."""
     assert findings[case]["max_abs_error"] <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in CASES if "fora" not in c])
 def test_data_dependent_decisions_are_summed_over_the_ranks(findings, case):
     assert findings[case]["calls"].get("all_reduce", 0) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, words", [
     ("tgate under cfg", ["tgate cannot run under the cfg parallel strategy", "it takes deepcache, fora"]),
     ("fora under asyncdiff", ["asyncdiff computes with stale activations and takes no cache"]),

@@ -60,12 +60,14 @@ def test_the_formula_on_the_default_unet():
     assert formula_bytes_per_step() == 578560 + 524288 + 3840 + 49152 == 1155840   # as the docstring says
 
 
+@pytest.mark.slow
 def test_warmup_covering_every_step_equals_one_device(findings):
     # measured: 2.1e-6 (float rounding of the patch-wise convs; 1.0e-5 on this CPU while the GroupNorm
     # statistics were summed in float32, 3.2e-6 on the CPU of an earlier session)
     assert findings["exact"]["max_abs_error"] <= 1e-5
 
 
+@pytest.mark.slow
 def test_bytes_per_step_follow_the_formula(findings):
     counted = findings["exact"]["bytes"]
     assert counted == {"all_gather": STEPS * formula_bytes_per_step()}
@@ -74,6 +76,7 @@ def test_bytes_per_step_follow_the_formula(findings):
         assert step["bytes"] == formula_bytes_per_step()
 
 
+@pytest.mark.slow
 def test_after_warmup_the_exchanges_are_asynchronous(findings):
     """During warm-up every exchange is waited on in its own step; after it every layer's
     all-gather is started in one step and waited on in the next (the last step's after the run),
@@ -87,6 +90,7 @@ def test_after_warmup_the_exchanges_are_asynchronous(findings):
             assert step == {"sync": 1, "async": LAYERS, "other": 0, "bytes": formula_bytes_per_step()}
 
 
+@pytest.mark.slow
 def test_staleness_is_the_only_approximation(findings):
     """The same input three times with no warm-up after the first step: the stale exchanges then
     hold what fresh ones would, and every GroupNorm mode gives one device's output."""
@@ -95,6 +99,7 @@ def test_staleness_is_the_only_approximation(findings):
     assert findings["traced"]["max_abs_error"] > 1e-5   # a real run after warm-up is not exact
 
 
+@pytest.mark.slow
 def test_paper_warmup_psnr_against_one_device(findings):
     # warm-up 4 (the paper's default; steps 0 .. 4 synchronous), corrected GroupNorm, 20 DDIM steps
     # at 64 x 64, cfg 4: measured 22.5 dB (over 50 steps: 23.5 dB; sync GroupNorm 23.8 / 21.4 dB).
@@ -105,6 +110,7 @@ def test_paper_warmup_psnr_against_one_device(findings):
     assert findings["psnr"]["corrected"] >= 20
 
 
+@pytest.mark.slow
 def test_tiny_stock_unet_called_directly(findings):
     """Warm-up covering all three calls: one device's output; warm-up 0: the first call still
     exact, the later ones stale (not exact)."""
@@ -114,10 +120,12 @@ def test_tiny_stock_unet_called_directly(findings):
     assert stale["max_abs_error"] > 1e-5
 
 
+@pytest.mark.slow
 def test_removing_the_strategy_restores_the_model(findings):
     assert findings["restored"] and findings["tiny-unet/restored"] and findings["restored after errors"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, words", [
     ("world size 1", ["at least 2, got 1"]),
     ("a DiT", ["supports UNet2DConditionModel", "SD3Transformer2DModel is not one of them"]),

@@ -17,6 +17,7 @@ from sdinfer.parallel.launch import check_backend, init_process_group, launch_lo
 WORKER = Path(__file__).parent / "parallel_worker.py"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, cause", [("raise", "rank 1 failed: RuntimeError: an injected failure"),
                                          ("kill", "rank 1 was killed by SIGKILL")])
 def test_a_failed_rank_stops_the_other_naming_it(mode, cause, tmp_path, capfd):
@@ -31,6 +32,7 @@ def test_a_failed_rank_stops_the_other_naming_it(mode, cause, tmp_path, capfd):
     assert stopped - float(stamp.read_text()) < 60
 
 
+@pytest.mark.slow
 def test_under_torchrun_a_killed_rank_stops_the_other(tmp_path):
     stamp = tmp_path / "failed_at"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(WORKER),
@@ -41,6 +43,7 @@ def test_under_torchrun_a_killed_rank_stops_the_other(tmp_path):
     assert stopped - float(stamp.read_text()) < 60   # measured: 2.7 s
 
 
+@pytest.mark.slow
 def test_cfg_parallel_generate_writes_the_single_device_image(tmp_path, capfd):
     args = ["generate", "a red circle in the top left", "--model", "dit", "--steps", "3", "--quiet"]
     assert main([*args, "-o", str(tmp_path / "one.png")]) == 0

@@ -42,6 +42,7 @@ def times(per_step, steps):
 DIT = dict(b=2, s=256, c=96, p=12, t=16, c_t=96)
 
 
+@pytest.mark.slow
 def test_warm_up_is_exact(findings):
     # the default DiT with warm-up covering all 8 steps, pixels in [0, 1]; the tiny models' outputs O(1)
     # (PixArt's random weights blow its latents up: its error is relative to its largest output)
@@ -51,6 +52,7 @@ def test_warm_up_is_exact(findings):
     assert pixart["max_abs_error"] <= 1e-5 * max(1.0, pixart["scale"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, per_block", [("dit/exact", EXACT_STEPS),
                                              ("dit/pipefusion", 1 + (PSNR_STEPS - 1) * 2),
                                              ("dit/pipefusion:patches=4", 1 + (PSNR_STEPS - 1) * 4)])
@@ -61,6 +63,7 @@ def test_each_rank_runs_only_its_own_blocks(findings, case, per_block):
     assert ranks[1]["blocks"] == [0, 0, per_block, per_block]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["dit/pipefusion", "dit/pipefusion:patches=4"])
 def test_pipelined_steps_stay_close_to_one_device(findings, case):
     # measured at 20 steps: see the report; stale K/V make it differ (not exact) but close
@@ -68,6 +71,7 @@ def test_pipelined_steps_stay_close_to_one_device(findings, case):
     assert findings[case]["max_abs_error"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, steps, patches", [("dit/exact", EXACT_STEPS, 1),
                                                   ("dit/pipefusion", PSNR_STEPS, 2),
                                                   ("dit/pipefusion:patches=4", PSNR_STEPS, 4)])
@@ -81,6 +85,7 @@ def test_bytes_per_step_on_the_default_dit(findings, case, steps, patches):
     assert ranks[1]["calls"] == {"broadcast": transfers}
 
 
+@pytest.mark.slow
 def test_bytes_on_the_tiny_models(findings):
     """PixArt: B 2, S 16 (8 x 8 latent, patch 2), C 16, no text stream (cross-attention reads the
     replicated text), P 2 * 2 * 8 (learned sigma); DiT: the same but P 2 * 2 * 4."""
@@ -93,6 +98,7 @@ def test_bytes_on_the_tiny_models(findings):
     assert findings["tiny-dit/pipelined"]["ranks"][1]["blocks"] == [0, 1 + (TINY_CALLS - 1) * 2]
 
 
+@pytest.mark.slow
 def test_buffers_start_over_with_a_new_generation_or_sample_size(findings):
     """No K/V carried over: two generations under one handle (warm-up 0: only the forced first
     whole step) are identical; a tiny DiT's calls at 8 x 8, 8 x 8, 12 x 12, 12 x 12 within one
@@ -105,11 +111,13 @@ def test_buffers_start_over_with_a_new_generation_or_sample_size(findings):
     assert findings["tiny-dit/new size"]["ranks"][0]["calls"] == {"send": 1 + 2 + 1 + 2}
 
 
+@pytest.mark.slow
 def test_removing_the_strategy_restores_the_model(findings):
     assert findings["dit/restored"] and findings["pixart/restored"] and findings["tiny-dit/restored"]
     assert findings["dit/restored after errors"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, words", [
     ("pipefusion on a UNet", ["supports DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel",
                               "UNet2DConditionModel is not one of them"]),
@@ -133,6 +141,7 @@ def test_config_and_stages():
     assert [list(stage_blocks(28, 4, r))[::6] for r in range(4)] == [[0, 6], [7, 13], [14, 20], [21, 27]]
 
 
+@pytest.mark.slow
 def test_three_ranks_pass_patches_through_a_middle_stage(tmp_path):
     """A tiny SD3 transformer: 4 blocks in stages of 2, 1, 1; B 2, S 16 image tokens (8 x 8, patch
     2) in 4 patches, C 16, T 5 text tokens of C_T 16, P 2 * 2 * 4; 4 calls at falling timesteps."""

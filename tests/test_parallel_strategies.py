@@ -26,12 +26,14 @@ CASES = ["dit/cfg", "dit/ulysses", "dit/ring", "unet/cfg", "pixart/cfg", "pixart
          "tiny-dit/ulysses", "tiny-dit/ring"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_equals_one_device(findings, case):
     # measured: 0 (ulysses) to 2.7e-6 (ring on the default DiT); pixels in [0, 1], model outputs O(1)
     assert findings[case]["max_abs_error"] <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, shape", [("dit/cfg", [1, 256]), ("dit/ulysses", [2, 128]), ("dit/ring", [2, 128]),
                                          ("unet/cfg", [1, 5]), ("pixart/cfg", [1, 16]),
                                          ("pixart/ulysses", [2, 8]), ("tiny-dit/ring", [2, 8])])
@@ -42,6 +44,7 @@ def test_each_rank_computes_its_share(findings, case, shape):
     assert findings[case]["leaf_shapes"] == [shape]
 
 
+@pytest.mark.slow
 def test_removing_a_strategy_restores_the_model(findings):
     assert all(findings[f"{name}/restored"] for name in ("dit", "unet", "pixart", "tiny-dit"))
     assert findings["dit/restored after errors"]
@@ -53,6 +56,7 @@ def per_step(findings, case, calls=STEPS):
     return {kind: v // calls for kind, v in counted.items()}
 
 
+@pytest.mark.slow
 def test_bytes_per_step_on_the_default_dit(findings):
     """SD3Transformer2DModel: B 2 (1 prompt, guided), H 4 heads of D 24, S 256 image tokens
     (32x32, patch 2), T 16 text tokens, L 4 joint-attention layers, P 2*2*3 outputs a token,
@@ -70,6 +74,7 @@ def test_bytes_per_step_on_the_default_dit(findings):
     assert findings["dit/ring"]["calls"] == {"ring": STEPS * layers * (n - 1), "all_gather": STEPS}
 
 
+@pytest.mark.slow
 def test_bytes_per_step_on_pixart_and_the_unet(findings):
     """Tiny PixArt: B 2, H 2 of D 8, S 16 tokens (8x8 latent, patch 2), L 2 self-attention
     layers (cross-attention sends nothing), P 2*2*8 (learned sigma); the UNet: 3x32x32 outputs."""
@@ -84,6 +89,7 @@ def test_bytes_per_step_on_pixart_and_the_unet(findings):
     assert per_step(findings, "unet/cfg") == {"all_gather": 1 * 3 * 32 * 32 * F32}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, words", [
     ("ulysses on a UNet", ["supports DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel",
                            "UNet2DConditionModel"]),
@@ -103,6 +109,7 @@ def test_bad_input_is_a_clear_error(findings, case, words):
         assert w in message, message
 
 
+@pytest.mark.slow
 def test_three_ranks_chain_the_ring_and_split_heads_three_ways(tmp_path):
     """A tiny SD3 transformer: B 2, H 6 of D 8, S 36 image tokens (12x12, patch 2), T 5 text
     tokens, L 2 layers, P 2*2*4, N 3 ranks, one call."""
@@ -117,6 +124,7 @@ def test_three_ranks_chain_the_ring_and_split_heads_three_ways(tmp_path):
     assert found["ring"]["bytes"] == {"ring": layers * 2 * shard * (n - 1) * F32, "all_gather": gather}
 
 
+@pytest.mark.slow
 def test_cfg_combined_with_another_strategy_on_four_ranks(tmp_path):
     """Ranks {0, 2} and {1, 3} hold the two guidance branches, {0, 1} and {2, 3} split the
     work within a branch: the default DiT's image tokens (256) in halves, or the default UNet's

@@ -17,6 +17,7 @@ def pipe():
     return Pipeline.from_pretrained("unet")
 
 
+@pytest.mark.slow
 def test_labels_follow_the_threshold(pipe):
     easy = find_min_steps(pipe, PROMPTS, reference_steps=6, candidates=[2, 4], threshold_db=0.0)
     assert easy.steps == [2, 2, 2]
@@ -47,6 +48,7 @@ def test_predictor_files_are_checked(tmp_path):
                             "not a readable safetensors", error=UserError, missing_error=UserError)
 
 
+@pytest.mark.slow
 def test_auto_steps_without_a_predictor_is_a_clear_error(pipe, monkeypatch):
     import sdinfer.stepsaver as stepsaver
 
@@ -55,6 +57,7 @@ def test_auto_steps_without_a_predictor_is_a_clear_error(pipe, monkeypatch):
         pipe(PROMPTS[:1], steps="auto")
 
 
+@pytest.mark.slow
 def test_bench_min_steps_then_generate_auto(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -71,6 +74,7 @@ def test_bench_min_steps_then_generate_auto(tmp_path, capsys):
     assert int(Image.open(png).text["steps"]) in (2, 4, 6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["unet", "dit"])
 def test_the_default_models_ship_a_predictor_for_auto_steps(pipe, model):
     from sdinfer.models.default import shapes
@@ -82,5 +86,6 @@ def test_the_default_models_ship_a_predictor_for_auto_steps(pipe, model):
     assert pipe(PROMPTS[:1], steps="auto", seeds=[0]).pixels.shape[0] == 1
 
 
+@pytest.mark.slow
 def test_features_have_one_row_per_prompt(pipe):
     assert prompt_features(pipe, PROMPTS).shape[0] == 3

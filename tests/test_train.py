@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sdinfer.models.default.train import TrainConfig, Trainer
@@ -81,6 +82,7 @@ def test_train_default_command_exports_a_loadable_model(tmp_path, capsys):
     assert result.pixels.shape == (1, 3, 32, 32)
 
 
+@pytest.mark.slow
 def test_data_workers_render_the_same_batches(tmp_path):
     cfg = TrainConfig(arch="dit", steps=6, batch_size=3)
     alone = Trainer(cfg, tmp_path / "a")
@@ -95,6 +97,7 @@ def test_data_workers_render_the_same_batches(tmp_path):
         helped.close()
 
 
+@pytest.mark.slow
 def test_fine_tuning_at_another_resolution_starts_from_the_given_model(tmp_path):
     """``--init-from dit --resolution 64``: every parameter (and the text encoder) starts as the
     shipped model's; the positional table is the 64x64 one; the batches are 64x64."""

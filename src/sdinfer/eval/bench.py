@@ -2,7 +2,10 @@
 
 For each configuration it generates the whole prompt set (batched, one seed per
 prompt, the same seeds for every configuration), once as a warm-up on the first
-batch and then ``repeats`` timed times; ``wall_s`` is the median.  Quality is
+batch and then ``repeats`` timed times; ``wall_s`` is the median.  The timed runs
+of the baseline and the configurations are interleaved batch by batch, in an order
+that alternates between rounds (``measure_all``), so that none is favoured by being
+timed first.  Quality is
 measured on the images of the first timed run against the baseline's images
 (PSNR, SSIM) and against the prompts (adherence, shapes prompts only).  MACs
 are counted for one image's generation.  Speed-ups are baseline / configuration.
@@ -15,7 +18,9 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,45 +77,94 @@ def _batches(items: list, size: int) -> list[list]:
 
 def measure(pipe: Pipeline, spec: RunSpec, prompts: list[str], batch: int, seed: int,
             repeats: int, size: int | None = None) -> Measurement:
-    if not spec.accelerate:
-        return _measure(pipe, spec, prompts, batch, seed, repeats, size)
-    from ..accelerate import accelerate
-
-    installed = accelerate(pipe, spec.accelerate)
-    try:
-        return _measure(pipe, spec, prompts, batch, seed, repeats, size)
-    finally:
-        installed.remove()
+    """One configuration on its own (``measure_all`` with a single spec)."""
+    return measure_all(pipe, [spec], prompts, batch, seed, repeats, size)[0]
 
 
-def _measure(pipe: Pipeline, spec: RunSpec, prompts: list[str], batch: int, seed: int,
-             repeats: int, size: int | None = None) -> Measurement:
+def measure_all(pipe: Pipeline, specs: list[RunSpec], prompts: list[str], batch: int, seed: int,
+                repeats: int, size: int | None = None, progress: bool | None = None) -> list[Measurement]:
+    """Measure every spec with their timed runs interleaved, so no configuration is favoured by
+    when it runs.
+
+    Each spec first generates the first batch as a warm-up.  Then the timed work goes in rounds,
+    one round per (repeat, batch): every spec generates that batch, in the listed order on even
+    rounds and in reverse on odd ones (A B B A ...).  A spec's timed run is the sum of its batch
+    times within one repeat, so a machine that speeds up or slows down over the run (turbo,
+    caches, another process) costs every spec alike instead of the one timed first.  With a
+    single batch and one repeat there is one round, and the shared warm-ups are what protects it.
+    ``progress``: a bar on stderr (None: only when stderr is a terminal).
+    """
     if repeats < 1:
         raise UserError(f"repeats must be >= 1, got {repeats}")
     if batch < 1:
         raise UserError(f"batch must be >= 1, got {batch}")
+    if not prompts:
+        raise UserError("no prompts to measure on")
     seeds = [seed + i for i in range(len(prompts))]
     chunks = list(zip(_batches(prompts, batch), _batches(seeds, batch)))
 
-    def run_all():
-        return [pipe(p, steps=spec.steps, sampler=spec.sampler, guidance_scale=spec.cfg,
-                     seeds=s, size=size) for p, s in chunks]
+    def generate(spec: RunSpec, chunk):
+        return pipe(chunk[0], steps=spec.steps, sampler=spec.sampler, guidance_scale=spec.cfg,
+                    seeds=chunk[1], size=size)
 
-    pipe(chunks[0][0], steps=spec.steps, sampler=spec.sampler, guidance_scale=spec.cfg,
-         seeds=chunks[0][1], size=size)  # warm-up
-    walls, first, mem = [], None, PeakMemory()
-    for r in range(repeats):
-        with mem.measure():
-            start = time.perf_counter()
-            results = run_all()
-            walls.append(time.perf_counter() - start)
-        if first is None:
-            first = results
-    macs = count_macs(lambda: pipe(prompts[:1], steps=spec.steps, sampler=spec.sampler,
-                                   guidance_scale=spec.cfg, seeds=seeds[:1], size=size))
-    return Measurement(spec=spec, pixels=torch.cat([r.pixels for r in first]),
-                       nfe=first[0].nfe, model_calls=first[0].model_calls, macs=macs,
-                       wall_runs=walls, peak_mem_mb=mem.mb)
+    n = len(specs)
+    walls = [[0.0] * repeats for _ in range(n)]
+    first: list[list] = [[] for _ in range(n)]
+    peak_mb = [float("nan")] * n
+    bar = _progress_bar(n * (1 + repeats * len(chunks)), progress)
+    try:
+        for i, spec in enumerate(specs):
+            bar.set_description(f"warm-up {spec.label}")
+            with _installed(pipe, spec):
+                generate(spec, chunks[0])
+            bar.update()
+        for r in range(repeats):
+            for b, chunk in enumerate(chunks):
+                order = range(n) if (r * len(chunks) + b) % 2 == 0 else range(n - 1, -1, -1)
+                for i in order:
+                    bar.set_description(f"repeat {r + 1}/{repeats} {specs[i].label}")
+                    with _installed(pipe, specs[i]):
+                        mem = PeakMemory()
+                        with mem.measure():
+                            start = time.perf_counter()
+                            result = generate(specs[i], chunk)
+                            walls[i][r] += time.perf_counter() - start
+                    peak_mb[i] = mem.mb if math.isnan(peak_mb[i]) else max(peak_mb[i], mem.mb)
+                    if r == 0:   # kept for quality and counts; the rest of the result is dropped
+                        first[i].append((result.pixels, result.nfe, result.model_calls))
+                    bar.update()
+    finally:
+        bar.close()
+    out = []
+    for i, spec in enumerate(specs):
+        with _installed(pipe, spec):
+            macs = count_macs(lambda: generate(spec, (prompts[:1], seeds[:1])))
+        pixels, nfe, model_calls = torch.cat([p for p, _, _ in first[i]]), first[i][0][1], first[i][0][2]
+        out.append(Measurement(spec=spec, pixels=pixels, nfe=nfe, model_calls=model_calls, macs=macs,
+                               wall_runs=walls[i], peak_mem_mb=peak_mb[i]))
+    return out
+
+
+@contextmanager
+def _installed(pipe: Pipeline, spec: RunSpec):
+    """The spec's accelerator installed on ``pipe`` for the block (nothing when it has none)."""
+    if not spec.accelerate:
+        yield
+        return
+    from ..accelerate import accelerate
+
+    handle = accelerate(pipe, spec.accelerate)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _progress_bar(total: int, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    disable = not sys.stderr.isatty() if enabled is None else not enabled
+    return tqdm(total=total, file=sys.stderr, disable=disable, leave=False, unit="run")
 
 
 def record(m: Measurement, base: Measurement, prompts: list[str], is_baseline: bool) -> dict:
@@ -136,15 +190,15 @@ def record(m: Measurement, base: Measurement, prompts: list[str], is_baseline: b
 
 def run_bench(pipe: Pipeline, specs: list[RunSpec], baseline: RunSpec, prompts: list[str],
               batch: int = 50, seed: int = 0, repeats: int = 3, size: int | None = None,
-              log=print) -> dict:
-    """Measure the baseline and each spec; returns ``{"meta": ..., "records": [...]}``."""
-    log(f"baseline {baseline.label} on {len(prompts)} prompts ...")
-    base = measure(pipe, baseline, prompts, batch, seed, repeats, size)
+              log=print, progress: bool | None = None) -> dict:
+    """Measure the baseline and each spec, their timed runs interleaved (``measure_all``);
+    returns ``{"meta": ..., "records": [...]}``."""
+    log(f"baseline {baseline.label} and {len(specs)} configuration(s) on {len(prompts)} prompts, "
+        f"{repeats} timed run(s) each, interleaved ...")
+    base, *others = measure_all(pipe, [baseline, *specs], prompts, batch, seed, repeats, size,
+                                progress=progress)
     records = [record(base, base, prompts, is_baseline=True)]
-    for spec in specs:
-        log(f"{spec.label} ...")
-        m = measure(pipe, spec, prompts, batch, seed, repeats, size)
-        records.append(record(m, base, prompts, is_baseline=False))
+    records += [record(m, base, prompts, is_baseline=False) for m in others]
     meta = {
         "model": pipe.model.name,
         "model_class": pipe.model.family,
@@ -154,12 +208,30 @@ def run_bench(pipe: Pipeline, specs: list[RunSpec], baseline: RunSpec, prompts: 
         "repeats": repeats,
         "size": size or pipe.model.native_size,
         "psnr_cap_db": PSNR_CAP_DB,
-        "machine": f"{platform.machine()} {platform.processor() or ''} "
-                   f"{torch.get_num_threads()} threads".strip(),
+        "timing": "interleaved",
+        "machine": machine_description(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
     }
     return {"meta": meta, "records": records}
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_description() -> str:
+    """e.g. ``x86_64 AMD EPYC 7B13, 2 threads``."""
+    return f"{platform.machine()} {cpu_name()}, {torch.get_num_threads()} threads"
 
 
 COLUMNS = [("config", "{}"), ("nfe", "{}"), ("macs", "{:.3g}"), ("wall_s", "{:.3f}"),

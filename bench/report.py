@@ -1,0 +1,256 @@
+"""Rebuild BENCHMARKS.md's tables from the JSON under bench/results/.
+
+    python bench/report.py            # rewrite BENCHMARKS.md's tables in place
+    python bench/report.py --check    # exit 1 if any table differs from what the JSON gives
+
+Every table in BENCHMARKS.md sits between ``<!-- table: NAME -->`` and ``<!-- end -->``; NAME says
+where its rows come from:
+
+- ``summary``: the one-screen summary at the top, built from the bench JSON below;
+- ``self-comparisons``: every ``bench/results/{heldout,self}-*.json`` whose configuration is its
+  own baseline (the timing's bias and noise);
+- a name in ``BENCH_TABLES``: the records of an ``sdinfer bench --json`` file;
+- a name in ``PARALLEL_TABLES``: the rows of a ``bench/parallel.py`` JSON file;
+- any other name: ``bench/results/tables/NAME.json`` (``columns`` and ``rows``, cells as printed),
+  tables whose figures came from scripts that print markdown, converted once.
+
+Only the standard library: the check runs in the quick test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+MARKER = re.compile(r"^<!-- table: ([\w-]+) -->\n.*?^<!-- end -->$", re.S | re.M)
+
+# a setting counts for the summary if it keeps this much of the uncached run's quality
+SUMMARY_MIN_PSNR_DB = 35.0
+SUMMARY_MAX_ADHERENCE_DROP = 0.03
+
+# table name -> (bench JSON file, configurations shown in bold)
+BENCH_TABLES = {
+    "caches-unet": ("caches-unet.json", {"deepcache:interval=3"}),
+    "caches-dit": ("caches-dit.json", {"fora:interval=3"}),
+    "caches-sweep-unet": ("caches-sweep-unet.json", set()),
+    "caches-sweep-dit": ("caches-sweep-dit.json", set()),
+}
+PARALLEL_TABLES = {"parallel": "parallel.json", "parallel-64": "parallel-64.json",
+                   "parallel-stride2": "parallel-stride2.json"}
+
+CACHES_COMMAND = ("sdinfer bench --model {model} --prompts heldout --steps 50 --batch 50 --repeats 2 "
+                  "--accelerate {spec}")
+SWEEP_COMMAND = ("sdinfer bench --model {model} --prompts heldout --limit 32 --batch 32 --steps 50 "
+                 "--cfg 4 --repeats 2 --accelerate {spec}")
+# summary rows: (technique, bench JSON, method, command); the main cache table first, the sweep
+# for the methods it alone has
+SUMMARY_CACHES = [
+    ("DeepCache", "caches-unet.json", "deepcache", CACHES_COMMAND),
+    ("FORA", "caches-dit.json", "fora", CACHES_COMMAND),
+    ("First-Block Cache", "caches-dit.json", "fbcache", CACHES_COMMAND),
+    ("TaylorSeer", "caches-sweep-unet.json", "taylorseer", SWEEP_COMMAND),
+    ("TaylorSeer", "caches-sweep-dit.json", "taylorseer", SWEEP_COMMAND),
+    ("TeaCache", "caches-sweep-unet.json", "teacache", SWEEP_COMMAND),
+    ("TeaCache", "caches-sweep-dit.json", "teacache", SWEEP_COMMAND),
+    ("MagCache", "caches-sweep-unet.json", "magcache", SWEEP_COMMAND),
+    ("MagCache", "caches-sweep-dit.json", "magcache", SWEEP_COMMAND),
+    ("DBCache", "caches-sweep-dit.json", "dbcache", SWEEP_COMMAND),
+    ("Learning-to-Cache", "caches-sweep-unet.json", "l2c", SWEEP_COMMAND),
+    ("Learning-to-Cache", "caches-sweep-dit.json", "l2c", SWEEP_COMMAND),
+    ("Block Caching", "caches-sweep-unet.json", "blockcache", SWEEP_COMMAND),
+    ("Block Caching", "caches-sweep-dit.json", "blockcache", SWEEP_COMMAND),
+    ("T-GATE", "caches-sweep-unet.json", "tgate", SWEEP_COMMAND),
+    ("T-GATE", "caches-sweep-dit.json", "tgate", SWEEP_COMMAND),
+]
+SUMMARY_STEPSAVER = [("StepSaver (`--steps auto`)", "stepsaver-unet.json"),
+                     ("StepSaver (`--steps auto`)", "stepsaver-dit.json")]
+# multi-device: the 64x64 fine-tunes (in distribution at the size they are split at); per model the
+# fastest exact strategy and the fastest one above SUMMARY_MIN_PARALLEL_PSNR_DB, where that is another
+SUMMARY_PARALLEL = "parallel-64.json"
+SUMMARY_MIN_PARALLEL_PSNR_DB = 30.0
+PARALLEL_COMMAND = "python bench/parallel.py --model unet-64 --model dit-64 --steps 50 --prompts 3 --repeats 2"
+
+
+def fixed(value: float, places: int) -> str:
+    return f"{value:.{places}f}"
+
+
+def percent(value: float | None) -> str:
+    """A share as the bench prints it (Python's rounding: 0.8125 is 81.2%)."""
+    return "-" if value is None else f"{value:.1%}"
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def markdown(columns: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def spec_of(record: dict) -> str:
+    """The accelerator spec of a bench record ("" for the baseline)."""
+    head, plus, spec = record["config"].partition(" + ")
+    return spec if plus else ""
+
+
+def bench_table(file: str, bold: set[str]) -> str:
+    records = load(file)["records"]
+    rows = []
+    for rec in records:
+        spec = spec_of(rec)
+        if rec["config"].startswith("baseline"):
+            row = ["uncached", "1.00", "1.00", "-", "-", percent(rec["adherence"])]
+        else:
+            row = [f"`{spec}`", fixed(rec["speedup_wall"], 2), fixed(rec["speedup_macs"], 2),
+                   fixed(rec["psnr"], 1), fixed(rec["ssim"], 3), percent(rec["adherence"])]
+        if spec in bold:
+            row[0], row[1] = f"**{row[0]}**", f"**{row[1]}**"
+        rows.append(row)
+    return markdown(["config", "speedup_wall", "speedup_macs", "PSNR dB", "SSIM", "adherence"], rows)
+
+
+def parallel_table(file: str) -> str:
+    rows = []
+    for r in load(file)["rows"]:
+        hidden = "-" if r["hidden_share"] is None else f"{r['hidden_share']:.0%}"
+        rows.append([f"{r['model']} {r['size']}x{r['size']}", f"`{r['strategy']}`", f"{r['latency_s']:.3f}",
+                     f"{r['single_device_s']:.3f}", f"{r['speedup']:.2f}x", f"{r['bytes_per_step']:,}",
+                     f"{r['sync_blocked_ms_per_step']:.2f}", f"{r['overlapped_bytes_per_step']:,}",
+                     f"{r['overlapped_t_comm_ms_per_step']:.2f}", hidden, f"{r['psnr']:.2f}"])
+    return markdown(["model", "strategy", "latency (s)", "1 device (s)", "speed-up", "bytes / step",
+                     "sync blocked (ms / step)", "overlapped bytes / step", "their t_comm (ms / step)",
+                     "hidden", "PSNR vs 1 device"], rows)
+
+
+SELF_COMPARISONS = ("heldout-*.json", "self-*.json")
+
+
+def self_comparison_table() -> str:
+    """Every bench JSON whose one configuration is its own baseline: what speedup_wall reads when
+    nothing differs, i.e. the timing's bias and noise."""
+    rows = []
+    files = sorted({p for pattern in SELF_COMPARISONS for p in RESULTS.glob(pattern)})
+    for path in files:
+        report = json.loads(path.read_text())
+        meta, records = report["meta"], report["records"]
+        if len(records) != 2 or records[1]["config"] != records[0]["config"].removeprefix("baseline "):
+            continue
+        same = records[1]
+        runs = ", ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(records[0]["wall_s_runs"], same["wall_s_runs"]))
+        rows.append([f"`{path.name}`", meta["model"], str(meta["prompts"]), str(meta["batch"]),
+                     str(meta["repeats"]), meta.get("timing", "baseline first"), f"{same['speedup_wall']:.2f}x",
+                     runs, meta["date"]])
+    return markdown(["JSON", "model", "prompts", "batch", "timed runs", "timing", "speedup_wall",
+                     "wall s per run (baseline / itself)", "date"], rows)
+
+
+def stored_table(name: str) -> str:
+    path = RESULTS / "tables" / f"{name}.json"
+    if not path.exists():
+        raise SystemExit(f"BENCHMARKS.md names table {name!r}, but there is no {path.relative_to(ROOT)} "
+                         "and no generator for it in bench/report.py")
+    data = json.loads(path.read_text())
+    return markdown(data["columns"], data["rows"])
+
+
+def best_setting(records: list[dict], method: str) -> dict | None:
+    """The fastest (wall) setting of ``method`` that keeps PSNR >= SUMMARY_MIN_PSNR_DB and adherence
+    within SUMMARY_MAX_ADHERENCE_DROP of the uncached run; None if no setting does."""
+    base = next(r for r in records if r["config"].startswith("baseline"))
+    ok = [r for r in records if spec_of(r).split(":")[0] == method and r["psnr"] >= SUMMARY_MIN_PSNR_DB
+          and (base["adherence"] is None or r["adherence"] is None
+               or r["adherence"] >= base["adherence"] - SUMMARY_MAX_ADHERENCE_DROP - 1e-9)]
+    return max(ok, key=lambda r: r["speedup_wall"], default=None)
+
+
+def summary_table() -> str:
+    rows = []
+    for technique, file, method, command in SUMMARY_CACHES:
+        report = load(file)
+        meta, records = report["meta"], report["records"]
+        base = records[0]
+        best = best_setting(records, method)
+        section = ("[sweep](#every-cache-method-each-with-a-sweep-of-its-knob)" if "sweep" in file
+                   else "[caches](#feature-caches-on-the-default-models)")
+        if best is None:
+            rows.append([technique, meta["model"], f"none keeps {SUMMARY_MIN_PSNR_DB:g} dB and adherence",
+                         "-", "-", "-", "-", f"{section}, {meta['date']}", "-"])
+            continue
+        spec = spec_of(best)
+        rows.append([technique, meta["model"], f"`{spec}`", fixed(best["speedup_wall"], 2) + "x",
+                     fixed(best["speedup_macs"], 2) + "x", fixed(best["psnr"], 1),
+                     f"{percent(best['adherence'])} ({percent(base['adherence'])})",
+                     f"{section}, {meta['prompts']} prompts, {meta['date']}",
+                     "`" + command.format(model=meta["model"], spec=spec) + "`"])
+    for technique, file in SUMMARY_STEPSAVER:
+        s = load(file)
+        rows.append([technique, s["model"], f"{s['heldout_predicted_mean_steps']:.1f} steps on average",
+                     "-", fixed(50 / s["heldout_predicted_mean_steps"], 2) + "x (steps)",
+                     fixed(s["heldout_psnr_db_vs_50"], 1),
+                     f"{percent(s['adherence_auto_steps'])} ({percent(s['adherence_50_steps'])})",
+                     "[StepSaver](#stepsaver-on-the-default-models), 200 prompts",
+                     f"`python bench/stepsaver.py --model {s['model']} --train 80`"])
+    report = load(SUMMARY_PARALLEL)
+    for model in dict.fromkeys(r["model"] for r in report["rows"]):
+        rows_of = [r for r in report["rows"] if r["model"] == model]
+        exact = max((r for r in rows_of if r["psnr"] >= 100), key=lambda r: r["speedup"])
+        close = max((r for r in rows_of if r["psnr"] >= SUMMARY_MIN_PARALLEL_PSNR_DB), key=lambda r: r["speedup"])
+        for r in [exact] + ([close] if close is not exact else []):
+            rows.append([f"multi-device, 2 ranks ({'exact' if r is exact else 'stale'})",
+                         f"{r['model']} {r['size']}x{r['size']}", f"`{r['strategy']}`", f"{r['speedup']:.2f}x",
+                         "-", "identical" if r["psnr"] >= 100 else f"{r['psnr']:.1f}", "-",
+                         f"[2 CPU ranks](#the-default-models-fine-tuned-at-64x64), {report['meta']['date']}",
+                         f"`{PARALLEL_COMMAND}`"])
+    return markdown(["technique", "model", "best setting", "wall speed-up", "MAC speed-up",
+                     "PSNR dB", "adherence (uncached)", "measured", "command"], rows)
+
+
+def table(name: str) -> str:
+    if name == "summary":
+        return summary_table()
+    if name == "self-comparisons":
+        return self_comparison_table()
+    if name in BENCH_TABLES:
+        return bench_table(*BENCH_TABLES[name])
+    if name in PARALLEL_TABLES:
+        return parallel_table(PARALLEL_TABLES[name])
+    return stored_table(name)
+
+
+def rebuild(text: str) -> str:
+    return MARKER.sub(lambda m: f"<!-- table: {m.group(1)} -->\n{table(m.group(1))}\n<!-- end -->", text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 if BENCHMARKS.md's tables are not what the JSON gives")
+    parser.add_argument("--file", type=Path, default=BENCHMARKS, help="the markdown file (default: BENCHMARKS.md)")
+    args = parser.parse_args(argv)
+    text = args.file.read_text()
+    new = rebuild(text)
+    if args.check:
+        if new != text:
+            print(f"{args.file} is stale: run python bench/report.py", file=sys.stderr)
+            return 1
+        print(f"{args.file}: every table matches bench/results")
+        return 0
+    if new != text:
+        args.file.write_text(new)
+        print(f"rewrote the tables of {args.file}")
+    else:
+        print(f"{args.file}: up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
