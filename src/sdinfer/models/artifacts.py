@@ -53,7 +53,7 @@ def path(folder: str | Path, kind: str, guidance_scale: float | None = None) -> 
 
 
 def old_paths(folder: str | Path, kind: str, guidance_scale: float | None = None) -> list[Path]:
-    """Where the layout before ``path``'s kept artifact ``kind`` (existing files only)."""
+    """The existing files of artifact ``kind`` where the layout before ``path``'s kept it."""
     _check_scale(kind, guidance_scale)
     folder = Path(folder)
     if kind in _OLD_GUIDANCE_DIRS:
