@@ -48,8 +48,8 @@ def test_write_then_read_round_trips_tensors_and_json_metadata(tmp_path):
 
 
 def test_missing_truncated_and_foreign_files_are_one_clear_error(tmp_path):
-    with pytest.raises(artifacts.MissingArtifact, match=r"gits grid file .*none.safetensors does not exist; "
-                                                       r"make it with `sdinfer calibrate --method gits`"):
+    with pytest.raises(artifacts.MissingArtifact, match=r"no gits grid at .*none.safetensors .the file does not "
+                                                       r"exist.; make it with `sdinfer calibrate --method gits`"):
         artifacts.read(tmp_path / "none.safetensors", "gits grid", "sdinfer calibrate --method gits")
     assert issubclass(artifacts.MissingArtifact, FileNotFoundError) and issubclass(artifacts.MissingArtifact, UserError)
     good = artifacts.write(tmp_path / "good.safetensors", {"x": torch.ones(1000)}, {"meta": {"a": 1}})

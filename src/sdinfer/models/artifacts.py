@@ -122,7 +122,7 @@ def read(file: str | Path, what: str, make: str,
 
     file = Path(file)
     if not file.is_file():
-        raise MissingArtifact(f"{what} file {file} does not exist; make it with `{make}`")
+        raise MissingArtifact(f"no {what} at {file} (the file does not exist); make it with `{make}`")
     try:
         with safe_open(str(file), "pt") as f:
             metadata: dict[str, Any] = dict(f.metadata() or {})
