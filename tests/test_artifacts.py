@@ -108,3 +108,16 @@ def test_calibrating_an_old_layout_folder_moves_the_file_to_the_current_one(tmp_
     assert artifacts.find(folder, "gits", 4.0) == out
     fresh = artifacts.writable_path(folder, "learned-grid", 4.0)
     assert fresh == artifacts.path(folder, "learned-grid", 4.0) and not fresh.exists()
+
+
+def test_calibrate_on_an_old_layout_folder_replaces_the_old_file_only_with_overwrite(tmp_path, capsys):
+    from test_cli import run
+
+    folder = _old_layout_copy(tmp_path)
+    old = folder / OLD_LAYOUT["gits", 4.0]
+    content = old.read_bytes()
+    code, _, err = run(capsys, "calibrate", "--method", "gits", "--model", str(folder), "--samples", "1",
+                       "--points", "4")
+    current = artifacts.path(folder, "gits", 4.0)
+    assert code == 2 and f"{current} exists; pass --overwrite" in err, err
+    assert current.read_bytes() == content and not old.exists()
