@@ -121,3 +121,16 @@ def test_calibrate_on_an_old_layout_folder_replaces_the_old_file_only_with_overw
     current = artifacts.path(folder, "gits", 4.0)
     assert code == 2 and f"{current} exists; pass --overwrite" in err, err
     assert current.read_bytes() == content and not old.exists()
+
+
+def test_a_stock_pipeline_component_names_its_pipeline_folder(tiny_sd, tmp_path):
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    assert artifacts.model_folder(pipe.unet) == Path(tiny_sd)
+    pipe.unet.save_pretrained(tmp_path / "alone")
+    alone = UNet2DConditionModel.from_pretrained(tmp_path / "alone")
+    assert artifacts.model_folder(alone) == tmp_path / "alone"
+    assert artifacts.model_folder(torch.nn.Linear(2, 2)) is None
