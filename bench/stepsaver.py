@@ -24,7 +24,8 @@ from sdinfer.eval.metrics import psnr
 from sdinfer.models.default import shapes
 from sdinfer.models.loading import DEFAULT_MODELS
 from sdinfer.pipeline import Pipeline
-from sdinfer.stepsaver import CANDIDATES, FILENAME, StepPredictor, find_min_steps, prompt_features
+from sdinfer.models import artifacts
+from sdinfer.stepsaver import CANDIDATES, KIND, StepPredictor, find_min_steps, prompt_features
 
 
 def to_uint8(pixels):
@@ -77,8 +78,9 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(text + "\n")
     if args.ship:
-        predictor.save(DEFAULT_MODELS[args.model] / FILENAME)
-        print(f"wrote {DEFAULT_MODELS[args.model] / FILENAME}")
+        shipped = artifacts.path(DEFAULT_MODELS[args.model], KIND)
+        predictor.save(shipped)
+        print(f"wrote {shipped}")
 
 
 if __name__ == "__main__":

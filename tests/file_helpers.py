@@ -23,18 +23,23 @@ def check_bad_files_refused(load, tmp_path, missing: str, foreign: str, junk: st
         load(tmp_path / "junk.safetensors")
 
 
-def check_generate_on_grid_file(capsys, monkeypatch, tmp_path, spacing: str, path_function: str, grid_file,
+def check_generate_on_grid_file(capsys, monkeypatch, tmp_path, spacing: str, kind: str, grid_file,
                                 steps: int, hint: str) -> list[str]:
     """``generate --spacing SPACING`` names the calibration (``hint``) while the model has no grid
-    file and runs once ``calibrate.PATH_FUNCTION`` finds ``grid_file``; returns the command."""
-    import sdinfer.calibrate as calibrate
+    file and runs once the model's artifact ``kind`` is ``grid_file``; returns the command."""
+    from sdinfer.models import artifacts
+
+    real_find = artifacts.find
+
+    def found_at(path):
+        return lambda folder, k, cfg=None: (path if path.is_file() else None) if k == kind else real_find(folder, k, cfg)
 
     gen = ["generate", "a red circle in the top left", "--model", "unet", "--steps", str(steps), "--quiet",
            "--spacing", spacing]
-    monkeypatch.setattr(calibrate, path_function, lambda model_path, cfg: tmp_path / "missing.safetensors")
+    monkeypatch.setattr(artifacts, "find", found_at(tmp_path / "missing.safetensors"))
     code, _, err = run(capsys, *gen, "-o", str(tmp_path / "a.png"))
     assert code == 2 and hint in err, err
-    monkeypatch.setattr(calibrate, path_function, lambda model_path, cfg: grid_file)
+    monkeypatch.setattr(artifacts, "find", found_at(grid_file))
     code, _, err = run(capsys, *gen, "-o", str(tmp_path / "a.png"))
     assert code == 0 and (tmp_path / "a.png").exists(), err
     return gen

@@ -78,7 +78,7 @@ def test_files_round_trip_and_bad_ones_are_refused(tmp_path):
     with pytest.raises(KeyError, match="no learned grid for sampler 'ddim' at 5 steps .learned: ddim 3, "):
         back.grid("ddim", 5)
     check_bad_files_refused(LearnedGrids.load, tmp_path, "sdinfer calibrate --method learned-grid",
-                            "is not a learned-grid file", "not a safetensors file")
+                            "is not a learned-grid file", "not a readable safetensors")
     with pytest.raises(ValueError, match="fall strictly"):
         grids.add("ddim", 2, [1.0, 0.0, 0.5], {})
     with pytest.raises(ValueError, match="has 2 steps"):
@@ -115,7 +115,7 @@ def test_calibrate_and_generate_with_a_learned_grid(tmp_path, capsys, monkeypatc
         code, _, err = run(capsys, *args[:-2], *bad, "--out", str(tmp_path / "new.safetensors"))
         assert code == 2 and message in err, err
 
-    gen = check_generate_on_grid_file(capsys, monkeypatch, tmp_path, "learned", "learned_grid_path", out, 3,
+    gen = check_generate_on_grid_file(capsys, monkeypatch, tmp_path, "learned", "learned-grid", out, 3,
                                       "sdinfer calibrate --method learned-grid --model unet --cfg 4 --sampler ddim")
     code, _, err = run(capsys, *gen, "--sampler", "unipc", "-o", str(tmp_path / "b.png"))
     assert code == 2 and "no learned grid for sampler 'unipc' at 3 steps" in err and "--step-counts 3" in err

@@ -78,7 +78,7 @@ def test_grid_files_round_trip_and_bad_ones_are_refused(mixture_grid, tmp_path):
     assert torch.equal(back.nodes, grid.nodes) and back.meta == grid.meta
     assert back.times(7) == grid.times(7)
     check_bad_files_refused(OptimalGrid.load, tmp_path, "sdinfer calibrate --method gits", "is not a gits grid",
-                            "not a safetensors file")
+                            "not a readable safetensors")
     with pytest.raises(ValueError, match="decrease strictly and end at t = 0"):
         OptimalGrid(torch.linspace(0, 1, 4), torch.ones(4, 4))
     with pytest.raises(ValueError, match="finite"):
@@ -109,7 +109,7 @@ def test_calibrate_and_generate_with_the_gits_grid(tmp_path, capsys, monkeypatch
     code, _, err = run(capsys, *args[:-4], "--points", "1", "--out", str(tmp_path / "g.safetensors"))
     assert code == 2 and "--points must be >= 2" in err
 
-    gen = check_generate_on_grid_file(capsys, monkeypatch, tmp_path, "gits", "grid_path", out, 4,
+    gen = check_generate_on_grid_file(capsys, monkeypatch, tmp_path, "gits", "gits", out, 4,
                                       "sdinfer calibrate --method gits --model unet --cfg 4")
     code, _, err = run(capsys, *gen[:4], "--steps", str(grid.max_steps + 1), "--quiet", "--spacing", "gits",
                        "-o", str(tmp_path / "b.png"))

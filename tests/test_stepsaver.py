@@ -52,7 +52,7 @@ def test_predictor_files_are_checked(tmp_path):
 def test_auto_steps_without_a_predictor_is_a_clear_error(pipe, monkeypatch):
     import sdinfer.stepsaver as stepsaver
 
-    monkeypatch.setattr(stepsaver, "FILENAME", "no-such-predictor.safetensors")
+    monkeypatch.setattr(stepsaver, "KIND", "no-such-predictor")
     with pytest.raises(UserError, match="needs a step predictor"):
         pipe(PROMPTS[:1], steps="auto")
 

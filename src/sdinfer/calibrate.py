@@ -12,9 +12,9 @@ grid point:
   (Eq. 8): s = Cov(f', f) / Var(f), b = E f' - s E f.
 
 Finite-sample noise makes the estimates rough in lambda, and g inherits the roughness,
-which costs the higher-order steps their order (measured on the Gaussian mixture: 1.66 /
-1.79 for orders 2 / 3 unsmoothed); ``smooth`` (default 0.1) convolves l, s, b along lambda
-with a Gaussian of that width, which gives back 1.87 / 2.82.
+which costs the higher-order steps their order; ``smooth`` (default 0.1) convolves l, s, b
+along lambda with a Gaussian of that width, which gives it back (measured on the Gaussian
+mixture: BENCHMARKS.md, "DPM-Solver-v3 with shipped statistics").
 
 Expectations run over the samples and, with ``reduce="channel"`` (the default), over the
 pixels of each channel, which keeps 64 trajectories enough; ``reduce="none"`` keeps one
@@ -26,7 +26,8 @@ samples validation trajectories (other prompts and seeds than the calibration's)
 with it, without it and with the reference code's "half" corrector (only above t = 0.5),
 against a 200-step DPM-Solver++(2M) solution, and writes the mode with the lowest error at
 each step count into the file's metadata; the solver follows it (at other step counts, the
-nearest one's) unless told ``use_corrector=...``.
+nearest one's) unless told ``use_corrector=...``.  Each result is saved as one of the model's
+artifacts (``models/artifacts.py``): kinds ``dpm-solver-v3``, ``gits`` and ``learned-grid``.
 
 ``calibrate_grid`` records the other per-model sampling aids, GITS's optimal time grid
 (``samplers/optimal_grid.py``), from teacher trajectories of the same kind of prompts, and
@@ -37,12 +38,12 @@ seeds of their own (from 2 * 10^5) so that no benchmark's noise is trained on.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
 from .context import StepContext
 from .errors import UserError
+from .models import artifacts
 from .samplers import get_sampler, sample_loop
 from .samplers.dpm_solver_v3 import CORRECTOR_MODES, DPMSolverV3
 from .samplers.ems import EMS
@@ -170,11 +171,6 @@ def validate_corrector(pipe, ems: EMS, guidance_scale: float, validation_prompts
     return ems
 
 
-def statistics_path(model_path: str | Path, guidance_scale: float) -> Path:
-    """Where a model keeps its statistics for one guidance scale (beside its weights)."""
-    return Path(model_path) / "dpm_solver_v3" / f"cfg{guidance_scale:g}.safetensors"
-
-
 VALIDATION_SEED_OFFSET = 10**5
 
 
@@ -206,11 +202,6 @@ def calibrate_pipeline(pipe, guidance_scale: float, prompts: list[str], points: 
     return ems
 
 
-def grid_path(model_path: str | Path, guidance_scale: float) -> Path:
-    """Where a model keeps its GITS grid for one guidance scale (beside its weights)."""
-    return Path(model_path) / "gits" / f"cfg{guidance_scale:g}.safetensors"
-
-
 def calibrate_grid(pipe, guidance_scale: float, prompts: list[str], points: int = 60, refine: int = 4,
                    seed: int = 0) -> OptimalGrid:
     """GITS's step costs of ``pipe``'s model at ``guidance_scale`` on one teacher trajectory per prompt."""
@@ -222,11 +213,6 @@ def calibrate_grid(pipe, guidance_scale: float, prompts: list[str], points: int 
         return compute_grid(den, x_T, cond, uncond, points, refine, meta)
     except ValueError as err:
         raise UserError(str(err)) from None
-
-
-def learned_grid_path(model_path: str | Path, guidance_scale: float) -> Path:
-    """Where a model keeps its learned grids for one guidance scale (beside its weights)."""
-    return Path(model_path) / "learned_grid" / f"cfg{guidance_scale:g}.safetensors"
 
 
 LEARNED_SEED_OFFSET = 2 * 10**5
@@ -249,8 +235,8 @@ def calibrate_learned_grids(pipe, guidance_scale: float, sampler: str, step_coun
     train = _inputs(pipe, guidance_scale, prompts, first)
     valid = _inputs(pipe, guidance_scale, validation_prompts, first + VALIDATION_SEED_OFFSET)
     spacings: dict[str, object] = {s: s for s in START_SPACINGS}
-    gits = grid_path(pipe.model.path, guidance_scale)
-    if gits.is_file():
+    gits = artifacts.find(pipe.model.path, "gits", guidance_scale)
+    if gits is not None:
         spacings["gits"] = OptimalGrid.load(gits)
     grids = grids if grids is not None else LearnedGrids()
     teacher_steps = teacher_steps or TEACHER_STEPS

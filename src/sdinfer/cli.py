@@ -348,6 +348,7 @@ def _calibration_target(args, default_samples: int, what: str, default_out, rewr
 def calibrate_cache(args) -> int:
     """``sdinfer calibrate --method CACHE``: record a cache method's calibration beside the model."""
     from .cache import calibration
+    from .models import artifacts
 
     if args.method not in calibration.CALIBRATORS:
         raise UserError(f"unknown calibration method {args.method!r}; available: "
@@ -355,7 +356,7 @@ def calibrate_cache(args) -> int:
     if args.steps < 2:
         raise UserError(f"--steps must be >= 2 for a cache calibration, got {args.steps}")
     pipe, out = _calibration_target(args, 16, "calibrations",
-                                    lambda pipe: calibration.default_path(pipe.model.denoiser, args.method))
+                                    lambda pipe: artifacts.writable_path(pipe.model.path, args.method))
     run = calibration.CalibrationRun(pipe, calibration_prompts(args.prompts, args.samples, args.seed),
                                      steps=args.steps, sampler=args.sampler, guidance_scale=args.cfg,
                                      seed=args.seed)
@@ -372,12 +373,14 @@ def calibrate_cache(args) -> int:
 
 def calibrate_gits(args) -> int:
     """``sdinfer calibrate --method gits``: the step costs GITS finds its time grids in."""
-    from .calibrate import calibrate_grid, grid_path
+    from .calibrate import calibrate_grid
+    from .models import artifacts
 
     args.points = 60 if args.points is None else args.points
     if args.points < 2:
         raise UserError(f"--points must be >= 2 for a gits grid, got {args.points}")
-    pipe, out = _calibration_target(args, 16, "grids", lambda pipe: grid_path(pipe.model.path, args.cfg))
+    pipe, out = _calibration_target(args, 16, "grids",
+                                    lambda pipe: artifacts.writable_path(pipe.model.path, "gits", args.cfg))
     start = time.perf_counter()
     grid = calibrate_grid(pipe, args.cfg, calibration_prompts(args.prompts, args.samples, args.seed),
                           args.points, seed=args.seed)
@@ -403,7 +406,8 @@ def calibrate_learned_grid(args) -> int:
     added to the model's learned-grid file (an existing grid is replaced only with --overwrite)."""
     import torch
 
-    from .calibrate import calibrate_learned_grids, learned_grid_path
+    from .calibrate import calibrate_learned_grids
+    from .models import artifacts
     from .pipeline import Pipeline
     from .samplers import get_sampler
     from .samplers.learned_grid import LearnedGrids, entry_key
@@ -423,7 +427,7 @@ def calibrate_learned_grid(args) -> int:
         torch.set_num_threads(args.threads)
     _quiet_libraries()
     pipe = Pipeline.from_pretrained(args.model)
-    out = Path(args.out) if args.out else learned_grid_path(pipe.model.path, args.cfg)
+    out = Path(args.out) if args.out else artifacts.writable_path(pipe.model.path, "learned-grid", args.cfg)
     if out.suffix != ".safetensors":
         raise UserError(f"learned grids are written as safetensors; give --out a .safetensors name, not {out}")
     grids = None
@@ -454,7 +458,8 @@ def calibrate_learned_grid(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibrate import calibrate_pipeline, statistics_path
+    from .calibrate import calibrate_pipeline
+    from .models import artifacts
 
     if args.method == "gits":
         return calibrate_gits(args)
@@ -467,7 +472,8 @@ def cmd_calibrate(args) -> int:
         raise UserError(f"--validation must be >= 0, got {args.validation}")
     if args.validate_only:
         return validate_statistics(args)
-    pipe, out = _calibration_target(args, 64, "statistics", lambda pipe: statistics_path(pipe.model.path, args.cfg))
+    pipe, out = _calibration_target(args, 64, "statistics",
+                                    lambda pipe: artifacts.writable_path(pipe.model.path, "dpm-solver-v3", args.cfg))
     texts = calibration_prompts(args.prompts, args.samples + args.validation, args.seed)
     prompts, validation = texts[:args.samples], texts[args.samples:]
     start = time.perf_counter()
@@ -484,14 +490,16 @@ def cmd_calibrate(args) -> int:
 
 def validate_statistics(args) -> int:
     """``sdinfer calibrate --validate-only``: choose the corrector of existing statistics again."""
-    from .calibrate import statistics_path, validate_corrector
+    from .calibrate import validate_corrector
+    from .models import artifacts
     from .samplers.ems import EMS
 
     if args.validation < 1:
         raise UserError(f"--validate-only needs --validation >= 1, got {args.validation}")
     if not args.overwrite:
         raise UserError("--validate-only rewrites the statistics file's corrector choice; pass --overwrite")
-    pipe, out = _calibration_target(args, 64, "statistics", lambda pipe: statistics_path(pipe.model.path, args.cfg),
+    pipe, out = _calibration_target(args, 64, "statistics",
+                                    lambda pipe: artifacts.writable_path(pipe.model.path, "dpm-solver-v3", args.cfg),
                                     rewrite=True)
     try:
         ems = EMS.load(out)
@@ -695,10 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of noise and probes (default: 0)")
     c.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     c.add_argument("--out", default=None,
-                   help="file to write (default: MODEL/dpm_solver_v3/cfgCFG.safetensors, for gits "
-                        "MODEL/gits/cfgCFG.safetensors, for learned-grid "
-                        "MODEL/learned_grid/cfgCFG.safetensors (grids are added to it), for a cache "
-                        "DENOISER/sdinfer_calibration/METHOD.safetensors)")
+                   help="file to write (default: MODEL/sdinfer_calibration/METHOD-cfgCFG.safetensors for "
+                        "dpm-solver-v3, gits and learned-grid (learned grids are added to it), "
+                        "MODEL/sdinfer_calibration/METHOD.safetensors for a cache)")
     c.add_argument("--overwrite", action="store_true",
                    help="replace an existing statistics file (learned-grid: existing grids of the same "
                         "sampler and step counts)")

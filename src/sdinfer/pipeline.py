@@ -109,16 +109,17 @@ class Pipeline:
 
     def attach_statistics(self, solver, guidance_scale: float) -> None:
         """DPM-Solver-v3 without statistics given takes the ones the model ships for this scale."""
-        from .calibrate import statistics_path
+        from .models import artifacts
         from .samplers.dpm_solver_v3 import DPMSolverV3
         from .samplers.ems import EMS
 
         if not isinstance(solver, DPMSolverV3) or solver.stats is not None or solver.degenerated:
             return
-        path = statistics_path(self.model.path, guidance_scale)
-        if not path.is_file():
+        path = artifacts.find(self.model.path, "dpm-solver-v3", guidance_scale)
+        if path is None:
+            where = artifacts.path(self.model.path, "dpm-solver-v3", guidance_scale)
             raise UserError(f"dpm-solver-v3 needs statistics of model {self.model.name} at cfg "
-                            f"{guidance_scale:g} and {path} does not exist; make them with `sdinfer "
+                            f"{guidance_scale:g} and {where} does not exist; make them with `sdinfer "
                             f"calibrate --model {self.model.name} --cfg {guidance_scale:g}` or pass "
                             "dpm-solver-v3:stats=PATH")
         solver.stats = EMS.load(path)
@@ -164,13 +165,14 @@ class Pipeline:
                             "step-by-step sampler such as ddim or dpm-solver++")
 
     def _gits_grid(self, guidance_scale: float, steps: int):
-        from .calibrate import grid_path
+        from .models import artifacts
         from .samplers.optimal_grid import OptimalGrid
 
-        path = grid_path(self.model.path, guidance_scale)
-        if not path.is_file():
+        path = artifacts.find(self.model.path, "gits", guidance_scale)
+        if path is None:
+            where = artifacts.path(self.model.path, "gits", guidance_scale)
             raise UserError(f"the gits grid of model {self.model.name} at cfg {guidance_scale:g} does not "
-                            f"exist ({path}); make it with `sdinfer calibrate --method gits --model "
+                            f"exist ({where}); make it with `sdinfer calibrate --method gits --model "
                             f"{self.model.name} --cfg {guidance_scale:g}` or choose another --spacing")
         try:
             grid = OptimalGrid.load(path)
@@ -182,14 +184,15 @@ class Pipeline:
         return grid
 
     def _learned_grid(self, guidance_scale: float, steps: int, sampler: str):
-        from .calibrate import learned_grid_path
+        from .models import artifacts
         from .samplers.learned_grid import LearnedGrids
 
-        path = learned_grid_path(self.model.path, guidance_scale)
+        path = artifacts.find(self.model.path, "learned-grid", guidance_scale)
         how = (f"`sdinfer calibrate --method learned-grid --model {self.model.name} --cfg {guidance_scale:g} "
                f"--sampler {sampler} --step-counts {steps}`")
-        if not path.is_file():
-            raise UserError(f"model {self.model.name} has no learned grids at cfg {guidance_scale:g} ({path}); "
+        if path is None:
+            where = artifacts.path(self.model.path, "learned-grid", guidance_scale)
+            raise UserError(f"model {self.model.name} has no learned grids at cfg {guidance_scale:g} ({where}); "
                             f"learn one with {how} or choose another --spacing")
         try:
             return LearnedGrids.load(path).grid(sampler, steps)

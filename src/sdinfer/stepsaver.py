@@ -11,24 +11,24 @@ full run's and trains a language model to predict that label from the prompt.  H
 - ``StepPredictor``: ridge regression from the model's own text features (the mean of
   the text encoder's token states, with the pooled state where there is one) to the
   label's rank among the candidates, rounded up so that a miss errs toward more steps;
-  saved as safetensors with its candidates in the header, and found beside a model as
-  ``stepsaver.safetensors``.
+  saved as safetensors with its candidates in the header, and found beside a model as its
+  ``stepsaver`` artifact (``MODEL/sdinfer_calibration/stepsaver.safetensors``, see
+  ``models/artifacts.py``).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import UserError
 from .eval.metrics import psnr
+from .models import artifacts
 
-FILENAME = "stepsaver.safetensors"
+KIND = "stepsaver"
+MAKE = "sdinfer bench --min-steps ... --save-predictor PATH"
 CANDIDATES = (5, 6, 8, 10, 12, 15, 20, 25, 30, 40)
 
 
@@ -129,35 +129,25 @@ class StepPredictor:
         return [self.levels[int(i)] for i in idx]
 
     def save(self, path: Path) -> None:
-        tensors = {"weight": self.weight, "mean": self.mean, "scale": self.scale}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-                  metadata={"kind": "sdinfer-stepsaver", "levels": json.dumps(self.levels)})
+        artifacts.write(path, {"weight": self.weight, "mean": self.mean, "scale": self.scale},
+                        {"kind": "sdinfer-stepsaver", "levels": self.levels})
 
     @classmethod
     def load(cls, path: Path) -> "StepPredictor":
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"step predictor {path} does not exist; make one with "
-                            "sdinfer bench --min-steps ... --save-predictor PATH")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise UserError(f"step predictor {path} is not a readable safetensors file ({err}); "
-                            "make it again with sdinfer bench --min-steps") from None
-        if meta.get("kind") != "sdinfer-stepsaver" or not {"weight", "mean", "scale"} <= tensors.keys():
-            raise UserError(f"{path} is not an sdinfer step predictor; make one with "
-                            "sdinfer bench --min-steps ... --save-predictor PATH")
-        return cls(json.loads(meta["levels"]), tensors["weight"], tensors["mean"], tensors["scale"])
+        tensors, meta = artifacts.read(path, "step predictor", MAKE, json_keys=("levels",))
+        if (meta.get("kind") != "sdinfer-stepsaver" or not isinstance(meta.get("levels"), list)
+                or not {"weight", "mean", "scale"} <= tensors.keys()):
+            raise UserError(f"{path} is not an sdinfer step predictor; make one with {MAKE}")
+        return cls(meta["levels"], tensors["weight"], tensors["mean"], tensors["scale"])
 
 
 def predictor_for(pipe, path: str | Path | None = None) -> StepPredictor:
     """The predictor at ``path``, or the one saved beside the model."""
     if path is not None:
         return StepPredictor.load(path)
-    beside = Path(pipe.model.path) / FILENAME
-    if not beside.is_file():
+    beside = artifacts.find(pipe.model.path, KIND)
+    if beside is None:
         raise UserError(f"--steps auto needs a step predictor and model {pipe.model.name} has none "
-                        f"({beside}); pass --predictor PATH, made with sdinfer bench --min-steps")
+                        f"({artifacts.path(pipe.model.path, KIND)}); pass --predictor PATH, made with "
+                        "sdinfer bench --min-steps")
     return StepPredictor.load(beside)

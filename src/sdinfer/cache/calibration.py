@@ -3,7 +3,7 @@ polynomial, MagCache's magnitude ratios, Block Caching's change profile, Learnin
 router): where it lives, how it is written and read, and the runs that record it.
 
 A calibration is one safetensors file of tensors plus a JSON metadata entry, kept beside the
-denoiser's own weights (``<denoiser folder>/sdinfer_calibration/<method>.safetensors``) so that
+model (``MODEL/sdinfer_calibration/<method>.safetensors``, see ``models/artifacts.py``) so that
 ``sdinfer.accelerate(pipe, "teacache")`` finds it with no path, or anywhere with the method's
 ``calibration=PATH`` knob.  ``sdinfer calibrate --method NAME`` makes it: each method registers a
 ``Calibrator`` in ``CALIBRATORS`` that runs the model on calibration prompts (never held-out
@@ -12,14 +12,15 @@ ones) and returns the tensors and metadata to save.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-CALIBRATION_DIR = "sdinfer_calibration"
+from ..models import artifacts
+
+CALIBRATION_DIR = artifacts.ARTIFACT_DIR
 META_KEY = "sdinfer_cache_calibration"
 
 
@@ -30,27 +31,14 @@ class Calibration:
     meta: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"method": self.method, **self.meta}
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, str(path),
-                  metadata={META_KEY: json.dumps(meta)})
-        return path
+        return artifacts.write(path, self.tensors, {META_KEY: {"method": self.method, **self.meta}})
 
     @classmethod
     def load(cls, path: str | Path, method: str) -> "Calibration":
-        from safetensors import SafetensorError, safe_open
-
-        path = Path(path)
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path} is not a readable safetensors calibration file ({err}); "
-                             f"remake it with `sdinfer calibrate --method {method}`") from None
+        tensors, header = artifacts.read(path, "calibration", f"sdinfer calibrate --method {method}",
+                                         json_keys=(META_KEY,))
+        meta = header.get(META_KEY, {})
+        meta = dict(meta) if isinstance(meta, dict) else {}
         if meta.get("method") != method:
             raise ValueError(f"{path} holds calibration for {meta.get('method', 'no cache method')!r}, "
                              f"not {method!r}; remake it with `sdinfer calibrate --method {method}`")
@@ -58,23 +46,16 @@ class Calibration:
         return cls(method, tensors, meta)
 
 
-def model_folder(model: torch.nn.Module) -> Path | None:
-    """The folder a diffusers model was loaded from, if any."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if name and Path(name).is_dir():
-        return Path(name)
-    return None
-
-
 def default_path(model: torch.nn.Module, method: str) -> Path | None:
-    folder = model_folder(model)
-    return None if folder is None else folder / CALIBRATION_DIR / f"{method}.safetensors"
+    """Where ``method``'s calibration of ``model`` is written (None: not loaded from a folder)."""
+    folder = artifacts.model_folder(model)
+    return None if folder is None else artifacts.path(folder, method)
 
 
 def load_for(model: torch.nn.Module, method: str, given: str = "") -> Calibration:
     """The calibration of ``method`` for ``model``: from ``given`` (a path) or beside the model's
     weights; a clear error saying how to make it when there is none."""
-    path = Path(given) if given else default_path(model, method)
+    path = Path(given) if given else (artifacts.find(artifacts.model_folder(model), method) or default_path(model, method))
     if path is None or not path.is_file():
         where = f"at {path}" if path is not None else f"for this {type(model).__name__} (not loaded from a folder)"
         raise ValueError(f"{method} needs calibration data, and there is none {where}: run "

@@ -25,12 +25,13 @@ a spacing of at most ``MAX_NODE_SPACING`` in lambda (relative error ~ 2e-6 on e^
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..models import artifacts
 
 MAX_NODE_SPACING = 0.005
 COEFFICIENTS = ("l", "s", "b")
@@ -80,30 +81,17 @@ class EMS:
 
     # ---- file --------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"lam": self.lam, "l": self.l, "s": self.s, "b": self.b}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-                  metadata={"sdinfer_ems": json.dumps(self.meta)})
-        return path
+        return artifacts.write(path, {"lam": self.lam, "l": self.l, "s": self.s, "b": self.b},
+                               {"sdinfer_ems": self.meta})
 
     @classmethod
     def load(cls, path: str | Path) -> "EMS":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no DPM-Solver-v3 statistics at {path}; make them with "
-                                    "`sdinfer calibrate --model MODEL --cfg SCALE`")
-        with safe_open(str(path), "pt") as f:
-            missing = [k for k in ("lam", *COEFFICIENTS) if k not in f.keys()]
-            if missing:
-                raise ValueError(f"{path} is not a DPM-Solver-v3 statistics file (no {', '.join(missing)})")
-            tensors = {k: f.get_tensor(k) for k in ("lam", *COEFFICIENTS)}
-            meta = json.loads((f.metadata() or {}).get("sdinfer_ems", "{}"))
-        return cls(tensors["lam"], tensors["l"], tensors["s"], tensors["b"], meta)
+        tensors, meta = artifacts.read(path, "DPM-Solver-v3 statistics", "sdinfer calibrate --model MODEL --cfg SCALE",
+                                       json_keys=("sdinfer_ems",))
+        missing = [k for k in ("lam", *COEFFICIENTS) if k not in tensors]
+        if missing:
+            raise ValueError(f"{path} is not a DPM-Solver-v3 statistics file (no {', '.join(missing)})")
+        return cls(tensors["lam"], tensors["l"], tensors["s"], tensors["b"], meta.get("sdinfer_ems", {}))
 
     # ---- integrals ---------------------------------------------------------
     def _at(self, nodes: torch.Tensor) -> tuple[torch.Tensor, ...]:

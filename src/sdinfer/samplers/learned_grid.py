@@ -18,20 +18,19 @@ from the best fixed grid, and validation trajectories (other prompts and noise) 
 over-fitting: the learned grid is kept only where its validation error is below the starting
 grid's, else the starting grid is stored.
 
-A file (safetensors, beside the model as ``learned_grid/cfgG.safetensors``) holds one grid per
+A file (safetensors, beside the model as its ``learned-grid`` artifact, ``models/artifacts.py``) holds one grid per
 (sampler, steps); ``LearnedGrids.grid(sampler, steps)`` gives what ``sample_loop`` runs on.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..tensor_files import read_tensor_file, write_tensor_file
+from ..models import artifacts
 from .base import ExplicitGrid
 
 KIND = "sdinfer-learned-grid"
@@ -73,17 +72,15 @@ class LearnedGrids:
         self.meta.setdefault("entries", {})[key] = info
 
     def save(self, path: str | Path) -> None:
-        write_tensor_file(path, self.grids, {"kind": KIND, "meta": json.dumps(self.meta)})
+        artifacts.write(path, self.grids, {"kind": KIND, "meta": self.meta})
 
     @classmethod
     def load(cls, path: str | Path) -> "LearnedGrids":
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no learned grids at {path}; make them with "
-                                    "`sdinfer calibrate --method learned-grid`")
-        tensors, meta = read_tensor_file(path)
+        tensors, meta = artifacts.read(path, "learned-grid", "sdinfer calibrate --method learned-grid",
+                                       json_keys=("meta",))
         if meta.get("kind") != KIND or not all(SEPARATOR in k for k in tensors):
             raise ValueError(f"{path} is not a learned-grid file (made by `sdinfer calibrate --method learned-grid`)")
-        return cls(tensors, json.loads(meta.get("meta", "{}")))
+        return cls(tensors, meta.get("meta", {}))
 
 
 def _check_times(times: torch.Tensor, key: str) -> None:

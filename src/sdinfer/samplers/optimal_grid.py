@@ -10,7 +10,7 @@ Algorithm 1.
 3. Dynamic programming: of the paths 0 = i_0 < i_1 < ... < i_K = M with K steps, the one that
    minimises sum_k c(i_{k-1}, i_k); the model is evaluated at t_{i_0}, ..., t_{i_{K-1}}.
 
-The cost matrix is what is saved (safetensors, beside the model as ``gits/cfgG.safetensors``),
+The cost matrix is what is saved (safetensors, beside the model as its ``gits`` artifact, ``models/artifacts.py``),
 so ``times(steps)`` solves the program for any step count.  The grid is found with the
 first-order step and used with any sampler, as the paper does with DDIM, iPNDM and DPM-Solver-2.
 The path may jump to clean data from any node, so no evaluation is spent at t_min.  On the
@@ -22,13 +22,12 @@ data, is an Euler step) or the noise-prediction singlestep DPM-Solver-3.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..tensor_files import read_tensor_file, write_tensor_file
+from ..models import artifacts
 
 KIND = "sdinfer-gits"
 
@@ -83,16 +82,14 @@ class OptimalGrid:
 
     def save(self, path: str | Path) -> None:
         finite = torch.where(torch.isfinite(self.cost), self.cost, torch.zeros_like(self.cost))
-        write_tensor_file(path, {"nodes": self.nodes, "cost": finite}, {"kind": KIND, "meta": json.dumps(self.meta)})
+        artifacts.write(path, {"nodes": self.nodes, "cost": finite}, {"kind": KIND, "meta": self.meta})
 
     @classmethod
     def load(cls, path: str | Path) -> "OptimalGrid":
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no gits grid at {path}; make one with `sdinfer calibrate --method gits`")
-        tensors, meta = read_tensor_file(path)
+        tensors, meta = artifacts.read(path, "gits grid", "sdinfer calibrate --method gits", json_keys=("meta",))
         if meta.get("kind") != KIND or set(tensors) != {"nodes", "cost"}:
             raise ValueError(f"{path} is not a gits grid (made by `sdinfer calibrate --method gits`)")
-        return cls(tensors["nodes"], tensors["cost"], json.loads(meta.get("meta", "{}")))
+        return cls(tensors["nodes"], tensors["cost"], meta.get("meta", {}))
 
 
 def fine_nodes(schedule, points: int) -> torch.Tensor:
