@@ -119,6 +119,10 @@ def _generate(args, setup=None, rank: int = 0) -> int:
         result.params["accelerate"] = args.accelerate
     if args.parallel:
         result.params["parallel"] = args.parallel
+    if args.device != "cpu":
+        result.params["device"] = args.device
+    if args.dtype != "float32":
+        result.params["dtype"] = args.dtype
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     for i, (image, path) in enumerate(zip(result.images, outputs)):
