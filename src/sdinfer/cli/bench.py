@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .generate import add_model_options
-from .options import check_outputs, load_pipeline
+from .options import add_model_options, check_outputs, load_pipeline
 
 
 def add_parser(sub) -> None:

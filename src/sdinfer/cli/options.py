@@ -45,6 +45,24 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
                         "bfloat16 (default: float32)")
 
 
+def add_model_options(p, many_steps: bool = False) -> None:
+    """--model, --sampler, --steps, --cfg, --seed, --size: what generate and bench share."""
+    p.add_argument("--model", default="default", help=MODEL_HELP)
+    p.add_argument("--sampler", default="ddim",
+                   help="sampler with options, e.g. ddim, ddim:eta=1, ddpm, plms, dpm-solver++:order=3, "
+                        "dpm-solver, unipc, euler, heun (default: ddim)")
+    if many_steps:
+        p.add_argument("--steps", default="50", help="denoising steps; several as 10,20,50 (default: 50)")
+    else:
+        p.add_argument("--steps", type=steps_or_auto, default=50,
+                       help="denoising steps, or auto: StepSaver predicts them per prompt (default: 50)")
+    p.add_argument("--cfg", type=float, default=4.0,
+                   help="classifier-free guidance scale; 1 turns guidance off (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's own)")
+    add_device_options(p)
+
+
 def resolve_device_options(args):
     """``(device, dtype)`` from ``--device`` and ``--dtype``: a UserError before any model loads."""
     from ..devices import resolve_device, resolve_dtype
