@@ -225,3 +225,186 @@ def test_train_default_bad_device(device, message, tmp_path, capsys):
     code, _, err = run(capsys, "train-default", "--arch", "dit", "--steps", "2", "--device", device,
                        "--run-dir", str(tmp_path / "run"))
     assert code == 2 and message in err and not (tmp_path / "run").exists()
+
+
+# ---- the command line's shape: fast help, calibrate's subcommands, device, dtype, memory, files --
+def _sdinfer_env() -> dict:
+    import sdinfer
+
+    src = str(Path(sdinfer.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+
+
+def test_help_and_a_bad_flag_answer_without_loading_torch():
+    import subprocess
+    import sys
+    import time
+
+    env = _sdinfer_env()
+    probe = ("import sys, sdinfer, sdinfer.cli; sdinfer.cli.build_parser(); "
+             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
+    # measured 0.2 s on a 2-core machine shared with other jobs (torch alone takes 3-8 s there)
+    for argv, code in ((["--help"], 0), (["generate", "x", "--no-such-flag"], 2), (["--bogus"], 2)):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "sdinfer", *argv], env=env, capture_output=True, text=True)
+        assert done.returncode == code and time.perf_counter() - start < 2.0, (argv, done.stderr)
+    assert "COMMAND" in subprocess.run([sys.executable, "-m", "sdinfer", "--help"], env=env,
+                                       capture_output=True, text=True).stdout
+
+
+def test_sdinfer_package_is_lazy_and_keeps_its_names():
+    import subprocess
+    import sys
+
+    probe = ("import sys, sdinfer; assert 'torch' not in sys.modules; import sdinfer.accelerate; "
+             "from sdinfer import Denoiser, NoiseSchedule, StepContext, UserError, current_step, sample; "
+             "assert callable(sdinfer.accelerate) and callable(sample) and UserError.__module__ == 'sdinfer.errors'; "
+             "print('ok')")
+    done = subprocess.run([sys.executable, "-c", probe], env=_sdinfer_env(), capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_calibrate_old_spelling_is_an_alias():
+    from sdinfer.cli.calibrate import alias_argv
+
+    assert alias_argv(["calibrate", "--method", "gits", "--cfg", "3"]) == ["calibrate", "gits", "--cfg", "3"]
+    assert alias_argv(["calibrate", "--model", "dit", "--method=teacache"]) == ["calibrate", "teacache",
+                                                                               "--model", "dit"]
+    assert alias_argv(["calibrate", "--cfg", "7"]) == ["calibrate", "dpm-solver-v3", "--cfg", "7"]
+    assert alias_argv(["calibrate"]) == ["calibrate", "dpm-solver-v3"]
+    for kept in (["calibrate", "gits", "--points", "6"], ["calibrate", "--help"], ["generate", "--method", "x"]):
+        assert alias_argv(kept) == kept
+
+
+def test_calibrate_subcommands_have_their_own_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    out = capsys.readouterr().out
+    for name in ("dpm-solver-v3", "gits", "learned-grid", "teacache", "magcache", "blockcache", "l2c"):
+        assert name in out
+    with pytest.raises(SystemExit):
+        main(["calibrate", "gits", "--help"])
+    out = capsys.readouterr().out
+    assert "--points" in out and "(default: 60)" in out and "--step-counts" not in out and "--device" in out
+    with pytest.raises(SystemExit):
+        main(["calibrate", "dpm-solver-v3", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 250)" in out and "(default: 64)" in out and "--validate-only" in out
+    with pytest.raises(SystemExit) as exit_:       # an option of another procedure is refused
+        main(["calibrate", "gits", "--step-counts", "5"])
+    assert exit_.value.code == 2
+    capsys.readouterr()
+    # checked before the model loads, in both spellings
+    for argv in (["calibrate", "gits", "--points", "1"], ["calibrate", "--method", "gits", "--points", "1"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "--points must be >= 2" in err
+
+
+@pytest.mark.parametrize("flags,message", [(["--device", "cuda"], "no CUDA GPU"),
+                                           (["--device", "gpu0"], "unknown torch device"),
+                                           (["--dtype", "float64"], "unknown dtype 'float64'")])
+def test_bad_device_or_dtype_is_one_clear_error(flags, message, tmp_path, capsys):
+    import torch
+
+    if flags[1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for command in (["generate", "x", "-o", str(tmp_path / "a.png")], ["bench", "--steps", "2"],
+                    ["calibrate", "gits", "--out", str(tmp_path / "g.safetensors")]):
+        code, _, err = run(capsys, *command, *flags)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("sdinfer: error:") and message in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_generate_in_bfloat16_on_the_cpu(tmp_path, capsys):
+    out = tmp_path / "bf16.png"
+    code, _, err = run(capsys, "generate", "a red circle in the top left", "-o", str(out), "--steps", "3",
+                       "--dtype", "bfloat16", "--device", "cpu", "--quiet")
+    assert code == 0, err
+    image = Image.open(out)
+    assert image.size == (32, 32) and image.text["dtype"] == "bfloat16"
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    assert pixels.std() > 10          # an image, not a constant or NaN-black square
+    top_left = pixels[:16, :16].mean(axis=(0, 1))
+    assert top_left[0] > top_left[1] + 30 and top_left[0] > top_left[2] + 30   # red, where asked
+
+
+@pytest.mark.parametrize("flags", [["--size", "100000"], ["--size", "4096"], ["--size", "1024", "--batch", "64"]])
+def test_a_size_or_batch_beyond_memory_is_refused_before_allocating(flags, tmp_path, capsys, monkeypatch):
+    import time
+
+    from sdinfer import memory
+
+    # at most what this machine has, so that the outcome does not depend on the machine's size
+    free = min(memory._available_ram() or 2**40, 24 * 2**30)
+    monkeypatch.setattr(memory, "_available_ram", lambda: free)
+    start = time.perf_counter()
+    code, _, err = run(capsys, "generate", "x", "-o", str(tmp_path / "big.png"), "--steps", "1", *flags)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "GiB" in lines[0] and "size of" in lines[0], err
+    assert time.perf_counter() - start < 60 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_huge_size_fails_without_a_large_allocation(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import resource, sys; from sdinfer.cli import main; "
+              f"code = main(['generate', 'x', '-o', {str(tmp_path / 'x.png')!r}, '--size', '100000', '--steps', '1']); "
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", script], env=_sdinfer_env(), capture_output=True, text=True)
+    assert done.returncode == 2 and "sdinfer: error: size 100000" in done.stderr, done.stderr
+    assert int(done.stdout.split()[-1]) < 1.5 * 2**20     # KiB: the model and libraries, not the image
+
+
+def test_generation_config_is_checked_once_as_made():
+    from sdinfer.errors import UserError
+    from sdinfer.generation_config import GenerationConfig
+
+    for bad, message in [({"steps": 0}, "steps must be >= 1"), ({"guidance_scale": -1}, "cfg"),
+                         ({"sampler": "warp-drive"}, "unknown sampler"), ({"final": "far"}, "unknown final"),
+                         ({"steps": 1, "analytic_first_step": True}, "at least 2 steps"),
+                         ({"size": 0}, "size must be"), ({"steps": 2.5}, "whole number")]:
+        with pytest.raises(UserError, match=message):
+            GenerationConfig(**bad)
+    auto = GenerationConfig(steps="auto", sampler="ddim")
+    assert auto.with_steps(7).steps == 7 and auto.make_sampler() is not auto.make_sampler()
+    with pytest.raises(UserError, match="steps must be >= 1"):
+        auto.with_steps(0)
+
+
+def test_pipeline_takes_a_generation_config():
+    from sdinfer.generation_config import GenerationConfig
+    from sdinfer.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained("unet", device="cpu")
+    config = GenerationConfig(steps=2, sampler="ddim", guidance_scale=3.0, seed=4)
+    result = pipe("a red circle in the top left", config=config)
+    again = pipe("a red circle in the top left", steps=2, sampler="ddim", guidance_scale=3.0, seed=4)
+    assert result.params == again.params and result.nfe == 2
+    assert (result.pixels == again.pixels).all()
+
+
+def test_written_pngs_follow_the_umask(tmp_path, capsys):
+    out = tmp_path / "u.png"
+    old = os.umask(0o022)
+    try:
+        code, _, err = run(capsys, "generate", "a red circle in the top left", "-o", str(out), "--steps", "2",
+                           "--quiet")
+        assert code == 0, err
+        assert out.stat().st_mode & 0o777 == 0o644
+        code, _, err = run(capsys, "generate", "a red circle in the top left", "-o", str(out), "--steps", "2",
+                           "--quiet", "--overwrite")
+        assert code == 0 and out.stat().st_mode & 0o777 == 0o644, err
+        os.umask(0o077)
+        code, _, err = run(capsys, "generate", "a red circle in the top left", "-o", str(out), "--steps", "2",
+                           "--quiet", "--overwrite")
+        assert code == 0 and out.stat().st_mode & 0o777 == 0o600, err
+    finally:
+        os.umask(old)
+    assert not list(tmp_path.glob("*.tmp"))

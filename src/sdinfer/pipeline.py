@@ -18,13 +18,13 @@ from PIL import Image
 
 from .denoiser import Denoiser
 from .errors import UserError
+from .generation_config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig
+from .memory import check_fits
 from .models.calling import TextConditioning, call_denoiser
 from .models.loading import LoadedModel, load_model
-from .samplers import get_sampler, sample_loop
-from .samplers.base import FINALS, check_final_fits, steps_one_by_one
+from .samplers import sample_loop
+from .samplers.base import check_final_fits, steps_one_by_one
 
-DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 4.0
 _generation_counter = itertools.count(1)
 
 
@@ -45,8 +45,14 @@ class Pipeline:
         self.model = model
 
     @classmethod
-    def from_pretrained(cls, name_or_path="default", dtype: torch.dtype = torch.float32) -> "Pipeline":
-        return cls(load_model(name_or_path, dtype=dtype))
+    def from_pretrained(cls, name_or_path="default", dtype: torch.dtype = torch.float32,
+                        device: torch.device | str | None = None) -> "Pipeline":
+        model = load_model(name_or_path, dtype=dtype)
+        if device is not None and torch.device(device) != torch.device("cpu"):
+            for part in (model.denoiser, model.text_encoder, model.vae):
+                if part is not None:
+                    part.to(device)
+        return cls(model)
 
     # ---- conditioning ----------------------------------------------------------
     def unknown_words(self, prompt: str) -> list[str]:
@@ -213,7 +219,7 @@ class Pipeline:
                  sampler: str = "ddim", guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0,
                  size: int | None = None, seeds: list[int] | None = None, progress: bool = False,
                  predictor=None, spacing=None, analytic_first_step: bool = False,
-                 final: str = "zero") -> GenerationResult:
+                 final: str = "zero", config: GenerationConfig | None = None) -> GenerationResult:
         """``steps="auto"``: StepSaver's predictor (``predictor``: a path or a StepPredictor;
         default the one beside the model) picks the count, the largest over the prompts.
         ``spacing``: a grid name (None: the sampler's own), ``"gits"`` (the grid the model
@@ -222,45 +228,34 @@ class Pipeline:
         step without a model call (``steps`` steps cost ``steps - 1`` evaluations).  ``final``:
         where the last step lands, ``"zero"`` (clean data) or ``"sigma_min"`` (the first
         training step, as diffusers' DDIM and ``final_sigmas_type="sigma_min"``; the trailing
-        grid only: leading and linspace end at timestep 0 already).  ``sampler``: any name of
-        ``samplers.SAMPLERS``; ``dpm-solver-12`` / ``-23`` choose their own steps (``steps`` does
+        grid only: leading and linspace end at timestep 0 already).  ``config``: the options as
+        one checked ``GenerationConfig`` (then the keyword arguments above are not read).  ``sampler``: any
+        name of ``samplers.SAMPLERS``; ``dpm-solver-12`` / ``-23`` choose their own steps (``steps`` does
         not apply), ``paradigms`` / ``parataa`` batch several steps per model call; ``nfe`` in the
         result counts every step evaluated, ``model_calls`` the forward passes."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("no prompt given; pass at least one prompt")
-        if steps == "auto":
+        if config is None:
+            config = GenerationConfig(steps, sampler, guidance_scale, seed, size, spacing,
+                                      analytic_first_step, final)
+        if config.steps == "auto":
             from .stepsaver import StepPredictor, predictor_for, prompt_features
             if not isinstance(predictor, StepPredictor):
                 predictor = predictor_for(self, predictor)
-            steps = max(predictor.predict(prompt_features(self, prompts)))
-        if steps < 1:
-            raise UserError(f"steps must be >= 1, got {steps}")
-        if guidance_scale < 0:
-            raise UserError(f"guidance scale (cfg) must be >= 0, got {guidance_scale}")
-        try:
-            solver = get_sampler(sampler)
-        except ValueError as err:
-            raise UserError(str(err)) from None
-        if steps < solver.min_steps:
-            raise UserError(f"sampler {solver.name!r} needs at least {solver.min_steps} steps, "
-                            f"got {steps}")
-        if final not in FINALS:
-            raise UserError(f"unknown final time {final!r}; choose one of {', '.join(FINALS)}")
+            config = config.with_steps(max(predictor.predict(prompt_features(self, prompts))))
+        steps, sampler, guidance_scale, seed = config.steps, config.sampler, config.guidance_scale, config.seed
+        size, spacing, analytic_first_step, final = (config.size, config.spacing, config.analytic_first_step,
+                                                     config.final)
+        solver = config.make_sampler()
         self._check_own_loop(solver)
-        if analytic_first_step:
-            from .samplers.analytic_first_step import check_supports
-            if steps < 2:
-                raise UserError(f"the analytic first step replaces the first of at least 2 steps, got {steps}")
-            try:
-                check_supports(solver)
-            except ValueError as err:
-                raise UserError(str(err)) from None
         self.attach_statistics(solver, guidance_scale)
         given_spacing, spacing = spacing, self.time_grid(spacing, guidance_scale, steps, sampler)
         if final != "zero":
             self._check_final(final, spacing, solver, steps)
         size = self.check_size(size)
+        check_fits(self.model, size, len(prompts), guidance_scale != 1.0 and self.model.text_encoder is not None,
+                   next(self.model.denoiser.parameters()).device, next(self.model.denoiser.parameters()).dtype)
         seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
         start = time.perf_counter()
         dtype = next(self.model.denoiser.parameters()).dtype
