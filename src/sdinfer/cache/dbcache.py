@@ -33,7 +33,8 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..models.adapters import BlockGroup, adapter_for, supported
-from .base import BranchStates, CacheHandle, hidden_states_of, hook_name, relative_change, require_step
+from .base import (BranchStates, CacheConfig, CacheHandle, hidden_states_of, hook_name, relative_change,
+                   require_step, whole_number)
 from .block_stack import add_stream, streams_of, sub_stream
 from .taylorseer import TaylorSeries
 
@@ -41,7 +42,7 @@ CALIBRATOR_ORDERS = (1, 2)
 
 
 @dataclass
-class DBCacheConfig:
+class DBCacheConfig(CacheConfig):
     fn: int = 1
     bn: int = 0
     threshold: float = 0.12
@@ -67,9 +68,7 @@ class DBCacheConfig:
         self.order = int(self.order)
 
     def _whole(self, knob: str, value, least: int, note: str = "") -> int:
-        if int(value) != value or value < least:
-            raise ValueError(f"{self.method} {knob} must be a whole number >= {least}{note}, got {value}")
-        return int(value)
+        return whole_number(self.method, knob, value, least, note)
 
     @property
     def taylor_order(self) -> int:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.adapters import adapter_for
-from .base import CacheHandle, ScheduleController, StepState
+from .base import CacheConfig, CacheHandle, ScheduleController, StepState, whole_number
 from .deepcache import hook_deep_path
 from .fora import hook_sublayers
 
@@ -91,19 +91,17 @@ class TaylorState(StepState):
 
 
 @dataclass
-class TaylorSeerConfig:
+class TaylorSeerConfig(CacheConfig):
     interval: int = 3
     order: int = 1
     warmup: int = 2
 
     def __post_init__(self) -> None:
-        if int(self.interval) != self.interval or self.interval < 1:
-            raise ValueError(f"taylorseer interval must be a whole number >= 1, got {self.interval}")
+        self.interval = whole_number("taylorseer", "interval", self.interval, 1)
         if self.order not in ORDERS:
             raise ValueError(f"taylorseer order must be one of {', '.join(map(str, ORDERS))}, got {self.order}")
-        if int(self.warmup) != self.warmup or self.warmup < 0:
-            raise ValueError(f"taylorseer warmup must be a whole number >= 0, got {self.warmup}")
-        self.interval, self.order, self.warmup = int(self.interval), int(self.order), int(self.warmup)
+        self.warmup = whole_number("taylorseer", "warmup", self.warmup, 0)
+        self.order = int(self.order)
 
     def is_full(self, ctx) -> bool:
         step = ctx.step_index

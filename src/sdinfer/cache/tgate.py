@@ -50,7 +50,6 @@ Where this differs from the reference (``HaozheLiu-ST/T-GATE``, ``tgate/*.py``):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -59,18 +58,14 @@ from diffusers.hooks import ModelHook
 
 from ..context import StepContext, step_context
 from ..models.adapters import adapter_for, supported
-from .base import BranchStates, CacheHandle, hidden_states_of, hook_name, map_tensors, require_step
+from .base import (BranchStates, CacheConfig, CacheHandle, hidden_states_of, hook_name, map_tensors,
+                   require_step, whole_number)
 
 MERGED = "merged"   # the branch of a guidance batch cut to one half
 
 
-def _whole(value, minimum: int) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and int(value) == value >= minimum)
-
-
 @dataclass
-class TGateConfig:
+class TGateConfig(CacheConfig):
     # fraction of the steps in the planning phase; the paper gates at 10 of 25 (0.4), which on the
     # default DiT at 50 steps lost prompt adherence (0.625 -> 0.375 of 8 prompts); 0.5 kept it
     gate: float = 0.5
@@ -79,15 +74,13 @@ class TGateConfig:
     fi_interval: int = 1     # v2: and every fi_interval steps after the gate
     warm_up: int = 2         # v2: steps 0..warm_up always compute self-attention
     merge: bool = True       # merge the guidance branches after the gate
+    exact_parallel = False   # it drops the unconditional half of the batch mid-run, which CFG parallel splits
 
     def __post_init__(self) -> None:
         if not 0.0 < self.gate <= 1.0:
             raise ValueError(f"tgate gate must lie in (0, 1] (a fraction of the steps), got {self.gate}")
         for knob, minimum in (("gate_step", 0), ("sp_interval", 1), ("fi_interval", 1), ("warm_up", 0)):
-            value = getattr(self, knob)
-            if not _whole(value, minimum):
-                raise ValueError(f"tgate {knob} must be a whole number >= {minimum}, got {value}")
-            setattr(self, knob, int(value))
+            setattr(self, knob, whole_number("tgate", knob, getattr(self, knob), minimum))
         if not isinstance(self.merge, bool):
             raise ValueError(f"tgate merge must be true or false, got {self.merge!r}")
 

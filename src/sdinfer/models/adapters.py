@@ -38,6 +38,9 @@ class BlockGroup:
     # "basic" (a BasicTransformerBlock, by its norm_type), "resnet" (a UNet block's first ResNet:
     # norm1(x) shifted by time_emb_proj(temb)); "" where none is declared
     modulation: str = ""
+    # a UNet's "down", "mid" or "up" blocks: the encoder, bottleneck and decoder paths between which
+    # the skip connections run (what DeepCache cuts); "" for a plain stack
+    role: str = ""
 
 
 def _child(block: torch.nn.Module, path: str) -> torch.nn.Module | None:
@@ -106,6 +109,10 @@ class ModelAdapter:
         """(qualified name, module) of every block, in forward order."""
         return [(name, block) for _, name, block in self.grouped(model)]
 
+    def blocks_in(self, model: torch.nn.Module, role: str) -> list[torch.nn.Module]:
+        """The blocks of the groups declared with ``role`` ("down", "mid", "up"), in forward order."""
+        return [block for group, _, block in self.grouped(model) if group.role == role]
+
     def sublayers(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         """(qualified name, module) of every declared attention / MLP child, in forward order."""
         return [(f"{name}.{child}", getattr(block, child)) for group, name, block in self.grouped(model)
@@ -135,8 +142,10 @@ class ModelAdapter:
 
 
 UNET_LAYERS = ("resnets", "attentions")
-UNET = ModelAdapter("unet", (BlockGroup("down_blocks", "hidden+skips", layers=UNET_LAYERS, modulation="resnet"),
-                             BlockGroup("mid_block", layers=UNET_LAYERS), BlockGroup("up_blocks", layers=UNET_LAYERS)),
+UNET = ModelAdapter("unet", (BlockGroup("down_blocks", "hidden+skips", layers=UNET_LAYERS, modulation="resnet",
+                                        role="down"),
+                             BlockGroup("mid_block", layers=UNET_LAYERS, role="mid"),
+                             BlockGroup("up_blocks", layers=UNET_LAYERS, role="up")),
                     call=CallSignature(learned_variance=True))
 # diffusers' BasicTransformerBlock: self-attention, cross-attention (if any), feed-forward
 TRANSFORMER = ModelAdapter("dit", (BlockGroup("transformer_blocks", sublayers=("attn1", "attn2", "ff"),

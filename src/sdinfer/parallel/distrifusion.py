@@ -87,6 +87,7 @@ class DistriFusionConfig:
 
     warmup_steps: int = 4        # the paper's default: synchronous steps after the first, before going stale
     gn_mode: str = "corrected"   # "corrected", "stale" or "sync" (see the module docstring)
+    exact = False   # stale activations: caching them would reuse features that are stale already (as xDiT)
 
     def __post_init__(self) -> None:
         if int(self.warmup_steps) != self.warmup_steps or self.warmup_steps < 0:
