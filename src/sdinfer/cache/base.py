@@ -164,7 +164,12 @@ class StepTracker(ModelHook):
 
 
 def remove_hook(module: torch.nn.Module, name: str) -> None:
-    """Take hook ``name`` off ``module``, wherever it sits in the module's stack of hooks."""
+    """Take hook ``name`` off ``module``, wherever it sits in the module's stack of hooks.
+
+    diffusers' public ``HookRegistry.remove_hook`` alone would stop every hook above the removed
+    one (it relinks the next hook by its ``forward``, for a ``new_forward`` hook the hook itself),
+    so this reads the registry's private ``_hook_order`` / ``_fn_refs`` to relink it; both the
+    relinking bug and the private state are pinned by ``tests/test_hook_removal.py``."""
     registry = HookRegistry.check_if_exists_or_initialize(module)
     order, refs = registry._hook_order, registry._fn_refs
     if name not in order:
