@@ -19,9 +19,9 @@ its factors updated by divided differences over the computed steps (``TaylorSeri
 
 Cached: the middle blocks' residual, per stream.  Refreshed: on computed calls only.
 ``threshold=0`` computes every step and is exact.  First-Block Cache is fn=1, bn=0 without
-the calibrator.  Defaults from the default DiT (4 blocks; 8 prompts, 50 DDIM steps): fn=1,
-bn=0, threshold 0.12 and the calibrator of order 1 keep 45.5 dB PSNR at 2.0x fewer MACs, where
-the frozen residual gives 36.5 dB; a back block (bn=1) lowered PSNR there.
+the calibrator.  Defaults (fn=1, bn=0, threshold 0.12, the calibrator of order 1) chosen on the
+default DiT, where the calibrator kept more PSNR than the frozen residual and a back block (bn=1)
+lowered it; their speed-up and PSNR: BENCHMARKS.md, feature caches on the default models.
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ and the last step when the step count is known.  Cached features:
   between full steps the deep path does not run and its forecast stands in for it, while
   the shallow down / up blocks run on the fresh input.
 ``interval=1`` computes every step and is exact.  Memory: ``order + 1`` tensors per feature.
-Defaults (interval 3, order 1 as diffusers recommends, warmup 2), 8 prompts at 50 DDIM steps:
-48.6 dB PSNR at 2.6x fewer MACs on the default DiT (FORA, interval 3: 39.4 dB at 2.7x) and
-48.1 dB at 2.0x on the default UNet (DeepCache, interval 3: 37.9 dB at 2.1x).
+Defaults: interval 3, order 1 (as diffusers recommends), warmup 2; their speed-up and PSNR
+beside FORA's and DeepCache's at the same interval: BENCHMARKS.md, feature caches on the default
+models.
 """
 
 from __future__ import annotations

@@ -40,8 +40,8 @@ Where this differs from the reference (``HaozheLiu-ST/T-GATE``, ``tgate/*.py``):
 - the merged pass takes the *conditional* half's inputs; the reference feeds the negative
   prompt's.  Where the text enters only through cross-attention (SD 1.x/2.x, PixArt) the two
   are the same; they differ where it also enters the timestep embedding (the default UNet's
-  text time embedding, SD3's pooled projection, SDXL): on the default models by under 0.3 dB
-  PSNR at 50 steps.
+  text time embedding, SD3's pooled projection, SDXL), on the default models by a fraction of a
+  dB of PSNR.
 - the merge is a hook on the model, not a rewritten pipeline: the pipeline still passes both
   halves.  It needs the halves' order from the step context (``guidance_halves``); stock
   pipelines that do not say they batch guidance (PixArt's) run both halves, as does
@@ -67,7 +67,7 @@ MERGED = "merged"   # the branch of a guidance batch cut to one half
 @dataclass
 class TGateConfig(CacheConfig):
     # fraction of the steps in the planning phase; the paper gates at 10 of 25 (0.4), which on the
-    # default DiT at 50 steps lost prompt adherence (0.625 -> 0.375 of 8 prompts); 0.5 kept it
+    # default DiT at 50 steps lost prompt adherence; 0.5 kept it (BENCHMARKS.md, T-GATE)
     gate: float = 0.5
     gate_step: int = 0       # the planning phase's step count; 0 takes it from ``gate``
     sp_interval: int = 5     # v2: self-attention computed every sp_interval steps while planning
