@@ -125,6 +125,7 @@ def test_a_cache_runs_on_a_saved_flux_pipeline(tiny_flux):
     assert torch.equal(pipe(PROMPT, steps=4, guidance_scale=1.0).pixels, plain.pixels)
 
 
+@pytest.mark.slow   # starts a process
 @pytest.mark.parametrize("fixture", ["tiny_flux", "tiny_sd3"])
 def test_cli_generates_from_a_saved_flow_pipeline(fixture, request, tmp_path):
     out = tmp_path / "out.png"
