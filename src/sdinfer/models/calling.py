@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .adapters import ADAPTERS, CallSignature
+if TYPE_CHECKING:
+    from .adapters import CallSignature
 
 
 @dataclass
@@ -74,12 +77,11 @@ def image_position_ids(rows: int, cols: int, dtype: torch.dtype, device) -> torc
 
 
 def signature_of(model: torch.nn.Module) -> CallSignature:
-    """The declared call signature of ``model``'s class (an undeclared class: the UNet's)."""
+    """The declared call signature of ``model``'s class (an undeclared class: called as a UNet)."""
+    from .adapters import ADAPTERS, CallSignature   # imports diffusers: only once a model is called
+
     adapter = ADAPTERS.get(type(model).__name__)
-    return adapter.call if adapter is not None else UNDECLARED
-
-
-UNDECLARED = CallSignature(learned_variance=True)
+    return adapter.call if adapter is not None else CallSignature(learned_variance=True)
 
 
 def call_denoiser(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
