@@ -78,6 +78,9 @@ class Pipeline:
             if unknown:
                 warnings.warn(f"prompt {p!r} has words the text encoder does not know: "
                               f"{', '.join(unknown)}; they are read as <unk>", stacklevel=2)
+        if self.model.text_encoder_2 is not None:   # FLUX, SD3: their own recipes
+            from .models.text_encoding import encode_prompts
+            return encode_prompts(self.model, prompts)
         max_len = min(int(tok.model_max_length),
                       int(getattr(te.config, "max_position_embeddings", 10**6)))
         texts = [p.lower() for p in prompts] if getattr(tok, "do_lower_case", False) else prompts
@@ -108,9 +111,10 @@ class Pipeline:
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=dtype)
                             for s in seeds])
 
-    def denoiser(self, guidance_scale: float) -> Denoiser:
+    def denoiser(self, guidance_scale: float, size: int | None = None) -> Denoiser:
+        """The guided denoiser; ``size``: the image side, where the schedule depends on it (FLUX)."""
         net = self.model.denoiser
-        return Denoiser(lambda x, t, text: call_denoiser(net, x, t, text), self.model.schedule,
+        return Denoiser(lambda x, t, text: call_denoiser(net, x, t, text), self.model.schedule_at(size),
                         self.model.prediction_type, guidance_scale)
 
     def attach_statistics(self, solver, guidance_scale: float) -> None:
@@ -211,7 +215,8 @@ class Pipeline:
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         vae = self.model.vae
         if vae is not None:
-            x = vae.decode(x / vae.config.scaling_factor, return_dict=False)[0]
+            x = x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+            x = vae.decode(x, return_dict=False)[0]
         return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
 
     @torch.no_grad()
@@ -262,7 +267,7 @@ class Pipeline:
         cond = self.encode(prompts)
         use_cfg = guidance_scale != 1.0 and cond is not None
         uncond = self.encode([""] * len(prompts)) if use_cfg else None
-        den = self.denoiser(guidance_scale if use_cfg else 1.0)
+        den = self.denoiser(guidance_scale if use_cfg else 1.0, size)
         x = self.noise(seeds, size, dtype)
         bar = None
         if progress:

@@ -6,12 +6,12 @@ config)`` installs it and returns the ``CacheHandle`` that removes it.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import torch
 
-from .base import CacheHandle
+from ..specs import parse_config
+from .base import CacheConfig, CacheHandle
 from .block_caching import BlockCachingConfig, apply_block_caching
 from .dbcache import DBCacheConfig, apply_dbcache
 from .deepcache import DeepCacheConfig, apply_deepcache
@@ -37,41 +37,14 @@ METHODS: dict[str, tuple[type, Callable]] = {
 }
 
 
-def _typed(text: str, like):
-    if isinstance(like, bool):
-        if text.lower() not in ("true", "false"):
-            raise ValueError(f"{text!r} is not true or false")
-        return text.lower() == "true"
-    if isinstance(like, (int, float)) and not isinstance(like, bool):
-        number = float(text)
-        return int(number) if isinstance(like, int) and number == int(number) else number
-    return text
-
-
 def parse_spec(spec: str, methods: dict | None = None, kind: str = "cache method"):
     """A method's config from ``NAME[:key=value,...]`` (of ``methods``: default the caches)."""
-    methods = METHODS if methods is None else methods
-    name, _, opts = spec.partition(":")
-    name = name.strip().lower()
-    if name not in methods:
-        raise ValueError(f"unknown {kind} {name!r}; available: {', '.join(sorted(methods))}")
-    config_cls = methods[name][0]
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    defaults = config_cls()
-    kwargs = {}
-    for item in filter(None, (o.strip() for o in opts.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq:
-            raise ValueError(f"{name} option {item!r} must look like key=value")
-        if key not in fields:
-            raise ValueError(f"{name} has no option {key!r}; its options: {', '.join(fields) or 'none'}")
-        try:
-            kwargs[key] = _typed(value.strip(), getattr(defaults, key))
-        except ValueError:
-            raise ValueError(f"{name} option {key}={value.strip()!r} is not a "
-                             f"{type(getattr(defaults, key)).__name__}") from None
-    return config_cls(**kwargs)
+    return parse_config(spec, METHODS if methods is None else methods, kind)
+
+
+def exact_parallel_methods() -> tuple[str, ...]:
+    """The caches that may run under an exact parallel strategy (``CacheConfig.exact_parallel``)."""
+    return tuple(name for name, (config_cls, _) in METHODS.items() if config_cls.exact_parallel)
 
 
 def method_of(config) -> str:
@@ -98,6 +71,6 @@ def apply(model: torch.nn.Module, config, num_steps: Callable[[], int] | None = 
     return handle
 
 
-__all__ = ["CacheHandle", "METHODS", "apply", "parse_spec", "DeepCacheConfig", "FORAConfig", "FirstBlockCacheConfig",
+__all__ = ["CacheConfig", "CacheHandle", "METHODS", "apply", "exact_parallel_methods", "parse_spec", "DeepCacheConfig", "FORAConfig", "FirstBlockCacheConfig",
            "DBCacheConfig", "TaylorSeerConfig", "TGateConfig",
            "BlockCachingConfig", "LearningToCacheConfig", "TeaCacheConfig", "MagCacheConfig"]

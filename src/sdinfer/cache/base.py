@@ -28,8 +28,9 @@ import contextlib
 import contextvars
 import inspect
 import itertools
+import math
 from dataclasses import dataclass, field
-from typing import Callable, Generic, TypeVar
+from typing import Callable, ClassVar, Generic, TypeVar
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -42,6 +43,23 @@ DIFFUSERS_HALVES = ("uncond", "cond")   # how diffusers' text-to-image pipelines
 _inferred_generations = itertools.count(start=-1, step=-1)  # sdinfer's own loop counts up from 0
 _decision_reduce: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = \
     contextvars.ContextVar("sdinfer_decision_reduce", default=None)
+
+
+class CacheConfig:
+    """Base of the cache methods' config dataclasses: what every method declares beside its knobs."""
+
+    # whether the cache may run under an exact parallel strategy (one that computes on every rank
+    # what one device would: CFG parallel, Ulysses, Ring), its data-dependent decisions shared over
+    # the ranks (``shared_decisions``); False where it changes the batch mid-run (T-GATE)
+    exact_parallel: ClassVar[bool] = True
+
+
+def whole_number(method: str, knob: str, value, least: int, note: str = "") -> int:
+    """``value`` as an int, or a ValueError naming ``method``'s ``knob``: a whole number >= ``least``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or int(value) != value or value < least:
+        raise ValueError(f"{method} {knob} must be a whole number >= {least}{note}, got {value}")
+    return int(value)
 
 
 @contextlib.contextmanager
@@ -146,7 +164,12 @@ class StepTracker(ModelHook):
 
 
 def remove_hook(module: torch.nn.Module, name: str) -> None:
-    """Take hook ``name`` off ``module``, wherever it sits in the module's stack of hooks."""
+    """Take hook ``name`` off ``module``, wherever it sits in the module's stack of hooks.
+
+    diffusers' public ``HookRegistry.remove_hook`` alone would stop every hook above the removed
+    one (it relinks the next hook by its ``forward``, for a ``new_forward`` hook the hook itself),
+    so this reads the registry's private ``_hook_order`` / ``_fn_refs`` to relink it; both the
+    relinking bug and the private state are pinned by ``tests/test_hook_removal.py``."""
     registry = HookRegistry.check_if_exists_or_initialize(module)
     order, refs = registry._hook_order, registry._fn_refs
     if name not in order:

@@ -43,8 +43,8 @@ import torch
 
 from ..context import StepContext, current_step
 from ..models.adapters import adapter_for, supported
-from .base import (BranchStates, CacheHandle, LayerPlanState, PlannedLayerHook, hook_name, map_tensors,
-                   tensors_of)
+from .base import (BranchStates, CacheConfig, CacheHandle, LayerPlanState, PlannedLayerHook, hook_name,
+                   map_tensors, tensors_of)
 from .calibration import Calibration, CalibrationRun, load_for, register_calibrator
 
 METHOD = "blockcache"
@@ -52,7 +52,7 @@ STAT_KNOTS = 6   # channel statistics are kept at every fifth of the run (they c
 
 
 @dataclass
-class BlockCachingConfig:
+class BlockCachingConfig(CacheConfig):
     threshold: float = 0.05
     align: bool = True
     calibration: str = ""   # a calibration file; empty: the one beside the model's weights

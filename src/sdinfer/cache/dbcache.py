@@ -19,9 +19,9 @@ its factors updated by divided differences over the computed steps (``TaylorSeri
 
 Cached: the middle blocks' residual, per stream.  Refreshed: on computed calls only.
 ``threshold=0`` computes every step and is exact.  First-Block Cache is fn=1, bn=0 without
-the calibrator.  Defaults from the default DiT (4 blocks; 8 prompts, 50 DDIM steps): fn=1,
-bn=0, threshold 0.12 and the calibrator of order 1 keep 45.5 dB PSNR at 2.0x fewer MACs, where
-the frozen residual gives 36.5 dB; a back block (bn=1) lowered PSNR there.
+the calibrator.  Defaults (fn=1, bn=0, threshold 0.12, the calibrator of order 1) chosen on the
+default DiT, where the calibrator kept more PSNR than the frozen residual and a back block (bn=1)
+lowered it; their speed-up and PSNR: BENCHMARKS.md, feature caches on the default models.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ..models.adapters import BlockGroup, adapter_for, supported
-from .base import BranchStates, CacheHandle, hidden_states_of, hook_name, relative_change, require_step
+from .base import (BranchStates, CacheConfig, CacheHandle, hidden_states_of, hook_name, relative_change,
+                   require_step, whole_number)
 from .block_stack import add_stream, streams_of, sub_stream
 from .taylorseer import TaylorSeries
 
@@ -41,7 +42,7 @@ CALIBRATOR_ORDERS = (1, 2)
 
 
 @dataclass
-class DBCacheConfig:
+class DBCacheConfig(CacheConfig):
     fn: int = 1
     bn: int = 0
     threshold: float = 0.12
@@ -67,9 +68,7 @@ class DBCacheConfig:
         self.order = int(self.order)
 
     def _whole(self, knob: str, value, least: int, note: str = "") -> int:
-        if int(value) != value or value < least:
-            raise ValueError(f"{self.method} {knob} must be a whole number >= {least}{note}, got {value}")
-        return int(value)
+        return whole_number(self.method, knob, value, least, note)
 
     @property
     def taylor_order(self) -> int:

@@ -30,13 +30,14 @@ from dataclasses import dataclass
 import torch
 
 from ..models.adapters import adapter_for, supported
-from .base import CacheHandle, ScheduleController, ScheduledHook, hidden_states_of, hook_name
+from .base import (CacheConfig, CacheHandle, ScheduleController, ScheduledHook, hidden_states_of, hook_name,
+                   whole_number)
 
 SCHEDULES = ("uniform", "nonuniform")
 
 
 @dataclass
-class DeepCacheConfig:
+class DeepCacheConfig(CacheConfig):
     interval: int = 3
     branch: int = 0
     layer: int = -1
@@ -45,20 +46,17 @@ class DeepCacheConfig:
     power: float = 1.4
 
     def __post_init__(self) -> None:
-        if int(self.interval) != self.interval or self.interval < 1:
-            raise ValueError(f"deepcache interval must be a whole number >= 1, got {self.interval}")
-        if int(self.branch) != self.branch or self.branch < 0:
-            raise ValueError(f"deepcache branch must be a whole number >= 0, got {self.branch}")
-        if int(self.layer) != self.layer or self.layer < -1:
-            raise ValueError(f"deepcache layer must be a whole number >= 0, or -1 for the branch's whole "
-                             f"block, got {self.layer}")
+        self.interval = whole_number("deepcache", "interval", self.interval, 1)
+        self.branch = whole_number("deepcache", "branch", self.branch, 0)
+        if self.layer != -1:
+            self.layer = whole_number("deepcache", "layer", self.layer, 0, ", or -1 for the branch's whole block")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"deepcache schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         if not 0.0 <= self.center <= 1.0:
             raise ValueError(f"deepcache center must lie in [0, 1], got {self.center}")
         if self.power < 1.0:
             raise ValueError(f"deepcache power must be >= 1, got {self.power}")
-        self.interval, self.branch, self.layer = int(self.interval), int(self.branch), int(self.layer)
+        self.layer = int(self.layer)
 
     def is_full(self, ctx) -> bool:
         if self.schedule == "uniform" or ctx.num_steps == 0:   # 0: step count unknown
@@ -162,9 +160,8 @@ def hook_deep_path(model: torch.nn.Module, branch: int, controller: ScheduleCont
     ``layer=-1`` (= L - 1) keeps the whole blocks, whose deep feature is the output of the up
     block below."""
     adapter = adapter_for(model)
-    down = [m for n, m in adapter.blocks(model) if n.startswith("down_blocks")]
-    up = [m for n, m in adapter.blocks(model) if n.startswith("up_blocks")]
-    mid = getattr(model, "mid_block", None)
+    down, up = adapter.blocks_in(model, "down"), adapter.blocks_in(model, "up")
+    mid = next(iter(adapter.blocks_in(model, "mid")), None)
     if branch > len(down) - 2:
         raise ValueError(f"{method} branch {branch} leaves no deep block to cache in a UNet with "
                          f"{len(down)} down blocks; choose branch 0..{len(down) - 2}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import CacheHandle
+from .base import CacheConfig, CacheHandle
 from .dbcache import DBCacheConfig, apply_dbcache
 
 
@@ -27,7 +27,7 @@ class _FirstBlockOnly(DBCacheConfig):
 
 
 @dataclass
-class FirstBlockCacheConfig:
+class FirstBlockCacheConfig(CacheConfig):
     threshold: float = 0.08
     warmup: int = 0
 

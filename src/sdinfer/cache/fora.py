@@ -19,17 +19,15 @@ from dataclasses import dataclass
 import torch
 
 from ..models.adapters import adapter_for, supported
-from .base import CacheHandle, ScheduleController, ScheduledHook, hook_name
+from .base import CacheConfig, CacheHandle, ScheduleController, ScheduledHook, hook_name, whole_number
 
 
 @dataclass
-class FORAConfig:
+class FORAConfig(CacheConfig):
     interval: int = 3
 
     def __post_init__(self) -> None:
-        if int(self.interval) != self.interval or self.interval < 1:
-            raise ValueError(f"fora interval must be a whole number >= 1, got {self.interval}")
-        self.interval = int(self.interval)
+        self.interval = whole_number("fora", "interval", self.interval, 1)
 
     def is_full(self, ctx) -> bool:
         return ctx.step_index % self.interval == 0 or ctx.step_index == ctx.num_steps - 1  # 0: unknown

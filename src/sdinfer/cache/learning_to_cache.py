@@ -41,7 +41,8 @@ import torch
 
 from ..context import StepContext, current_step
 from ..errors import UserError
-from .base import BranchStates, CacheHandle, LayerPlanState, PlannedLayerHook, hook_name, map_tensors, tensors_of
+from .base import (BranchStates, CacheConfig, CacheHandle, LayerPlanState, PlannedLayerHook, hook_name,
+                   map_tensors, tensors_of)
 from .block_caching import check_units, layer_blocks
 from .calibration import Calibration, CalibrationRun, load_for, register_calibrator
 
@@ -55,7 +56,7 @@ ROUTER_PROMPTS = 2      # the router learns on one batch of this many calibratio
 
 
 @dataclass
-class LearningToCacheConfig:
+class LearningToCacheConfig(CacheConfig):
     budget: float = 0.35
     calibration: str = ""   # a calibration file; empty: the one beside the model's weights
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..models.adapters import adapter_for
-from .base import BranchStates, CacheHandle
+from .base import BranchStates, CacheConfig, CacheHandle, whole_number
 from .block_stack import StackState, install_stack_hooks, load_stack_calibration
 from .calibration import Calibration, CalibrationRun, register_calibrator
 
@@ -40,7 +40,7 @@ METHOD = "magcache"
 
 
 @dataclass
-class MagCacheConfig:
+class MagCacheConfig(CacheConfig):
     threshold: float = 0.06
     max_skip_steps: int = 3
     retention: float = 0.2
@@ -49,11 +49,9 @@ class MagCacheConfig:
     def __post_init__(self) -> None:
         if not self.threshold >= 0:
             raise ValueError(f"magcache threshold must be >= 0 (0: compute every step), got {self.threshold}")
-        if int(self.max_skip_steps) != self.max_skip_steps or self.max_skip_steps < 0:
-            raise ValueError(f"magcache max_skip_steps must be a whole number >= 0, got {self.max_skip_steps}")
+        self.max_skip_steps = whole_number("magcache", "max_skip_steps", self.max_skip_steps, 0)
         if not 0.0 <= self.retention <= 1.0:
             raise ValueError(f"magcache retention must lie in [0, 1] (a fraction of the steps), got {self.retention}")
-        self.max_skip_steps = int(self.max_skip_steps)
 
 
 def ratios_for(calibrated: np.ndarray, num_steps: int) -> np.ndarray:

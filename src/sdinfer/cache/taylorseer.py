@@ -18,9 +18,9 @@ and the last step when the step count is known.  Cached features:
   between full steps the deep path does not run and its forecast stands in for it, while
   the shallow down / up blocks run on the fresh input.
 ``interval=1`` computes every step and is exact.  Memory: ``order + 1`` tensors per feature.
-Defaults (interval 3, order 1 as diffusers recommends, warmup 2), 8 prompts at 50 DDIM steps:
-48.6 dB PSNR at 2.6x fewer MACs on the default DiT (FORA, interval 3: 39.4 dB at 2.7x) and
-48.1 dB at 2.0x on the default UNet (DeepCache, interval 3: 37.9 dB at 2.1x).
+Defaults: interval 3, order 1 (as diffusers recommends), warmup 2; their speed-up and PSNR
+beside FORA's and DeepCache's at the same interval: BENCHMARKS.md, feature caches on the default
+models.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.adapters import adapter_for
-from .base import CacheHandle, ScheduleController, StepState
+from .base import CacheConfig, CacheHandle, ScheduleController, StepState, whole_number
 from .deepcache import hook_deep_path
 from .fora import hook_sublayers
 
@@ -91,19 +91,17 @@ class TaylorState(StepState):
 
 
 @dataclass
-class TaylorSeerConfig:
+class TaylorSeerConfig(CacheConfig):
     interval: int = 3
     order: int = 1
     warmup: int = 2
 
     def __post_init__(self) -> None:
-        if int(self.interval) != self.interval or self.interval < 1:
-            raise ValueError(f"taylorseer interval must be a whole number >= 1, got {self.interval}")
+        self.interval = whole_number("taylorseer", "interval", self.interval, 1)
         if self.order not in ORDERS:
             raise ValueError(f"taylorseer order must be one of {', '.join(map(str, ORDERS))}, got {self.order}")
-        if int(self.warmup) != self.warmup or self.warmup < 0:
-            raise ValueError(f"taylorseer warmup must be a whole number >= 0, got {self.warmup}")
-        self.interval, self.order, self.warmup = int(self.interval), int(self.order), int(self.warmup)
+        self.warmup = whole_number("taylorseer", "warmup", self.warmup, 0)
+        self.order = int(self.order)
 
     def is_full(self, ctx) -> bool:
         step = ctx.step_index

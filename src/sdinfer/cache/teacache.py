@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..models.adapters import adapter_for, supported
-from .base import BranchStates, CacheHandle, relative_change
+from .base import BranchStates, CacheConfig, CacheHandle, relative_change
 from .block_stack import StackState, install_stack_hooks, load_stack_calibration, stack_blocks
 from .calibration import Calibration, CalibrationRun, register_calibrator
 
@@ -42,7 +42,7 @@ DEGREE = 4   # TeaCache's rescaling polynomials are quartics
 
 
 @dataclass
-class TeaCacheConfig:
+class TeaCacheConfig(CacheConfig):
     threshold: float = 0.1
     calibration: str = ""   # a calibration file; "": the one beside the model's weights
 

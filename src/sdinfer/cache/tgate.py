@@ -40,8 +40,8 @@ Where this differs from the reference (``HaozheLiu-ST/T-GATE``, ``tgate/*.py``):
 - the merged pass takes the *conditional* half's inputs; the reference feeds the negative
   prompt's.  Where the text enters only through cross-attention (SD 1.x/2.x, PixArt) the two
   are the same; they differ where it also enters the timestep embedding (the default UNet's
-  text time embedding, SD3's pooled projection, SDXL): on the default models by under 0.3 dB
-  PSNR at 50 steps.
+  text time embedding, SD3's pooled projection, SDXL), on the default models by a fraction of a
+  dB of PSNR.
 - the merge is a hook on the model, not a rewritten pipeline: the pipeline still passes both
   halves.  It needs the halves' order from the step context (``guidance_halves``); stock
   pipelines that do not say they batch guidance (PixArt's) run both halves, as does
@@ -50,7 +50,6 @@ Where this differs from the reference (``HaozheLiu-ST/T-GATE``, ``tgate/*.py``):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -59,35 +58,29 @@ from diffusers.hooks import ModelHook
 
 from ..context import StepContext, step_context
 from ..models.adapters import adapter_for, supported
-from .base import BranchStates, CacheHandle, hidden_states_of, hook_name, map_tensors, require_step
+from .base import (BranchStates, CacheConfig, CacheHandle, hidden_states_of, hook_name, map_tensors,
+                   require_step, whole_number)
 
 MERGED = "merged"   # the branch of a guidance batch cut to one half
 
 
-def _whole(value, minimum: int) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and int(value) == value >= minimum)
-
-
 @dataclass
-class TGateConfig:
+class TGateConfig(CacheConfig):
     # fraction of the steps in the planning phase; the paper gates at 10 of 25 (0.4), which on the
-    # default DiT at 50 steps lost prompt adherence (0.625 -> 0.375 of 8 prompts); 0.5 kept it
+    # default DiT at 50 steps lost prompt adherence; 0.5 kept it (BENCHMARKS.md, T-GATE)
     gate: float = 0.5
     gate_step: int = 0       # the planning phase's step count; 0 takes it from ``gate``
     sp_interval: int = 5     # v2: self-attention computed every sp_interval steps while planning
     fi_interval: int = 1     # v2: and every fi_interval steps after the gate
     warm_up: int = 2         # v2: steps 0..warm_up always compute self-attention
     merge: bool = True       # merge the guidance branches after the gate
+    exact_parallel = False   # it drops the unconditional half of the batch mid-run, which CFG parallel splits
 
     def __post_init__(self) -> None:
         if not 0.0 < self.gate <= 1.0:
             raise ValueError(f"tgate gate must lie in (0, 1] (a fraction of the steps), got {self.gate}")
         for knob, minimum in (("gate_step", 0), ("sp_interval", 1), ("fi_interval", 1), ("warm_up", 0)):
-            value = getattr(self, knob)
-            if not _whole(value, minimum):
-                raise ValueError(f"tgate {knob} must be a whole number >= {minimum}, got {value}")
-            setattr(self, knob, int(value))
+            setattr(self, knob, whole_number("tgate", knob, getattr(self, knob), minimum))
         if not isinstance(self.merge, bool):
             raise ValueError(f"tgate merge must be true or false, got {self.merge!r}")
 

@@ -1,10 +1,12 @@
-"""Model adapters: for each diffusers model family, where its blocks are.
+"""Model adapters: for each diffusers model family, how it is called and where its blocks are.
 
 Accelerators (caches, attention, quantization, parallel strategies) speak to
 an adapter, never to a model class: the adapter names the module lists that
-hold the model's blocks and what each block returns.  Adapters are declared as
-data, so a new diffusers class with a known block pattern is supported by one
-more entry in ``ADAPTERS`` (or ``register_adapter``), with no new code.
+hold the model's blocks and what each block returns, and ``call_denoiser``
+reads the family's call signature (``CallSignature``) off it.  Adapters are
+declared as data, so a new diffusers class with a known block pattern and
+call signature is supported by one more entry in ``ADAPTERS`` (or
+``register_adapter``), with no new code.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class BlockGroup:
     # "basic" (a BasicTransformerBlock, by its norm_type), "resnet" (a UNet block's first ResNet:
     # norm1(x) shifted by time_emb_proj(temb)); "" where none is declared
     modulation: str = ""
+    # a UNet's "down", "mid" or "up" blocks: the encoder, bottleneck and decoder paths between which
+    # the skip connections run (what DeepCache cuts); "" for a plain stack
+    role: str = ""
 
 
 def _child(block: torch.nn.Module, path: str) -> torch.nn.Module | None:
@@ -56,9 +61,35 @@ def _attention_modules(block: torch.nn.Module) -> list[tuple[str, torch.nn.Modul
 
 
 @dataclass(frozen=True)
+class CallSignature:
+    """How a family's ``forward`` takes the sample, the timestep and the text, and what it returns.
+
+    The sample always goes first; the text's token states go as ``encoder_hidden_states``."""
+
+    timestep: str = "positional"    # "positional" (the second argument) or "keyword" (timestep=...)
+    # the model timestep (0..N-1, or t N on a flow schedule) is multiplied by this first: FLUX takes
+    # the flow time t itself (diffusers' FluxPipeline divides its timesteps by 1000)
+    timestep_scale: float = 1.0
+    pooled: str = ""                # the keyword taking the pooled text vector; "" where none is taken
+    # keywords passed with fixed values (PixArt's added_cond_kwargs without micro-conditioning)
+    constants: tuple[tuple[str, object], ...] = ()
+    # >1: the model takes the latent as tokens of (packing x packing) patches, (B, h w / p^2, C p^2),
+    # with the position ids ``img_ids`` (0, row, column) and ``txt_ids`` (zeros), and returns tokens
+    # of the same layout (FLUX, packed by its pipeline rather than by a patch embedding)
+    packing: int = 1
+    # (keyword, value): a guidance scale distilled into the model, passed where the model's config
+    # has ``guidance_embeds`` (FLUX.1-dev; diffusers' FluxPipeline default 3.5)
+    embedded_guidance: tuple[str, float] | None = None
+    # the output may carry learned variance channels after the prediction (DiT, PixArt): where it
+    # has twice the sample's channels, the first half is kept
+    learned_variance: bool = False
+
+
+@dataclass(frozen=True)
 class ModelAdapter:
     family: str                  # "unet" or "dit"
     groups: tuple[BlockGroup, ...]
+    call: CallSignature = CallSignature()
     conditioning: str = "text"   # "text" (prompts) or "class" (class labels, e.g. DiT)
     # (first, last): the modules whose outputs open and close the per-token image stream
     # (batch, tokens, width), the patch embedding and the final projection before unpatchifying;
@@ -77,6 +108,10 @@ class ModelAdapter:
     def blocks(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         """(qualified name, module) of every block, in forward order."""
         return [(name, block) for _, name, block in self.grouped(model)]
+
+    def blocks_in(self, model: torch.nn.Module, role: str) -> list[torch.nn.Module]:
+        """The blocks of the groups declared with ``role`` ("down", "mid", "up"), in forward order."""
+        return [block for group, _, block in self.grouped(model) if group.role == role]
 
     def sublayers(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         """(qualified name, module) of every declared attention / MLP child, in forward order."""
@@ -107,23 +142,32 @@ class ModelAdapter:
 
 
 UNET_LAYERS = ("resnets", "attentions")
-UNET = ModelAdapter("unet", (BlockGroup("down_blocks", "hidden+skips", layers=UNET_LAYERS, modulation="resnet"),
-                             BlockGroup("mid_block", layers=UNET_LAYERS), BlockGroup("up_blocks", layers=UNET_LAYERS)))
+UNET = ModelAdapter("unet", (BlockGroup("down_blocks", "hidden+skips", layers=UNET_LAYERS, modulation="resnet",
+                                        role="down"),
+                             BlockGroup("mid_block", layers=UNET_LAYERS, role="mid"),
+                             BlockGroup("up_blocks", layers=UNET_LAYERS, role="up")),
+                    call=CallSignature(learned_variance=True))
 # diffusers' BasicTransformerBlock: self-attention, cross-attention (if any), feed-forward
 TRANSFORMER = ModelAdapter("dit", (BlockGroup("transformer_blocks", sublayers=("attn1", "attn2", "ff"),
-                                                modulation="basic"),), image_tokens=("pos_embed", "proj_out"))
-DIT = ModelAdapter("dit", TRANSFORMER.groups, conditioning="class", image_tokens=("pos_embed", "proj_out_2"))
+                                                modulation="basic"),), image_tokens=("pos_embed", "proj_out"),
+                           call=CallSignature("keyword", learned_variance=True, constants=(
+                               ("added_cond_kwargs", {"resolution": None, "aspect_ratio": None}),)))
+DIT = ModelAdapter("dit", TRANSFORMER.groups, conditioning="class", image_tokens=("pos_embed", "proj_out_2"),
+                   call=CallSignature(learned_variance=True))
 # MM-DiT joint blocks: the text tokens' projections in the joint attention and their MLP
 JOINT_TEXT_STREAM = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context")
 MMDIT = ModelAdapter("dit", (BlockGroup("transformer_blocks", "encoder+hidden",
                                         sublayers=("attn", "attn2", "ff", "ff_context"),
                                         text_stream=JOINT_TEXT_STREAM, modulation="adaln-emb"),),
-                    image_tokens=("pos_embed", "proj_out"))
+                    image_tokens=("pos_embed", "proj_out"),
+                    call=CallSignature("keyword", pooled="pooled_projections"))
 FLUX = ModelAdapter("dit", (BlockGroup("transformer_blocks", "encoder+hidden",
                                        sublayers=("attn", "ff", "ff_context"), text_stream=JOINT_TEXT_STREAM,
                                        modulation="adaln-emb"),
                             BlockGroup("single_transformer_blocks", "encoder+hidden",
-                                       sublayers=("attn", "proj_mlp", "proj_out"))))
+                                       sublayers=("attn", "proj_mlp", "proj_out"))),
+                    call=CallSignature("keyword", timestep_scale=1e-3, pooled="pooled_projections", packing=2,
+                                       embedded_guidance=("guidance", 3.5)))
 
 ADAPTERS: dict[str, ModelAdapter] = {
     "UNet2DConditionModel": UNET,

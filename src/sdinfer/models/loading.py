@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..schedules import NoiseSchedule
+from ..schedules import FlowMatchSchedule, NoiseSchedule
+from .calling import signature_of
 from .quiet import quiet_loading
 
 DEFAULT_DIR = Path(__file__).parent / "default" / "weights"
@@ -27,6 +29,8 @@ DEFAULT_DIR = Path(__file__).parent / "default" / "weights"
 DEFAULT_MODELS = {name: DEFAULT_DIR / name for name in ("unet", "dit", "unet-64", "dit-64")}
 DEFAULT_ALIASES = {"default": "unet"}
 DENOISER_COMPONENTS = ("unet", "transformer")
+# the text encoders of a pipeline, by diffusers' component names (FLUX has two, SD3 three)
+TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -37,12 +41,25 @@ class LoadedModel:
     name: str
     path: Path
     denoiser: torch.nn.Module
-    schedule: NoiseSchedule
+    schedule: NoiseSchedule | FlowMatchSchedule
     prediction_type: str
     text_encoder: torch.nn.Module | None = None
     tokenizer: object | None = None
     vae: torch.nn.Module | None = None
     scheduler_config: dict = field(default_factory=dict)
+    # the further text encoders of a FLUX / SD3 pipeline (``models/text_encoding.py`` combines them)
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object | None = None
+    text_encoder_3: torch.nn.Module | None = None
+    tokenizer_3: object | None = None
+    pipeline_class: str = ""    # model_index.json's _class_name
+
+    def schedule_at(self, size: int | None) -> NoiseSchedule | FlowMatchSchedule:
+        """The schedule for images of side ``size``: a resolution-dependent flow shift (FLUX's
+        ``use_dynamic_shifting``) is set by the image's token count; every other schedule is fixed."""
+        if size is None or not self.scheduler_config.get("use_dynamic_shifting"):
+            return self.schedule
+        return _flow_schedule(self.scheduler_config, self.path, (size // self.spatial_factor) ** 2)
 
     @property
     def family(self) -> str:
@@ -52,6 +69,9 @@ class LoadedModel:
     def sample_channels(self) -> int:
         """Channels of the sample the loop denoises (the model's input less coordinate channels)."""
         cfg = self.denoiser.config
+        packing = signature_of(self.denoiser).packing
+        if packing > 1:   # FLUX: the model takes (packing x packing) patches of the latent as tokens
+            return int(cfg.in_channels) // packing ** 2
         out = int(getattr(cfg, "out_channels", None) or cfg.in_channels)
         return out if int(cfg.in_channels) - out == 2 else int(cfg.in_channels)
 
@@ -66,11 +86,12 @@ class LoadedModel:
     def denoiser_factor(self) -> int:
         """The sample's side must be a multiple of this (patch size or UNet downsampling)."""
         cfg = self.denoiser.config
+        packing = signature_of(self.denoiser).packing
         if getattr(cfg, "patch_size", None):
-            return int(cfg.patch_size)
+            return int(cfg.patch_size) * packing
         if hasattr(cfg, "block_out_channels"):
             return 2 ** (len(cfg.block_out_channels) - 1)
-        return 1
+        return packing
 
     @property
     def spatial_factor(self) -> int:
@@ -87,11 +108,14 @@ class LoadedModel:
 
     @property
     def native_size(self) -> int:
-        """The image size the model was configured for."""
-        return int(self.denoiser.config.sample_size) * self.vae_factor
+        """The image size the model was configured for (a FLUX transformer names none: its VAE's)."""
+        sample_size = getattr(self.denoiser.config, "sample_size", None)
+        if sample_size is None and self.vae is not None:
+            return int(self.vae.config.sample_size)
+        return int(sample_size) * self.vae_factor
 
     def num_parameters(self) -> int:
-        mods = [self.denoiser, self.text_encoder, self.vae]
+        mods = [self.denoiser, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.vae]
         return sum(p.numel() for m in mods if m is not None for p in m.parameters())
 
 
@@ -177,7 +201,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
         except json.JSONDecodeError as err:
             raise UserError(f"{index} is not valid JSON ({err}); re-save the pipeline") from None
         parts = {}
-        for comp in ("unet", "transformer", "text_encoder", "tokenizer", "vae"):
+        for comp in (*DENOISER_COMPONENTS, *TEXT_COMPONENTS, "vae"):
             entry = spec.get(comp)
             if entry and entry[0] is not None and (path / comp).is_dir():
                 parts[comp] = _load_component(path / comp, entry[0], entry[1], dtype)
@@ -187,11 +211,14 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
                             "text-to-image pipeline saved with save_pretrained")
         sched_file = path / "scheduler" / "scheduler_config.json"
         sched_cfg = json.loads(sched_file.read_text()) if sched_file.exists() else {}
-        model = LoadedModel(name=name, path=path, denoiser=denoisers[0],
-                            schedule=_schedule(sched_cfg, path),
-                            prediction_type=sched_cfg.get("prediction_type", "epsilon"),
-                            text_encoder=parts.get("text_encoder"), tokenizer=parts.get("tokenizer"),
-                            vae=parts.get("vae"), scheduler_config=sched_cfg)
+        flow = sched_cfg.get("_class_name", "").startswith("FlowMatch")
+        model = LoadedModel(name=name, path=path, denoiser=denoisers[0], schedule=_schedule(sched_cfg, path),
+                            prediction_type="flow" if flow else sched_cfg.get("prediction_type", "epsilon"),
+                            vae=parts.get("vae"), scheduler_config=sched_cfg,
+                            pipeline_class=str(spec.get("_class_name", "")),
+                            **{comp: parts.get(comp) for comp in TEXT_COMPONENTS})
+        if sched_cfg.get("use_dynamic_shifting"):   # the shift at the model's own size
+            model.schedule = model.schedule_at(model.native_size)
     elif (path / "config.json").exists():
         cfg = json.loads((path / "config.json").read_text())
         cls = cfg.get("_class_name")
@@ -203,19 +230,43 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
     else:
         raise UserError(f"{path} is not a diffusers model: it has neither model_index.json nor "
                         "config.json; pass a folder saved with save_pretrained")
-    if model.text_encoder is not None and model.tokenizer is None:
-        raise UserError(f"pipeline {path} has a text encoder but no tokenizer folder; re-save it")
+    for suffix in ("", "_2", "_3"):
+        if getattr(model, f"text_encoder{suffix}") is not None and getattr(model, f"tokenizer{suffix}") is None:
+            raise UserError(f"pipeline {path} has a text_encoder{suffix} but no tokenizer{suffix} folder; re-save it")
     return model
 
 
-def _schedule(cfg: dict, path: Path) -> NoiseSchedule:
+def _schedule(cfg: dict, path: Path) -> NoiseSchedule | FlowMatchSchedule:
     if not cfg:
         raise UserError(f"pipeline {path} has no scheduler/scheduler_config.json; re-save it "
                         "with its scheduler")
     if cfg.get("_class_name", "").startswith("FlowMatch"):
-        raise UserError(f"{path} is a flow-matching model ({cfg['_class_name']}); flow-matching "
-                        "pipelines are not supported by the generation loop yet")
+        # a dynamic shift is set per image size (``LoadedModel.schedule_at``); any shift until then
+        return _flow_schedule(cfg, path, None)
     try:
         return NoiseSchedule.from_diffusers_config(cfg)
     except ValueError as err:
         raise UserError(f"{path}: {err}") from None
+
+
+def _flow_schedule(cfg: dict, path: Path, image_tokens: int | None) -> FlowMatchSchedule:
+    """A flow-matching schedule; with ``use_dynamic_shifting`` (FLUX), the shift for an image of
+    ``image_tokens`` tokens: mu linear in the token count from ``base_shift`` at
+    ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len``, and shift = e^mu (diffusers'
+    exponential time shift e^mu / (e^mu + 1/t - 1) is the fixed shift e^mu)."""
+    n = int(cfg.get("num_train_timesteps", 1000))
+    if not cfg.get("use_dynamic_shifting"):
+        try:
+            return FlowMatchSchedule.from_diffusers_config(cfg)
+        except ValueError as err:
+            raise UserError(f"{path}: {err}") from None
+    if cfg.get("time_shift_type", "exponential") != "exponential":
+        raise UserError(f"{path}: the {cfg['time_shift_type']} time shift is not supported; sdinfer takes the "
+                        "exponential one (FLUX's): set time_shift_type to exponential in the scheduler config")
+    if image_tokens is None:
+        return FlowMatchSchedule(n, 1.0)
+    base_len, max_len = float(cfg.get("base_image_seq_len", 256)), float(cfg.get("max_image_seq_len", 4096))
+    base_shift, max_shift = float(cfg.get("base_shift", 0.5)), float(cfg.get("max_shift", 1.15))
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    mu = base_shift + slope * (image_tokens - base_len)
+    return FlowMatchSchedule(n, math.exp(mu))

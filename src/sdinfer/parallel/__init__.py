@@ -30,6 +30,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from .. import cache
 from ..cache.base import STEP_TRACKER, CacheHandle, hook_name, shared_decisions
 from ..errors import UserError
+from ..specs import parse_config
 from .asyncdiff import AsyncDiffConfig, apply_asyncdiff
 from .cfg_parallel import CFGParallelConfig, apply_cfg_parallel
 from .comm import Communicator, PeerFailure
@@ -45,16 +46,6 @@ STRATEGIES: dict[str, tuple[type, Callable]] = {
     "asyncdiff": (AsyncDiffConfig, apply_asyncdiff),
     "pipefusion": (PipeFusionConfig, apply_pipefusion),
 }
-
-
-# the caches each strategy takes (installed after it, with sdinfer.accelerate): the exact splits
-# take every cache whose decisions are the same on every rank, data-dependent ones through
-# ``shared_decisions``; T-GATE changes the batch mid-run (it drops the unconditional half), and
-# the stale strategies (DistriFusion, PipeFusion, AsyncDiff) would cache features that are
-# themselves stale, which they, as xDiT, do not take
-_EXACT_CACHES = ("deepcache", "fora", "fbcache", "dbcache", "taylorseer", "teacache", "magcache", "blockcache",
-                 "l2c")
-CACHES_UNDER: dict[str, tuple[str, ...]] = {"cfg": _EXACT_CACHES, "ulysses": _EXACT_CACHES, "ring": _EXACT_CACHES}
 
 
 class StrategyHook(ModelHook):
@@ -77,15 +68,30 @@ def strategy_on(model: torch.nn.Module) -> str | None:
     return next((h.strategy for h in hooks.values() if isinstance(h, StrategyHook)), None)
 
 
+def caches_under(strategy: str) -> tuple[str, ...]:
+    """The caches that may run under ``strategy`` (``cfg+NAME``: under both; installed after it, with
+    sdinfer.accelerate): under an exact strategy (its config's ``exact``) every cache whose config
+    allows it (``CacheConfig.exact_parallel``), data-dependent decisions made alike on every rank
+    through ``shared_decisions``; under a stale one (DistriFusion, PipeFusion, AsyncDiff) none."""
+    if not all(STRATEGIES[name][0].exact for name in strategy.split("+")):
+        return ()
+    return cache.exact_parallel_methods()
+
+
 def cache_refusal(strategy: str, method: str) -> str | None:
     """Why cache ``method`` cannot run under ``strategy`` (``cfg+NAME``: under both), or None."""
-    takes = tuple(m for m in _EXACT_CACHES if all(m in CACHES_UNDER.get(s, ()) for s in strategy.split("+")))
+    takes = caches_under(strategy)
     if method in takes:
         return None
     return (f"{method} cannot run under the {strategy} parallel strategy: "
             + (f"it takes {', '.join(takes)}" if takes else
                f"{strategy} computes with stale activations and takes no cache")
-            + "; drop the cache or use another strategy (cfg, ulysses and ring take most caches)")
+            + f"; drop the cache or use another strategy ({_exact_strategies()} take most caches)")
+
+
+def _exact_strategies() -> str:
+    names = [name for name, (config_cls, _) in STRATEGIES.items() if config_cls.exact]
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
 
 
 def check_cache(model: torch.nn.Module, method: str) -> None:
@@ -114,6 +120,10 @@ class CFGCombinedConfig:
     inner: object
     needs_guidance = True
 
+    @property
+    def exact(self) -> bool:
+        return self.inner.exact
+
     def check_world_size(self, size: int) -> None:
         if size % 2 or size < 4:
             raise ValueError(f"cfg+{strategy_of(self.inner)} runs the two guidance branches on two halves of the "
@@ -131,7 +141,7 @@ def parse_spec(spec: str):
                         f"halves of the ranks, NAME within each half), NAME one of "
                         f"{', '.join(n for n in STRATEGIES if n != 'cfg')}")
     try:
-        configs = [cache.parse_spec(part, STRATEGIES, "parallel strategy") for part in parts]
+        configs = [parse_config(part, STRATEGIES, "parallel strategy") for part in parts]
     except ValueError as err:
         raise UserError(str(err)) from None
     if len(configs) == 1:

@@ -66,6 +66,7 @@ class AsyncDiffConfig:
 
     warmup_steps: int = 1   # AsyncDiff's default warm_up
     stride: int = 1
+    exact = False   # stale activations: caching them would reuse features that are stale already (as xDiT)
 
     def __post_init__(self):
         if self.warmup_steps < 1:

@@ -35,6 +35,7 @@ class CFGParallelConfig:
     """``cfg``: the guidance branches split over two ranks."""
 
     needs_guidance = True
+    exact = True   # every rank computes what one device would: the caches may run under it
 
     def check_world_size(self, size: int) -> None:
         if size != 2:

@@ -48,12 +48,12 @@ On the default UNet at 64 x 64, guided (B 2), N 2, float32: 28 convs (sum of C W
 36160), 4 self-attention layers (S 256, D 64), 30 GroupNorms (G 8), output 3 channels:
 578560 + 524288 + 3840 + 49152 = 1155840 bytes a step (tested).
 
-Quality (measured: 2 ranks, the default UNet at 64 x 64, DDIM 50 steps, cfg 4, one prompt, PSNR
-against one device): 23.5 dB with the defaults (warm-up 0, 1, 2 or 4 alike, +-0.03 dB), 21.4 dB
-with ``sync`` GroupNorm, 20.8 dB with ``stale``.  No seam: at twice its training size the model
-decides midway through sampling where its shapes go, and the stale steps move, grow or add one;
-a warm-up over about half the steps (25 of 50) gives 29-39 dB on three prompts.  Fed the same
-input twice, a stale step equals a fresh one (tested): the staleness is the only approximation.
+Quality against one device (PSNR of each GroupNorm mode and warm-up): BENCHMARKS.md,
+multi-device strategies; ``corrected`` GroupNorm kept the most.  There is no seam: the loss comes
+from the model deciding midway through sampling where its shapes go (at twice its training
+size), which the stale steps move, grow or add one to; a warm-up over about half the steps
+recovers most of it.  Fed the same input twice, a stale step equals a fresh one (tested): the
+staleness is the only approximation.
 
 Patches must line up at every level: the latent height must divide by N x 2^(levels - 1), the
 UNet's total downsampling.  State (the buffers of the previous step) is kept per generation and
@@ -87,6 +87,7 @@ class DistriFusionConfig:
 
     warmup_steps: int = 4        # the paper's default: synchronous steps after the first, before going stale
     gn_mode: str = "corrected"   # "corrected", "stale" or "sync" (see the module docstring)
+    exact = False   # stale activations: caching them would reuse features that are stale already (as xDiT)
 
     def __post_init__(self) -> None:
         if int(self.warmup_steps) != self.warmup_steps or self.warmup_steps < 0:

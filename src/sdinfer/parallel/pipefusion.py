@@ -83,6 +83,7 @@ class PipeFusionConfig:
 
     warmup_steps: int = 1
     patches: int | None = None
+    exact = False   # stale activations: caching them would reuse features that are stale already (as xDiT)
 
     def __post_init__(self) -> None:
         if isinstance(self.patches, str):   # parsed from a spec: the default None gives no type

@@ -58,6 +58,8 @@ from .comm import Communicator
 class SequenceParallelConfig:
     """Any world size: what must divide by it (heads, image tokens) is checked on the model."""
 
+    exact = True   # every rank computes what one device would: the caches may run under it
+
     def check_world_size(self, size: int) -> None:
         return None
 
