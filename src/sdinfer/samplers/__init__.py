@@ -4,6 +4,7 @@ adaptive DPM-Solver, ParaDiGMS, ParaTAA), all in the one registry ``SAMPLERS``."
 
 from __future__ import annotations
 
+from ..specs import parse_spec
 from .base import (BoundModel, Sampler, SamplerState, StepSampler, continuous_grid, sample_loop,
                    timestep_grid)
 from .ddim import DDIM
@@ -52,31 +53,15 @@ def get_sampler(spec: str) -> Sampler:
     of samplers by step range, e.g. ``ddim:0-10,dpm-solver++:10-20`` or ``sampler-scheduler``."""
     if is_schedule_spec(spec):
         return SamplerSchedule(spec)
-    name, _, opts = spec.partition(":")
-    name = name.strip().lower()
+    name = spec.partition(":")[0].strip().lower()
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; available: {', '.join(sorted(SAMPLERS))}")
-    kwargs = {}
-    for item in filter(None, opts.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"sampler option {item!r} must look like key=value")
-        kwargs[key.strip()] = _option_value(value.strip())
+    _, kwargs = parse_spec(spec, "sampler")
     try:
         return SAMPLERS[name](**kwargs)
     except TypeError:
         raise ValueError(f"sampler {name!r} has no option among {sorted(kwargs)}") from None
 
-
-def _option_value(text: str):
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 __all__ = ["Sampler", "StepSampler", "SamplerState", "BoundModel", "SAMPLERS", "get_sampler", "sample_loop",
