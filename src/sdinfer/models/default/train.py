@@ -4,9 +4,9 @@ Objective: v-prediction (Salimans & Ho 2022), either plain (weight 1 on the v
 error, i.e. SNR + 1 on the x0 error) or with Min-SNR-gamma weighting (Hang et
 al. 2023, weight min(SNR, gamma) / (SNR + 1) for v).  Min-SNR gives the
 high-noise steps, where layout and colour are decided, almost no weight
-(SNR < 0.1 for half of the linear schedule's steps): with it the UNet followed
-7% of held-out captions after 1,000 steps and the DiT ignored the text, so both
-default models train with the plain loss.  Caption dropout for classifier-free
+(SNR < 0.1 for half of the linear schedule's steps): with it the default models
+hardly learned to follow the text (BENCHMARKS.md, "History"), so both default
+models train with the plain loss.  Caption dropout for classifier-free
 guidance (Ho & Salimans 2022) and an EMA of the weights complete it.
 The batch for step k is drawn from a generator seeded with (seed, k), so a run
 resumed from a checkpoint sees exactly the data an uninterrupted run would, and
