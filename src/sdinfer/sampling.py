@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from .denoiser import Denoiser
+from .devices import work_dtype
 from .samplers import get_sampler, sample_loop
 from .samplers.base import check_final_fits
 from .samplers.diffusers_scheduler import DiffusersSampler
@@ -47,14 +48,17 @@ def sample(model: Callable, x_T: torch.Tensor, schedule, sampler="dpm-solver++",
     ``OptimalGrid`` (``samplers.optimal_grid``).  ``analytic_first_step``: the first step
     without a model call (``samplers.analytic_first_step``)."""
     sched = as_schedule(schedule)
+    given_dtype = x_T.dtype
+    x_T = x_T.to(work_dtype(given_dtype))   # the sampler's arithmetic in float32 for a half x_T
 
     def model_fn(x, t, text):
-        return model(x, t) if text is None else model(x, t, text)
+        x = x.to(given_dtype)
+        return (model(x, t) if text is None else model(x, t, text)).to(x_T.dtype)
 
     if isinstance(sampler, str) and sampler.split(":")[0].strip().lower() == ADAPTIVE:
         # its own step sizes: ``steps`` does not apply; options order, rtol, atol, ...
         den = Denoiser(model_fn, sched, prediction_type, guidance_scale)
-        return dpm_solver_adaptive(den, x_T, cond, uncond, **options).x
+        return dpm_solver_adaptive(den, x_T, cond, uncond, **options).x.to(given_dtype)
     if isinstance(sampler, str):
         spec = sampler + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
         solver = get_sampler(spec)
@@ -72,4 +76,4 @@ def sample(model: Callable, x_T: torch.Tensor, schedule, sampler="dpm-solver++",
     den = Denoiser(model_fn, sched, prediction_type, guidance_scale)
     return sample_loop(den, solver, x_T, steps, cond, uncond, generator=generator,
                        spacing=spacing, timesteps=timesteps, final=final,
-                       analytic_first_step=analytic_first_step)
+                       analytic_first_step=analytic_first_step).to(given_dtype)

@@ -105,7 +105,7 @@ def apply_magcache(model: torch.nn.Module, config: MagCacheConfig, handle: Cache
 
 # --- calibration ----------------------------------------------------------------------------------
 def _norms(residual: torch.Tensor) -> torch.Tensor:
-    return residual.flatten(1).norm(dim=1)
+    return residual.flatten(1).float().norm(dim=1)
 
 
 class RatioRecorder:

@@ -176,6 +176,7 @@ def apply_teacache(model: torch.nn.Module, config: TeaCacheConfig, handle: Cache
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """mean|current - previous| / mean|previous| of each sample of a batch."""
     dims = tuple(range(1, current.ndim))
+    current, previous = current.float(), previous.float()
     return (current - previous).abs().mean(dims) / previous.abs().mean(dims).clamp(min=1e-12)
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import draw_noise
+
 
 @dataclass
 class DDPM:
@@ -32,5 +34,5 @@ class DDPM:
         var = (1 - ab_s) / (1 - ab_t) * b
         if t_next == 0.0 or var <= 0:
             return mean
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        noise = draw_noise(x.shape, generator, x)
         return mean + var**0.5 * noise

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import draw_noise
 from .exponential_integrator import exponential_update
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver")
@@ -109,6 +110,6 @@ class DPMSolverMultistep:
                     d2 = 2.0 * d2
         noise = None
         if self.sde:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            noise = draw_noise(x.shape, generator, x)
         return exponential_update(sched, x, t, t_next, h, m0, d1, d2, data=data,
                                   midpoint=order == 2, noise=noise)
