@@ -139,7 +139,7 @@ def calibrate_magcache(run: CalibrationRun) -> Calibration:
         handle.remove()
     ratios = torch.ones(run.steps, dtype=torch.float64)
     for step, values in recorder.ratios.items():
-        ratios[step] = torch.cat(values).double().mean()
+        ratios[step] = torch.cat(values).cpu().double().mean()
     meta = {"denoiser": type(model).__name__, "samples": len(run.prompts), "steps": run.steps,
             "sampler": run.sampler, "guidance_scale": run.guidance_scale}
     if len(recorder.branches) == 2:

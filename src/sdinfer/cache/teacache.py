@@ -208,8 +208,8 @@ def calibrate_teacache(run: CalibrationRun) -> Calibration:
         run.generate()
     finally:
         handle.remove()
-    x = torch.cat([x for x, _ in recorder.pairs]).double().numpy()
-    y = torch.cat([y for _, y in recorder.pairs]).double().numpy()
+    x = torch.cat([x for x, _ in recorder.pairs]).cpu().double().numpy()
+    y = torch.cat([y for _, y in recorder.pairs]).cpu().double().numpy()
     if len(x) <= DEGREE:
         raise ValueError(f"teacache's polynomial of degree {DEGREE} needs more than {DEGREE} pairs of changes "
                          f"between steps; these runs gave {len(x)}: calibrate on more samples or steps")
