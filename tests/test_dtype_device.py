@@ -173,7 +173,6 @@ def test_bfloat16_end_to_end(f32_pipes, bf16_pipes, model):
     assert psnr(out, ref) > MIN_PSNR[model]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["dpm-solver++", "dpm-solver-v3", "unipc", "ddim:eta=1"])
 def test_bfloat16_samplers(f32_pipes, bf16_pipes, sampler):
     ref, out = _pair(f32_pipes, bf16_pipes, "unet", sampler=sampler)
@@ -186,7 +185,6 @@ def uncached_bf16(bf16_pipes):
     return {m: pipe(PROMPTS, steps=CACHE_STEPS).pixels for m, pipe in bf16_pipes.items()}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model,spec", [("unet", "deepcache:interval=2"), ("unet", "teacache:threshold=0.3"),
                                         ("dit", "fora:interval=2"), ("dit", "teacache:threshold=0.3"),
                                         ("dit", "fbcache:threshold=0.3"), ("dit", "magcache:threshold=0.3")])
