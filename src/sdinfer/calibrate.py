@@ -93,7 +93,7 @@ def compute_ems(denoiser, x_T: torch.Tensor, cond, uncond, points: int = 250, re
         xg = x.detach().requires_grad_(True)
         with torch.enable_grad():
             pred = denoiser(xg, t, cond, uncond, ctx)
-            v = torch.randint(0, 2, x.shape, generator=generator, dtype=x.dtype) * 2 - 1
+            v = torch.randint(0, 2, x.shape, generator=generator, dtype=x.dtype).to(x.device) * 2 - 1
             (vjp,) = torch.autograd.grad(sigma * pred.eps, xg, v)
         eps, x0 = pred.eps.detach(), pred.x0.detach()
         l = _mean(v * vjp, reduce)
@@ -109,7 +109,7 @@ def compute_ems(denoiser, x_T: torch.Tensor, cond, uncond, points: int = 250, re
         x = (sigma_t / sigma) * x - alpha_t * torch.expm1(torch.tensor(-h)).item() * d
         prev_x0, prev_h = x0, h
     f = torch.stack(fs)                                     # (K + 1, B, ...)
-    dlam = lam.to(f.dtype).view(-1, *([1] * (f.ndim - 1)))
+    dlam = lam.to(f).view(-1, *([1] * (f.ndim - 1)))
     df = torch.empty_like(f)
     df[1:-1] = (f[2:] - f[:-2]) / (dlam[2:] - dlam[:-2])
     df[0] = (f[1] - f[0]) / (dlam[1] - dlam[0])
@@ -122,7 +122,7 @@ def compute_ems(denoiser, x_T: torch.Tensor, cond, uncond, points: int = 250, re
         s = cov / var.clamp(min=1e-12)
         s_list.append(s)
         b_list.append(mdf - s * mf)
-    l, s, b = (smooth_along_lambda(torch.stack(v).to(torch.float64), lam, smooth)
+    l, s, b = (smooth_along_lambda(torch.stack(v).cpu().to(torch.float64), lam, smooth)
                for v in (ls, s_list, b_list))
     return EMS(lam, l, s, b, {**(meta or {}), "points": points, "samples": int(x_T.shape[0]),
                               "reduce": reduce, "smooth": smooth})

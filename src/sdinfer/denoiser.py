@@ -75,7 +75,9 @@ class Denoiser:
 
         ``t`` is one continuous time, or a 1-D tensor of one time per sample (parallel
         samplers evaluate several steps in one call, and count it as ``evaluations``)."""
-        model_t = self.schedule.model_time(t).to(dtype=x.dtype, device=x.device)
+        # never a half-precision timestep: bfloat16 rounds 999 to 1000
+        model_t = self.schedule.model_time(t).to(dtype=torch.promote_types(x.dtype, torch.float32),
+                                                 device=x.device)
         if model_t.ndim == 0:
             model_t = model_t.expand(x.shape[0])
         if self.uses_guidance:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from .denoiser import Denoiser
+from .devices import cast_model_fn
 from .errors import UserError
 from .generation_config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig
 from .memory import check_fits
@@ -45,14 +46,12 @@ class Pipeline:
         self.model = model
 
     @classmethod
-    def from_pretrained(cls, name_or_path="default", dtype: torch.dtype = torch.float32,
-                        device: torch.device | str | None = None) -> "Pipeline":
-        model = load_model(name_or_path, dtype=dtype)
-        if device is not None and torch.device(device) != torch.device("cpu"):
-            for part in (model.denoiser, model.text_encoder, model.vae):
-                if part is not None:
-                    part.to(device)
-        return cls(model)
+    def from_pretrained(cls, name_or_path="default", device: torch.device | str | None = None,
+                        dtype: torch.dtype | str | None = None) -> "Pipeline":
+        """``device``: cpu (default), cuda, cuda:N or mps; ``dtype``: float32 (default), float16
+        or bfloat16 (names or torch objects; ``sdinfer.devices`` checks them).  The sampler works
+        in float32 on the device whatever the model's dtype; images come back on the CPU."""
+        return cls(load_model(name_or_path, dtype=dtype, device=device))
 
     # ---- conditioning ----------------------------------------------------------
     def unknown_words(self, prompt: str) -> list[str]:
@@ -86,7 +85,7 @@ class Pipeline:
         texts = [p.lower() for p in prompts] if getattr(tok, "do_lower_case", False) else prompts
         ids = tok(texts, padding="max_length", max_length=max_len, truncation=True,
                   return_tensors="pt").input_ids
-        out = te(ids)
+        out = te(ids.to(self.model.device))
         return TextConditioning(out[0], getattr(out, "pooler_output", None))
 
     # ---- checks ------------------------------------------------------------------
@@ -105,17 +104,21 @@ class Pipeline:
 
     # ---- generation --------------------------------------------------------------
     def noise(self, seeds: list[int], size: int, dtype=torch.float32) -> torch.Tensor:
-        """One noise tensor per seed, so an image does not depend on its batch."""
+        """One noise tensor per seed, so an image does not depend on its batch; drawn on the CPU
+        in float32 (the same numbers on every device), then put on the model's device."""
         side = size // self.model.vae_factor
         shape = (self.model.sample_channels, side, side)
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=dtype)
-                            for s in seeds])
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s))
+                             for s in seeds])
+        return noise.to(device=self.model.device, dtype=dtype)
 
     def denoiser(self, guidance_scale: float, size: int | None = None) -> Denoiser:
-        """The guided denoiser; ``size``: the image side, where the schedule depends on it (FLUX)."""
+        """The model as the sampler sees it: called in its own dtype, its output (and so guidance
+        and the sampler's arithmetic) in the sample's dtype, float32 from ``noise``; ``size``: the
+        image side, where the schedule depends on it (FLUX)."""
         net = self.model.denoiser
-        return Denoiser(lambda x, t, text: call_denoiser(net, x, t, text), self.model.schedule_at(size),
-                        self.model.prediction_type, guidance_scale)
+        model_fn = cast_model_fn(lambda x, t, text: call_denoiser(net, x, t, text), self.model.dtype)
+        return Denoiser(model_fn, self.model.schedule_at(size), self.model.prediction_type, guidance_scale)
 
     def attach_statistics(self, solver, guidance_scale: float) -> None:
         """DPM-Solver-v3 without statistics given takes the ones the model ships for this scale."""
@@ -216,7 +219,7 @@ class Pipeline:
         vae = self.model.vae
         if vae is not None:
             x = x / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-            x = vae.decode(x, return_dict=False)[0]
+            x = vae.decode(x.to(vae.dtype), return_dict=False)[0]
         return ((x.float().clamp(-1, 1) + 1) / 2).cpu()
 
     @torch.no_grad()
@@ -260,15 +263,14 @@ class Pipeline:
             self._check_final(final, spacing, solver, steps)
         size = self.check_size(size)
         check_fits(self.model, size, len(prompts), guidance_scale != 1.0 and self.model.text_encoder is not None,
-                   next(self.model.denoiser.parameters()).device, next(self.model.denoiser.parameters()).dtype)
+                   self.model.device, self.model.dtype)
         seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
         start = time.perf_counter()
-        dtype = next(self.model.denoiser.parameters()).dtype
         cond = self.encode(prompts)
         use_cfg = guidance_scale != 1.0 and cond is not None
         uncond = self.encode([""] * len(prompts)) if use_cfg else None
         den = self.denoiser(guidance_scale if use_cfg else 1.0, size)
-        x = self.noise(seeds, size, dtype)
+        x = self.noise(seeds, size)
         bar = None
         if progress:
             from tqdm.auto import tqdm

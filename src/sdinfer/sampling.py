@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from .denoiser import Denoiser
+from .devices import work_dtype
 from .samplers import get_sampler, sample_loop
 from .samplers.base import check_final_fits
 from .samplers.diffusers_scheduler import DiffusersSampler
@@ -45,9 +46,12 @@ def sample(model: Callable, x_T: torch.Tensor, schedule, sampler="dpm-solver++",
     grid name, or a grid object such as a GITS ``OptimalGrid`` (``samplers.optimal_grid``).  ``analytic_first_step``: the first step
     without a model call (``samplers.analytic_first_step``)."""
     sched = as_schedule(schedule)
+    given_dtype = x_T.dtype
+    x_T = x_T.to(work_dtype(given_dtype))   # the sampler's arithmetic in float32 for a half x_T
 
     def model_fn(x, t, text):
-        return model(x, t) if text is None else model(x, t, text)
+        x = x.to(given_dtype)
+        return (model(x, t) if text is None else model(x, t, text)).to(x_T.dtype)
 
     if isinstance(sampler, str):
         extra = ",".join(f"{k}={v}" for k, v in options.items())
@@ -67,4 +71,4 @@ def sample(model: Callable, x_T: torch.Tensor, schedule, sampler="dpm-solver++",
     den = Denoiser(model_fn, sched, prediction_type, guidance_scale)
     return sample_loop(den, solver, x_T, steps, cond, uncond, generator=generator,
                        spacing=spacing, timesteps=timesteps, final=final,
-                       analytic_first_step=analytic_first_step)
+                       analytic_first_step=analytic_first_step).to(given_dtype)

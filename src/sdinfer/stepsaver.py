@@ -99,7 +99,7 @@ def prompt_features(pipe, prompts: list[str]) -> torch.Tensor:
     parts = [text.states.float().mean(1)]
     if text.pooled is not None:
         parts.append(text.pooled.float().reshape(len(prompts), -1))
-    return torch.cat(parts, dim=1)
+    return torch.cat(parts, dim=1).cpu()   # the predictor lives on the CPU
 
 
 class StepPredictor:

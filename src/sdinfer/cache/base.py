@@ -76,7 +76,9 @@ def shared_decisions(reduce: Callable[[torch.Tensor], torch.Tensor]):
 def relative_change(current: torch.Tensor, reference: torch.Tensor) -> float:
     """sum|current - reference| / sum|reference| (the relative L1 change of the whole tensor),
     summed over the ranks of a parallel strategy that splits it (``shared_decisions``)."""
-    sums = torch.stack([(current - reference).abs().sum(), reference.abs().sum()]).double()
+    current, reference = current.float(), reference.float()   # half-precision sums lose digits
+    sums = torch.stack([(current - reference).abs().sum(), reference.abs().sum()])
+    sums = sums if sums.device.type == "mps" else sums.double()   # MPS has no float64
     reduce = _decision_reduce.get()
     if reduce is not None:
         sums = reduce(sums)

@@ -215,8 +215,8 @@ class ProfileRecorder:
                 moments.append([torch.zeros(self.steps, 1, dtype=torch.float64)] +
                                [torch.zeros(self.steps, t.shape[channels], dtype=torch.float64) for _ in range(2)])
             moments[i][0][step] += t.numel() // t.shape[channels]
-            moments[i][1][step] += t.sum(others).double()
-            moments[i][2][step] += t.square().sum(others).double()
+            moments[i][1][step] += t.sum(others).cpu().double()   # the moments live on the CPU
+            moments[i][2][step] += t.square().sum(others).cpu().double()
 
     def tensors(self, units: list[str]) -> dict[str, torch.Tensor]:
         if (self.samples[:, 1:] == 0).any():

@@ -103,7 +103,7 @@ def apply_magcache(model: torch.nn.Module, config: MagCacheConfig, handle: Cache
 
 # --- calibration ----------------------------------------------------------------------------------
 def _norms(residual: torch.Tensor) -> torch.Tensor:
-    return residual.flatten(1).norm(dim=1)
+    return residual.flatten(1).float().norm(dim=1)
 
 
 class RatioRecorder:
@@ -137,7 +137,7 @@ def calibrate_magcache(run: CalibrationRun) -> Calibration:
         handle.remove()
     ratios = torch.ones(run.steps, dtype=torch.float64)
     for step, values in recorder.ratios.items():
-        ratios[step] = torch.cat(values).double().mean()
+        ratios[step] = torch.cat(values).cpu().double().mean()
     meta = {"denoiser": type(model).__name__, "samples": len(run.prompts), "steps": run.steps,
             "sampler": run.sampler, "guidance_scale": run.guidance_scale}
     if len(recorder.branches) == 2:

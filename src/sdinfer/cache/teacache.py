@@ -176,6 +176,7 @@ def apply_teacache(model: torch.nn.Module, config: TeaCacheConfig, handle: Cache
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """mean|current - previous| / mean|previous| of each sample of a batch."""
     dims = tuple(range(1, current.ndim))
+    current, previous = current.float(), previous.float()
     return (current - previous).abs().mean(dims) / previous.abs().mean(dims).clamp(min=1e-12)
 
 
@@ -207,8 +208,8 @@ def calibrate_teacache(run: CalibrationRun) -> Calibration:
         run.generate()
     finally:
         handle.remove()
-    x = torch.cat([x for x, _ in recorder.pairs]).double().numpy()
-    y = torch.cat([y for _, y in recorder.pairs]).double().numpy()
+    x = torch.cat([x for x, _ in recorder.pairs]).cpu().double().numpy()
+    y = torch.cat([y for _, y in recorder.pairs]).cpu().double().numpy()
     if len(x) <= DEGREE:
         raise ValueError(f"teacache's polynomial of degree {DEGREE} needs more than {DEGREE} pairs of changes "
                          f"between steps; these runs gave {len(x)}: calibrate on more samples or steps")

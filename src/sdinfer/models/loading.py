@@ -114,6 +114,15 @@ class LoadedModel:
             return int(self.vae.config.sample_size)
         return int(sample_size) * self.vae_factor
 
+    @property
+    def device(self) -> torch.device:
+        """Where the denoiser's weights are (the text encoder and VAE are loaded beside it)."""
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
     def num_parameters(self) -> int:
         mods = [self.denoiser, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.vae]
         return sum(p.numel() for m in mods if m is not None for p in m.parameters())
@@ -191,8 +200,22 @@ def _load_component(folder: Path, library: str, class_name: str, dtype: torch.dt
     return model.eval()
 
 
-def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a shipped default model or a diffusers folder."""
+def load_model(name_or_path: str | Path, dtype: torch.dtype | str | None = torch.float32,
+               device: torch.device | str | None = None) -> LoadedModel:
+    """Load a shipped default model or a diffusers folder, its modules in ``dtype`` on
+    ``device`` (names or torch objects, checked by ``sdinfer.devices``; default CPU float32)."""
+    from ..devices import check_combination, resolve_device, resolve_dtype
+
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    check_combination(device, dtype)
+    model = _load_model(name_or_path, dtype)
+    for module in (model.denoiser, model.text_encoder, model.vae):
+        if module is not None and device.type != "cpu":
+            module.to(device)
+    return model
+
+
+def _load_model(name_or_path: str | Path, dtype: torch.dtype) -> LoadedModel:
     name, path = resolve(name_or_path)
     index = path / "model_index.json"
     if index.exists():

@@ -71,9 +71,22 @@ class RankInfo:
         return cls(rank, world, local, os.environ.get(STORE_ENV) or None)
 
 
-def default_backend() -> str:
-    """nccl where CUDA GPUs are there to hold the tensors, gloo on the CPU."""
-    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+def local_world_size(info: RankInfo) -> int:
+    """How many ranks share this machine (torchrun and ``launch_local`` set LOCAL_WORLD_SIZE)."""
+    try:
+        return int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    except ValueError:
+        return info.world_size
+
+
+def default_backend(device: torch.device | str | None = None, info: RankInfo | None = None) -> str:
+    """The backend that carries tensors of ``device`` (None: the CPU): gloo on the CPU, nccl
+    when every rank on the machine has a GPU of its own, gloo when ranks share one."""
+    from ..devices import distributed_backend
+
+    device = torch.device(device if device is not None else "cpu")
+    backend = distributed_backend(device, local_world_size(info) if info else 1)
+    return "gloo" if backend == "nccl" and not dist.is_nccl_available() else backend
 
 
 def check_backend(name: str) -> str:
@@ -87,18 +100,24 @@ def check_backend(name: str) -> str:
 
 
 def init_process_group(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
-                       info: RankInfo | None = None) -> RankInfo:
-    """Join the ranks of torchrun or ``launch_local`` (no-op if already joined)."""
+                       info: RankInfo | None = None, device: torch.device | str | None = None) -> RankInfo:
+    """Join the ranks of torchrun or ``launch_local`` (no-op if already joined).  ``device``:
+    where this rank's model runs (``devices.rank_device`` gives each rank its GPU); with no
+    ``backend`` named, the backend follows it (``default_backend``)."""
     global _store
     info = info or RankInfo.from_env()
     if info is None:
         raise UserError("no rank environment (RANK, WORLD_SIZE): launch with torchrun --nproc-per-node N, "
                         "or with sdinfer's --world-size N")
-    backend = check_backend(backend or default_backend())
+    backend = check_backend(backend or default_backend(device, info))
     if dist.is_initialized():
         return info
     timeout = datetime.timedelta(seconds=timeout_s)
-    if backend == "nccl":
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        from ..devices import rank_device
+        torch.cuda.set_device(rank_device(device, info.local_rank))
+    elif backend == "nccl":
         torch.cuda.set_device(info.local_rank)
     if info.store:
         host, _, port = info.store.rpartition(":")

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
+from ..devices import draw_noise
 from .base import StepSampler
 
 
@@ -40,6 +40,6 @@ class DDIM(StepSampler):
             s = self.eta * (s_n / s_t) * (1.0 - (a_t / a_n) ** 2) ** 0.5
         x_next = a_n * pred.x0 + max(s_n**2 - s**2, 0.0) ** 0.5 * pred.eps
         if s > 0:
-            noise = torch.randn(x.shape, generator=state.generator, dtype=x.dtype, device=x.device)
+            noise = draw_noise(x.shape, state.generator, x)
             x_next = x_next + s * noise
         return x_next

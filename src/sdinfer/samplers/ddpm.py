@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
+from ..devices import draw_noise
 from .base import StepSampler
 
 
@@ -34,5 +34,5 @@ class DDPM(StepSampler):
         var = (1 - ab_s) / (1 - ab_t) * b
         if t_next == 0.0 or var <= 0:
             return mean
-        noise = torch.randn(x.shape, generator=state.generator, dtype=x.dtype, device=x.device)
+        noise = draw_noise(x.shape, state.generator, x)
         return mean + var**0.5 * noise

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
+from ..devices import draw_noise
 from .base import StepSampler
 from .exponential_integrator import exponential_update
 
@@ -110,6 +110,6 @@ class DPMSolverMultistep(StepSampler):
                     d2 = 2.0 * d2
         noise = None
         if self.sde:
-            noise = torch.randn(x.shape, generator=state.generator, dtype=x.dtype, device=x.device)
+            noise = draw_noise(x.shape, state.generator, x)
         return exponential_update(sched, x, t, t_next, h, m0, d1, d2, data=data,
                                   midpoint=order == 2, noise=noise)

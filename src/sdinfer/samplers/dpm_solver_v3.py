@@ -128,7 +128,7 @@ class DPMSolverV3(StepSampler):
             now, before = hist[0], hist[1]
             others = [now, *hist[2:]][:c_order - 1]
             corrected = self._update(ems, before, now.lam, now.alpha, others, self.c_pseudo)
-            l_now = self._integrals(ems, before.lam, now.lam, others).l_at[1].to(x.dtype)
+            l_now = self._integrals(ems, before.lam, now.lam, others).l_at[1].to(x)
             fixed = now.sigma * now.eps - l_now * now.x
             now.x, now.eps = corrected, (fixed + l_now * corrected) / now.sigma
         if t_next == 0.0:
@@ -152,7 +152,7 @@ class DPMSolverV3(StepSampler):
     def _update(self, ems: EMS, s: _Point, lam_t: float, alpha_t: float, others: list[_Point],
                 pseudo: bool) -> torch.Tensor:
         ints = self._integrals(ems, s.lam, lam_t, others)
-        dt = s.x.dtype
+        dt = s.x   # .to(dt): the statistics on the sample's device, in its dtype
 
         def f(p: _Point, l: torch.Tensor) -> torch.Tensor:
             return (p.sigma * p.eps - l.to(dt) * p.x) / p.alpha
@@ -181,6 +181,6 @@ def _derivatives(lams: list[float], gs: list[torch.Tensor], pseudo: bool) -> lis
         return [table[i][0] * math.factorial(i) for i in range(1, n + 1)]
     offsets = torch.tensor([lam - lams[0] for lam in lams[1:]], dtype=torch.float64)
     system = torch.stack([offsets**k for k in range(1, n + 1)], dim=1)          # (n, n)
-    inverse = torch.linalg.inv(system).to(gs[0].dtype)
+    inverse = torch.linalg.inv(system).to(gs[0])
     diffs = [g - gs[0] for g in gs[1:]]
     return [sum(inverse[k, i] * diffs[i] for i in range(n)) * math.factorial(k + 1) for k in range(n)]

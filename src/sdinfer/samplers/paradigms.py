@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import draw_noise
 from .base import BoundModel, continuous_grid
 
 DRIFTS = ("ddim", "ddpm")
@@ -41,7 +42,7 @@ def step_variances(alpha: torch.Tensor) -> torch.Tensor:
     t_i to t_{i+1}, (1 - abar_{i+1}) / (1 - abar_i) (1 - abar_i / abar_{i+1}); v_N = v_{N-1}."""
     abar = alpha.double() ** 2
     if len(abar) < 3:   # one step: exact after one round whatever the tolerance
-        return torch.ones(1, dtype=torch.float64)
+        return torch.ones(1, dtype=torch.float64, device=alpha.device)
     v = (1 - abar[2:]) / (1 - abar[1:-1]) * (1 - abar[1:-1] / abar[2:])
     return torch.cat([v, v[-1:]]).clamp(min=1e-12)
 
@@ -94,8 +95,8 @@ def paradigms_on_grid(model, x_T: torch.Tensor, grid: list[float], window: int, 
     alpha, sigma = sched.alpha(times), sched.sigma(times)
     noise = None
     if drift == "ddpm":
-        noise = torch.randn((steps, *x_T.shape), generator=generator, dtype=x_T.dtype)
-    var = step_variances(alpha).to(x_T.dtype)
+        noise = draw_noise((steps, *x_T.shape), generator, x_T)
+    var = step_variances(alpha).to(x_T)
     b = x_T.shape[0]
     xs = [x_T] * (steps + 1)
     a, rounds, evaluations = 0, 0, 0
@@ -112,11 +113,11 @@ def paradigms_on_grid(model, x_T: torch.Tensor, grid: list[float], window: int, 
         shape = (p, b, *x_T.shape[1:])
         x0, eps, x_cur = pred.x0.view(shape), pred.eps.view(shape), x_in.view(shape)
         view = (p,) + (1,) * x_T.ndim
-        a_n, s_n = alpha[idx + 1].view(view).to(x_T.dtype), sigma[idx + 1].view(view).to(x_T.dtype)
+        a_n, s_n = alpha[idx + 1].view(view).to(x_T), sigma[idx + 1].view(view).to(x_T)
         if drift == "ddim":
             x_next = a_n * x0 + s_n * eps
         else:
-            a_t = alpha[idx].view(view).to(x_T.dtype)
+            a_t = alpha[idx].view(view).to(x_T)
             ab_t, ab_n = a_t**2, a_n**2
             ratio = ab_t / ab_n
             mean = (ab_n.sqrt() * (1 - ratio) / (1 - ab_t)) * x0 + \

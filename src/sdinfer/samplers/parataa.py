@@ -74,7 +74,7 @@ def parataa_on_grid(model, x_T: torch.Tensor, grid: list[float], tolerance: floa
     sched = model.schedule
     steps = len(grid) - 1
     times = torch.tensor(grid, dtype=torch.float64)
-    alpha, sigma = sched.alpha(times).to(x_T.dtype), sched.sigma(times).to(x_T.dtype)
+    alpha, sigma = sched.alpha(times).to(x_T), sched.sigma(times).to(x_T)
     var = step_variances(alpha)
     view = (-1,) + (1,) * x_T.ndim
     b = x_T.shape[0]
@@ -126,6 +126,6 @@ def _triangular_anderson(history, residual: torch.Tensor, ridge: float) -> torch
     rhs = torch.cumsum(torch.einsum("nbfm,nbf->nbm", dr, residual.reshape(n, b, -1)), dim=0)
     m = gram.shape[-1]
     scale = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1)[..., None, None] / m
-    eye = torch.eye(m, dtype=gram.dtype)
+    eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
     gamma = torch.linalg.solve(gram + (ridge * scale + 1e-30) * eye, rhs.unsqueeze(-1)).squeeze(-1)
     return torch.einsum("nbfm,nbm->nbf", dx + dr, gamma).reshape(residual.shape)
