@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sdinfer.models.adapters import BlockGroup, ModelAdapter, adapter_for, register_adapter
+from sdinfer.models.adapters import ADAPTERS, BlockGroup, ModelAdapter, adapter_for, register_adapter
 from sdinfer.models.loading import load_model
 
 
@@ -40,7 +40,7 @@ def test_declared_adapter_for_a_new_class():
         ["layers.0", "layers.1", "layers.2"]
 
 
-def test_call_signature_is_read_from_the_declaration():
+def test_call_signature_is_read_from_the_declaration(monkeypatch):
     """A new class is called as its adapter declares: timestep keyword and scale, pooled keyword,
     fixed extra keywords, learned variance; no code names the class."""
     from types import SimpleNamespace
@@ -56,7 +56,7 @@ def test_call_signature_is_read_from_the_declaration():
             scale = timestep.view(-1, 1, 1, 1) + pooled.sum(-1).view(-1, 1, 1, 1)
             return (torch.cat([sample * scale, torch.full_like(sample, 7.0)], dim=1),)
 
-    register_adapter("ToyDenoiser", ModelAdapter("dit", (), call=CallSignature(
+    monkeypatch.setitem(ADAPTERS, "ToyDenoiser", ModelAdapter("dit", (), call=CallSignature(
         "keyword", timestep_scale=0.5, pooled="pooled", constants=(("extra", "on"),), learned_variance=True)))
     x = torch.ones(2, 3, 4, 4)
     text = TextConditioning(torch.zeros(2, 5, 8), torch.ones(2, 2))

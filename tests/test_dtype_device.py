@@ -49,7 +49,7 @@ def test_dtype_names():
                         ("bf16", torch.bfloat16), ("BFloat16", torch.bfloat16), (None, torch.float32),
                         (torch.bfloat16, torch.bfloat16), ("torch.float16", torch.float16)):
         assert resolve_dtype(text) is dtype
-    with pytest.raises(UserError, match=r"--dtype float8: unknown dtype; use float32, float16"):
+    with pytest.raises(UserError, match=r"--dtype float8: unknown dtype .float8.; use float32, float16"):
         resolve_dtype("float8")
     with pytest.raises(UserError, match="float32, float16 or bfloat16"):
         resolve_dtype(torch.int8)
@@ -59,7 +59,7 @@ def test_device_names():
     assert resolve_device(None) == torch.device("cpu")
     assert resolve_device("CPU") == torch.device("cpu")
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
-    with pytest.raises(UserError, match="not a torch device; use cpu, cuda, cuda:N or mps"):
+    with pytest.raises(UserError, match="not a torch device name; use cpu, cuda, cuda:N or mps"):
         resolve_device("gpu0")
 
 

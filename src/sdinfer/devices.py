@@ -47,13 +47,14 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         try:
             dev = torch.device(text.lower())
         except (RuntimeError, ValueError):
-            raise UserError(f"--device {text}: not a torch device; use cpu, cuda, cuda:N or mps") from None
+            raise UserError(f"--device {text}: unknown torch device, not a torch device name; use cpu, cuda, "
+                            "cuda:N or mps") from None
     if dev.type == "cpu":
         return torch.device("cpu")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            why = ("this torch build has no CUDA" if torch.version.cuda is None
-                   else "this torch build has CUDA but sees no GPU")
+            why = ("no CUDA GPU: this torch build has no CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU: this torch build has CUDA but sees no GPU")
             raise UserError(f"--device {text}: {why} ({_torch_build()}); use --device cpu")
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
@@ -80,7 +81,7 @@ def resolve_dtype(dtype: str | torch.dtype | None = None) -> torch.dtype:
         return dtype
     key = str(dtype).strip().lower().removeprefix("torch.")
     if key not in DTYPES:
-        raise UserError(f"--dtype {dtype}: unknown dtype; use float32, float16 (fp16) or bfloat16 (bf16)")
+        raise UserError(f"--dtype {dtype}: unknown dtype {key!r}; use float32, float16 (fp16) or bfloat16 (bf16)")
     return DTYPES[key]
 
 

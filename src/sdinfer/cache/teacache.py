@@ -104,7 +104,7 @@ def indicator_for(model: torch.nn.Module) -> Callable[[torch.nn.Module, tuple, d
     adapter = adapter_for(model)
     group, block = stack_blocks(model, adapter)[0]
     if group.modulation not in INDICATORS:
-        names = supported(lambda a: a.groups[0].modulation in INDICATORS)
+        names = supported(lambda a: bool(a.groups) and a.groups[0].modulation in INDICATORS)
         raise ValueError(f"teacache supports models whose adapter declares how the first block modulates its "
                          f"input by the timestep ({', '.join(names)}); {type(model).__name__} declares none")
     reason = _unsupported_block(group.modulation, block)

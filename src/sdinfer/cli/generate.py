@@ -48,8 +48,9 @@ def add_parser(sub) -> None:
                         "round). Options as NAME:key=value, e.g. asyncdiff:warmup_steps=3")
     g.add_argument("--world-size", type=int, default=None, metavar="N",
                    help="with --parallel: start N ranks on this machine (under torchrun leave it out)")
-    g.add_argument("--backend", default="gloo",
-                   help="torch.distributed backend of the ranks (default: gloo; generate runs on the CPU)")
+    g.add_argument("--backend", default=None,
+                   help="torch.distributed backend of the ranks (default: gloo on the CPU, nccl when each "
+                        "rank has a GPU of its own)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=run)
 
@@ -148,10 +149,10 @@ def _check_parallel(args, info) -> int:
     if getattr(config, "needs_guidance", False) and args.cfg == 1:
         raise UserError(f"--parallel {args.parallel} splits the guidance branches and --cfg 1 turns guidance "
                         "off; use a --cfg other than 1, or another strategy")
-    resolve_device_options(args)
-    if launch.check_backend(args.backend) == "nccl":
-        raise UserError("sdinfer generate runs the model on the CPU, whose tensors nccl does not carry; "
-                        "use --backend gloo")
+    device, _ = resolve_device_options(args)
+    if args.backend is not None and launch.check_backend(args.backend) == "nccl" and device.type != "cuda":
+        raise UserError(f"--backend nccl carries CUDA tensors only and the model runs on {device}; "
+                        "use --backend gloo, or --device cuda")
     if info is not None and args.world_size not in (None, info.world_size):
         raise UserError(f"--world-size {args.world_size} disagrees with the launcher's WORLD_SIZE "
                         f"{info.world_size}; leave --world-size out under torchrun")
@@ -184,7 +185,10 @@ def _check_caches_under(spec: str, strategy_spec: str) -> None:
 
 
 def _generate_rank(args, info) -> int:
+    from ..devices import rank_device
     from ..parallel import apply, launch
 
-    launch.init_process_group(args.backend, info=info)
+    device = rank_device(resolve_device_options(args)[0], info.local_rank)
+    args.device = str(device)   # each rank its own GPU (cuda:LOCAL_RANK); the CPU stays the CPU
+    launch.init_process_group(args.backend, info=info, device=device)
     return _generate(args, setup=lambda pipe: apply(pipe, args.parallel), rank=info.rank)
