@@ -218,7 +218,8 @@ def calibrate_gits(args) -> int:
 
     if args.points < 2:
         raise UserError(f"--points must be >= 2 for a gits grid, got {args.points}")
-    pipe, out = _calibration_target(args, "grids", lambda pipe: artifacts.writable_path(pipe.model.path, "gits", args.cfg))
+    pipe, out = _calibration_target(
+        args, "grids", lambda pipe: artifacts.writable_path(pipe.model.path, "gits", args.cfg))
     start = time.perf_counter()
     grid = calibrate_grid(pipe, args.cfg, calibration_prompts(args.prompts, args.samples, args.seed),
                           args.points, seed=args.seed)
@@ -297,7 +298,8 @@ def calibrate_dpm_solver_v3(args) -> int:
         raise UserError(f"--validation must be >= 0, got {args.validation}")
     if args.validate_only:
         return validate_statistics(args)
-    pipe, out = _calibration_target(args, "statistics", lambda pipe: artifacts.writable_path(pipe.model.path, "dpm-solver-v3", args.cfg))
+    pipe, out = _calibration_target(
+        args, "statistics", lambda pipe: artifacts.writable_path(pipe.model.path, "dpm-solver-v3", args.cfg))
     texts = calibration_prompts(args.prompts, args.samples + args.validation, args.seed)
     prompts, validation = texts[:args.samples], texts[args.samples:]
     start = time.perf_counter()
@@ -323,7 +325,8 @@ def validate_statistics(args) -> int:
         raise UserError(f"--validate-only needs --validation >= 1, got {args.validation}")
     if not args.overwrite:
         raise UserError("--validate-only rewrites the statistics file's corrector choice; pass --overwrite")
-    pipe, out = _calibration_target(args, "statistics", lambda pipe: artifacts.writable_path(pipe.model.path, "dpm-solver-v3", args.cfg),
+    pipe, out = _calibration_target(
+        args, "statistics", lambda pipe: artifacts.writable_path(pipe.model.path, "dpm-solver-v3", args.cfg),
                                     rewrite=True)
     try:
         ems = EMS.load(out)
