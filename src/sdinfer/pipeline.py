@@ -170,8 +170,9 @@ class Pipeline:
     def _check_own_loop(self, solver) -> None:
         """Caches and parallel strategies follow one model call per step: a sampler that chooses
         its steps or evaluates many in one call runs without them."""
-        registry = getattr(self.model.denoiser, "_diffusers_hook", None)
-        if not steps_one_by_one(solver) and getattr(registry, "hooks", None):
+        from .cache.base import installed_hooks
+
+        if not steps_one_by_one(solver) and installed_hooks(self.model.denoiser):
             raise UserError(f"sampler {solver.name!r} runs its own loop over the steps (it chooses them or "
                             "evaluates several in one model call), which the accelerators installed on "
                             "this pipeline cannot follow; remove them (handle.remove()) or use a "

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .denoiser import Denoiser
-from .devices import work_dtype
+from .devices import cast_model_fn, work_dtype
 from .samplers import get_sampler, sample_loop
 from .samplers.base import check_final_fits
 from .samplers.diffusers_scheduler import DiffusersSampler
@@ -49,9 +49,8 @@ def sample(model: Callable, x_T: torch.Tensor, schedule, sampler="dpm-solver++",
     given_dtype = x_T.dtype
     x_T = x_T.to(work_dtype(given_dtype))   # the sampler's arithmetic in float32 for a half x_T
 
-    def model_fn(x, t, text):
-        x = x.to(given_dtype)
-        return (model(x, t) if text is None else model(x, t, text)).to(x_T.dtype)
+    model_fn = cast_model_fn(lambda x, t, text: model(x, t) if text is None else model(x, t, text),
+                             given_dtype)
 
     if isinstance(sampler, str):
         extra = ",".join(f"{k}={v}" for k, v in options.items())

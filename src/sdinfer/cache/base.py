@@ -165,6 +165,12 @@ class StepTracker(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
 
 
+def installed_hooks(module: torch.nn.Module) -> dict:
+    """The hooks installed on ``module`` itself, by name (empty where none are)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    return dict(getattr(registry, "hooks", None) or {})
+
+
 def remove_hook(module: torch.nn.Module, name: str) -> None:
     """Take hook ``name`` off ``module``, wherever it sits in the module's stack of hooks.
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .. import cache
-from ..cache.base import STEP_TRACKER, CacheHandle, hook_name, shared_decisions
+from ..cache.base import STEP_TRACKER, CacheHandle, hook_name, installed_hooks, shared_decisions
 from ..errors import UserError
 from ..specs import parse_config
 from .asyncdiff import AsyncDiffConfig, apply_asyncdiff
@@ -63,9 +63,7 @@ class StrategyHook(ModelHook):
 
 def strategy_on(model: torch.nn.Module) -> str | None:
     """The parallel strategy installed on ``model``, if any."""
-    registry = getattr(model, "_diffusers_hook", None)
-    hooks = getattr(registry, "hooks", {}) if registry is not None else {}
-    return next((h.strategy for h in hooks.values() if isinstance(h, StrategyHook)), None)
+    return next((h.strategy for h in installed_hooks(model).values() if isinstance(h, StrategyHook)), None)
 
 
 def caches_under(strategy: str) -> tuple[str, ...]:
