@@ -146,11 +146,12 @@ def self_comparison_table() -> str:
             continue
         same = records[1]
         runs = ", ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(records[0]["wall_s_runs"], same["wall_s_runs"]))
+        noise = meta.get("timing_noise")
         rows.append([f"`{path.name}`", meta["model"], str(meta["prompts"]), str(meta["batch"]),
                      str(meta["repeats"]), meta.get("timing", "baseline first"), f"{same['speedup_wall']:.2f}x",
-                     runs, meta["date"]])
+                     "-" if noise is None else f"{noise:.0%}", runs, meta["date"]])
     return markdown(["JSON", "model", "prompts", "batch", "timed runs", "timing", "speedup_wall",
-                     "wall s per run (baseline / itself)", "date"], rows)
+                     "timing noise", "wall s per run (baseline / itself)", "date"], rows)
 
 
 def stored_table(name: str) -> str:

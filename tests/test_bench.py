@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -143,3 +144,28 @@ def test_self_comparison_on_a_tiny_pipeline_reads_one(tiny_sd, one_thread):
     assert same["psnr"] == report["meta"]["psnr_cap_db"] and same["speedup_macs"] == 1.0
     assert abs(same["speedup_wall"] - 1.0) < 0.4, same["wall_s_runs"]
     assert len(base["wall_s_runs"]) == 5
+
+
+def test_timing_noise_is_the_baselines_spread_per_image(drifting):
+    """Every call on the drifting pipe takes 0.1 s longer than the one before: the baseline's
+    time per image over its four timed batches spreads, and the bench says so."""
+    spec = bench.RunSpec(steps=5)
+    logged = []
+    report = bench.run_bench(drifting, [spec], spec, [f"p{i}" for i in range(4)], batch=2, repeats=2,
+                             log=logged.append, progress=False)
+    base = report["records"][0]
+    per_image = [t / 2 for run in base["wall_s_batches"] for t in run]
+    assert len(per_image) == 4
+    spread = (max(per_image) - min(per_image)) / statistics.median(per_image)
+    assert report["meta"]["timing_noise"] == pytest.approx(spread, abs=1e-3) and spread > 0.1
+    assert any("varied by" in m for m in logged)
+    assert sum(base["wall_s_batches"][0]) == pytest.approx(base["wall_s_runs"][0], abs=1e-3)
+
+
+def test_timing_noise_is_zero_on_a_steady_machine_and_absent_with_one_batch():
+    steady = [[2.0, 2.0, 1.0], [2.0, 2.0, 1.0]]   # the last batch holds half the prompts
+    m = bench.Measurement(spec=bench.RunSpec(), pixels=torch.zeros(1), nfe=1, model_calls=1, macs=1,
+                          wall_runs=[5.0, 5.0], peak_mem_mb=0.0, batch_runs=steady)
+    assert bench.timing_noise(m, [4, 4, 2]) == 0.0
+    m.batch_runs = [[2.0]]
+    assert bench.timing_noise(m, [4]) is None

@@ -5,7 +5,11 @@ prompt, the same seeds for every configuration), once as a warm-up on the first
 batch and then ``repeats`` timed times; ``wall_s`` is the median.  The timed runs
 of the baseline and the configurations are interleaved batch by batch, in an order
 that alternates between rounds (``measure_all``), so that none is favoured by being
-timed first.  Quality is
+timed first.  The
+time of every timed batch is kept, and the baseline's time per image across its
+timed batches measures the machine's noise during the run (``timing_noise``;
+the bench warns when it is above 3%, the size of effect it can then resolve).
+Quality is
 measured on the images of the first timed run against the baseline's images
 (PSNR, SSIM) and against the prompts (adherence, shapes prompts only).  MACs
 are counted for one image's generation.  Speed-ups are baseline / configuration.
@@ -65,6 +69,8 @@ class Measurement:
     macs: int
     wall_runs: list[float]
     peak_mem_mb: float
+    batch_runs: list[list[float]]   # [repeat][batch] seconds
+
 
     @property
     def wall_s(self) -> float:
@@ -108,7 +114,7 @@ def measure_all(pipe: Pipeline, specs: list[RunSpec], prompts: list[str], batch:
                     seeds=chunk[1], size=size)
 
     n = len(specs)
-    walls = [[0.0] * repeats for _ in range(n)]
+    batch_walls = [[[0.0] * len(chunks) for _ in range(repeats)] for _ in range(n)]
     first: list[list] = [[] for _ in range(n)]
     peak_mb = [float("nan")] * n
     bar = _progress_bar(n * (1 + repeats * len(chunks)), progress)
@@ -128,7 +134,7 @@ def measure_all(pipe: Pipeline, specs: list[RunSpec], prompts: list[str], batch:
                         with mem.measure():
                             start = time.perf_counter()
                             result = generate(specs[i], chunk)
-                            walls[i][r] += time.perf_counter() - start
+                            batch_walls[i][r][b] = time.perf_counter() - start
                     peak_mb[i] = mem.mb if math.isnan(peak_mb[i]) else max(peak_mb[i], mem.mb)
                     if r == 0:   # kept for quality and counts; the rest of the result is dropped
                         first[i].append((result.pixels, result.nfe, result.model_calls))
@@ -141,7 +147,8 @@ def measure_all(pipe: Pipeline, specs: list[RunSpec], prompts: list[str], batch:
             macs = count_macs(lambda: generate(spec, (prompts[:1], seeds[:1])))
         pixels, nfe, model_calls = torch.cat([p for p, _, _ in first[i]]), first[i][0][1], first[i][0][2]
         out.append(Measurement(spec=spec, pixels=pixels, nfe=nfe, model_calls=model_calls, macs=macs,
-                               wall_runs=walls[i], peak_mem_mb=peak_mb[i]))
+                               wall_runs=[sum(run) for run in batch_walls[i]], peak_mem_mb=peak_mb[i],
+                               batch_runs=batch_walls[i]))
     return out
 
 
@@ -178,6 +185,7 @@ def record(m: Measurement, base: Measurement, prompts: list[str], is_baseline: b
         "macs": m.macs,
         "wall_s": round(m.wall_s, 4),
         "wall_s_runs": [round(w, 4) for w in m.wall_runs],
+        "wall_s_batches": [[round(w, 4) for w in run] for run in m.batch_runs],
         "peak_mem_mb": round(m.peak_mem_mb, 1),
         "psnr": round(psnr(m.pixels, base.pixels), 3),
         "ssim": round(ssim(m.pixels, base.pixels), 5),
@@ -197,6 +205,11 @@ def run_bench(pipe: Pipeline, specs: list[RunSpec], baseline: RunSpec, prompts: 
         f"{repeats} timed run(s) each, interleaved ...")
     base, *others = measure_all(pipe, [baseline, *specs], prompts, batch, seed, repeats, size,
                                 progress=progress)
+    noise = timing_noise(base, [len(chunk) for chunk in _batches(prompts, batch)])
+    if noise is not None and noise > NOISE_WARNING:
+        log(f"warning: the baseline's time per image varied by {noise:.0%} across its timed batches: "
+            f"the machine was not steady, so speed-ups within about {noise:.0%} of each other are "
+            "not resolved; rerun on an idle machine or with more --repeats")
     records = [record(base, base, prompts, is_baseline=True)]
     records += [record(m, base, prompts, is_baseline=False) for m in others]
     meta = {
@@ -209,11 +222,27 @@ def run_bench(pipe: Pipeline, specs: list[RunSpec], baseline: RunSpec, prompts: 
         "size": size or pipe.model.native_size,
         "psnr_cap_db": PSNR_CAP_DB,
         "timing": "interleaved",
+        "timing_noise": None if noise is None else round(noise, 4),
         "machine": machine_description(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
     }
     return {"meta": meta, "records": records}
+
+
+NOISE_WARNING = 0.03
+
+
+def timing_noise(base: Measurement, batch_sizes: list[int]) -> float | None:
+    """How unsteady the machine was: (slowest - fastest) / median of the baseline's time per image
+    over its timed batches of the full size.  The baseline does the same work per image in every
+    batch, so on a steady machine this is near 0.  None with fewer than two such batches."""
+    full = max(batch_sizes)
+    per_image = [run[b] / full for run in base.batch_runs for b, size in enumerate(batch_sizes)
+                 if size == full]
+    if len(per_image) < 2:
+        return None
+    return (max(per_image) - min(per_image)) / statistics.median(per_image)
 
 
 def cpu_name() -> str:
