@@ -31,6 +31,7 @@ import datetime
 import functools
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,8 +55,8 @@ TARGET = 1.2
 
 
 def gate_steps(steps: int) -> list[int]:
-    """T-GATE's gate at 20, 40, 60 and 80% of the run, as whole steps."""
-    return sorted({max(1, round(f * steps)) for f in (0.2, 0.4, 0.6, 0.8)})
+    """T-GATE's gate at 20, 50 and 80% of the run, as whole steps."""
+    return sorted({max(1, round(f * steps)) for f in (0.2, 0.5, 0.8)})
 
 
 # ---- the sweeps -----------------------------------------------------------------------
@@ -73,8 +74,7 @@ class PeerFamily:
 
 PEER_FAMILIES = [
     PeerFamily("DeepCache", "unet", "DeepCache", ("deepcache",),
-               lambda steps: [peers.deepcache(i) for i in (2, 3, 4, 5, 6, 8)]
-               + [peers.deepcache(i, branch=1) for i in (3, 5)]),
+               lambda steps: [peers.deepcache(i) for i in (2, 3, 4, 5, 6, 8)] + [peers.deepcache(3, branch=1)]),
     PeerFamily("T-GATE", "unet", "tgate", ("tgate",),
                lambda steps: [peers.tgate(gate_step=g, sp_interval=5, warm_up=2) for g in gate_steps(steps)]),
     PeerFamily("FirstBlockCache", "dit", "diffusers", ("fbcache",),
@@ -84,14 +84,14 @@ PEER_FAMILIES = [
                "its cache_identifiers set to the blocks' attn / ff / ff_context, the sub-layers ours "
                "forecasts (its default identifiers lose 5-17 dB more: bench/peers.py)"),
     PeerFamily("MagCache", "dit", "diffusers", ("magcache",),
-               lambda steps: [peers.diffusers_magcache(t) for t in (0.04, 0.06, 0.1, 0.15, 0.2, 0.3)]),
+               lambda steps: [peers.diffusers_magcache(t) for t in (0.04, 0.06, 0.1, 0.2, 0.3)]),
     PeerFamily("PAB", "dit", "diffusers", ("fora",),
-               lambda steps: [peers.diffusers_pab(r, (100, 800)) for r in (2, 3, 4)]
+               lambda steps: [peers.diffusers_pab(r, (100, 800)) for r in (2, 4)]
                + [peers.diffusers_pab(r, (0, 1000)) for r in (3, 6)],
                "no sdinfer twin: FORA (attention / MLP outputs reused between full steps) is the closest"),
     PeerFamily("DBCache", "dit", "cache-dit", ("dbcache", "fbcache"),
-               lambda steps: [peers.cache_dit(fn=1, bn=0, threshold=t, warmup=0) for t in (0.08, 0.12, 0.15, 0.2, 0.3)]
-               + [peers.cache_dit(fn=1, bn=1, threshold=t, warmup=2, taylorseer=True) for t in (0.12, 0.2, 0.3)],
+               lambda steps: [peers.cache_dit(fn=1, bn=0, threshold=t, warmup=0) for t in (0.08, 0.12, 0.2, 0.3)]
+               + [peers.cache_dit(fn=1, bn=1, threshold=t, warmup=2, taylorseer=True) for t in (0.12, 0.3)],
                "F1B0 without and F1B1 with its TaylorSeer calibrator (F1B0 with it does not run on SD3)"),
 ]
 
@@ -107,14 +107,14 @@ def our_sweeps(model: str, steps: int) -> dict[str, list[str]]:
             "tgate": [f"tgate:gate_step={g},sp_interval=5,warm_up=2" for g in gates],
             "taylorseer": ["taylorseer:interval=3,order=2", "taylorseer:interval=4,warmup=0",
                            "taylorseer:interval=5,order=2", "taylorseer:interval=6,order=2,warmup=0"],
-            "teacache": [f"teacache:threshold={t}" for t in (0.1, 0.15, 0.2)],
+            "teacache": [f"teacache:threshold={t}" for t in (0.1, 0.15, 0.2, 0.3)],
             "magcache": ["magcache", "magcache:threshold=0.12,max_skip_steps=2,retention=0.1"],
             "l2c": ["l2c:budget=0.2"],
             "blockcache": ["blockcache:threshold=0.05"],
         }
     if model == "dit":
         return {
-            "fora": [f"fora:interval={i}" for i in (2, 3, 4, 5)],
+            "fora": [f"fora:interval={i}" for i in (3, 4, 5)],
             "taylorseer": ["taylorseer:interval=3,order=2", "taylorseer:interval=4,warmup=0", "taylorseer:interval=5",
                            "taylorseer:interval=6,warmup=0", "taylorseer:interval=8,warmup=0"],
             "teacache": [f"teacache:threshold={t}" for t in (0.1, 0.15, 0.2, 0.3)],
@@ -122,7 +122,7 @@ def our_sweeps(model: str, steps: int) -> dict[str, list[str]]:
                          "magcache:threshold=0.4,max_skip_steps=3,retention=0.1"],
             "dbcache": ["dbcache:threshold=0.08", "dbcache:threshold=0.12,order=2", "dbcache:threshold=0.2",
                         "dbcache:threshold=0.3"],
-            "fbcache": [f"fbcache:threshold={t}" for t in (0.08, 0.12, 0.15, 0.2)],
+            "fbcache": [f"fbcache:threshold={t}" for t in (0.08, 0.12, 0.2)],
             "blockcache": ["blockcache:threshold=0.07"],
             "l2c": ["l2c:budget=0.2"],
         }
@@ -153,7 +153,8 @@ def ours(method: str, spec: str) -> Config:
 
 def configs(model: str, steps: int, smoke: bool, only: list[str] | None) -> list[Config]:
     """The run's configurations: the model's peers' sweeps, then ours (``smoke``: the first and last
-    setting of each; ``only``: the families whose name contains one of these)."""
+    setting of each, and of ours only the peers' comparable methods; ``only``: the families whose
+    name contains one of these, and our methods comparable to them)."""
     def pick(items: list) -> list:
         return items[:1] + items[-1:] if smoke and len(items) > 2 else items
 
@@ -166,7 +167,8 @@ def configs(model: str, steps: int, smoke: bool, only: list[str] | None) -> list
             out += [Config("peer", fam.name, p.label, p.package, p.install, p.known_issue)
                     for p in pick(fam.sweep(steps))]
     for method, specs in our_sweeps(model, steps).items():
-        if wanted(method) or any(method in fam.ours and wanted(fam.name) for fam in PEER_FAMILIES):
+        comparable = any(method in fam.ours and fam.model == model and wanted(fam.name) for fam in PEER_FAMILIES)
+        if comparable or (wanted(method) and not smoke):
             out += [ours(method, spec) for spec in pick(specs)]
     labels = [(c.side, c.label) for c in out]
     if len(set(labels)) != len(labels):
@@ -191,8 +193,10 @@ def probe(config: Config, loop, prompts: list[str], settings: peers.Settings) ->
 
 
 def run_model(model: str, prompts: list[str], settings: peers.Settings, args, log) -> dict:
+    started = time.perf_counter()
     pipe = Pipeline.from_pretrained(model)
     loop = peers.LOOPS[model](pipe)
+    elapsed = {}
     try:
         runnable, records = [], []
         for config in configs(model, settings.steps, args.sweep == "smoke", args.only):
@@ -203,6 +207,7 @@ def run_model(model: str, prompts: list[str], settings: peers.Settings, args, lo
             else:
                 log(f"  {why}")
                 records.append(describe(config, {"status": why}))
+        elapsed["probes_s"] = round(time.perf_counter() - started, 1)
         baseline = bench.RunSpec(sampler="ddim", steps=settings.steps, cfg=settings.cfg)
         specs = [c.spec(settings) for c in runnable]
         by_spec = dict(zip(specs, runnable))
@@ -214,6 +219,7 @@ def run_model(model: str, prompts: list[str], settings: peers.Settings, args, lo
             f"{args.repeats} timed run(s) each, interleaved ...")
         base, *measured = bench.measure_all(loop, [baseline, *specs], prompts, args.batch, settings.seed,
                                             args.repeats, install=install)
+        elapsed["measure_all_s"] = round(time.perf_counter() - started - elapsed["probes_s"], 1)
         base_rec = bench.record(base, base, prompts, is_baseline=True)
         base_rec.update(side="baseline", family="uncached", config=f"uncached ({type(loop).__name__})",
                         status="ok")
@@ -221,6 +227,7 @@ def run_model(model: str, prompts: list[str], settings: peers.Settings, args, lo
                                                             "status": "ok"}) for m in measured] + records
         session = peers.Session(loop, prompts, settings, args.batch, args.repeats, base)
         meta = run_meta(model, pipe, session, args, base)
+        meta["elapsed"] = {**elapsed, "total_s": round(time.perf_counter() - started, 1)}
     finally:
         loop.close()
     fronts, comparisons = compare_fronts(records, [f for f in PEER_FAMILIES if f.model == model], args.target)
@@ -268,9 +275,15 @@ def run_meta(model: str, pipe: Pipeline, session: peers.Session, args, base: ben
 
 
 # ---- fronts ---------------------------------------------------------------------------
+def ran(records: list[dict], keep: Callable[[dict], bool]) -> list[dict]:
+    return [r for r in records if r.get("status") == "ok" and r["side"] != "baseline" and keep(r)]
+
+
 def points(records: list[dict], keep: Callable[[dict], bool]) -> list[Point]:
-    return [Point(r["speedup_wall"], r["psnr"], r["config"]) for r in records
-            if r.get("status") == "ok" and r["side"] != "baseline" and keep(r)]
+    """The configurations that ran, as (wall speed-up, PSNR) points; those whose images equal the
+    uncached run's (PSNR at the cap: no step skipped) are left out, since the only difference they
+    can show is their hooks' overhead, and a front through the cap would interpolate across tens of dB."""
+    return [Point(r["speedup_wall"], r["psnr"], r["config"]) for r in ran(records, keep) if r["psnr"] < PSNR_CAP_DB]
 
 
 def compare_fronts(records: list[dict], families: list[PeerFamily], target: float = TARGET) -> tuple[dict, list]:
@@ -288,14 +301,17 @@ def compare_fronts(records: list[dict], families: list[PeerFamily], target: floa
         mine = [r for r in records if r["side"] == "peer" and r["family"] == fam.name]
         if not mine:
             continue
-        theirs = points(records, lambda r: r["side"] == "peer" and r["family"] == fam.name)
+        is_peer = lambda r: r["side"] == "peer" and r["family"] == fam.name  # noqa: E731
+        theirs = points(records, is_peer)
         row = {"peer": fam.name, "package": fam.package, "version": mine[0].get("version"),
                "ours_methods": list(fam.ours), "note": fam.note,
-               "peer_points": len(mine), "peer_ran": len(theirs),
+               "peer_points": len(mine), "peer_ran": len(ran(records, is_peer)),
+               "peer_identical": len(ran(records, is_peer)) - len(theirs),
                "peer_front": [point_dict(p) for p in front(theirs)]}
         fronts[f"peer: {fam.name}"] = row["peer_front"]
         if not theirs:
-            row["status"] = mine[0]["status"]
+            row["status"] = (mine[0]["status"] if not row["peer_ran"] else
+                             "every setting ran with the uncached run's images (no step skipped): nothing to compare")
             comparisons.append(row)
             continue
         row["status"] = "ok"
@@ -345,7 +361,7 @@ def plot(report: dict, path: Path) -> None:
         lines = [("peer: " + row["peer"], row["peer_front"], "o-", "tab:red")]
         for method in row["ours_methods"]:
             lines.append((f"ours: {method}", report["fronts"].get(f"ours: {method}", []), "s--", None))
-        lines.append(("ours: all caches", report["fronts"]["ours: all caches"], "k^-", "black"))
+        lines.append(("ours: all caches", report["fronts"]["ours: all caches"], "^-", "black"))
         for name, pts, style, colour in lines:
             if pts:
                 ax.plot([p["speedup_wall"] for p in pts], [p["psnr"] for p in pts], style, color=colour,

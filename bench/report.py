@@ -175,7 +175,10 @@ def fronts_table() -> str:
                 continue
             same, every = row.get("against_same"), row.get("against_all")
             methods = " + ".join(f"`{m}`" for m in row["ours_methods"])
-            rows.append([meta["model"], peer, front_span(row["peer_front"]), ratios(every),
+            span = front_span(row["peer_front"])
+            if row.get("peer_identical"):
+                span += f" ({row['peer_identical']} more with the uncached images, left out)"
+            rows.append([meta["model"], peer, span, ratios(every),
                          every["verdict"] if every else "-", f"{methods}: {ratios(same)}",
                          same["verdict"] if same else "-", run])
     return markdown(["model", "peer", "peer's front (wall speed-up at PSNR)",

@@ -22,6 +22,7 @@ def load_script(name: str):
     try:
         spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module   # its dataclasses look their module up there
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(ROOT / "bench"))
@@ -145,8 +146,27 @@ def test_a_peer_that_does_not_run_is_a_row_with_its_reason(fronts):
                record("ours", "fbcache", "fbcache:threshold=0.08", 1.6, 44.0)]
     _, rows = fronts.compare_fronts(records, families)
     assert rows == [{"peer": "FirstBlockCache", "package": "diffusers", "version": "1.0", "ours_methods": ["fbcache"],
-                     "note": "", "peer_points": 1, "peer_ran": 0, "peer_front": [],
+                     "note": "", "peer_points": 1, "peer_ran": 0, "peer_identical": 0, "peer_front": [],
                      "status": "does not run: TypeError: unsupported operand"}]
+
+
+def test_settings_that_skip_nothing_are_left_out_of_the_fronts(fronts):
+    """PSNR at the cap: the uncached images, so only hook overhead to compare, and a front through
+    100 dB would interpolate across tens of dB."""
+    families = [f for f in fronts.PEER_FAMILIES if f.model == "dit"]
+    records = [record("peer", "DBCache", "cache-dit F1B0 0.02", 1.02, 100.0),
+               record("peer", "DBCache", "cache-dit F1B0 0.15", 2.0, 36.0),
+               record("peer", "MagCache", "diffusers MagCache 0.001", 0.98, 100.0),
+               record("ours", "dbcache", "dbcache:threshold=0.02", 1.05, 100.0),
+               record("ours", "dbcache", "dbcache:threshold=0.2", 2.2, 37.0)]
+    out_fronts, rows = fronts.compare_fronts(records, families)
+    assert [p["config"] for p in out_fronts["ours: all caches"]] == ["dbcache:threshold=0.2"]
+    db = next(r for r in rows if r["peer"] == "DBCache")
+    assert db["peer_ran"] == 2 and db["peer_identical"] == 1
+    assert [p["peer"]["config"] for p in db["against_same"]["points"]] == ["cache-dit F1B0 0.15"]
+    assert db["against_same"]["min_ratio"] == pytest.approx(1.1)   # 2.2x at 37 dB is >= 36 dB: a bound
+    mag = next(r for r in rows if r["peer"] == "MagCache")
+    assert "no step skipped" in mag["status"] and "against_all" not in mag
 
 
 def test_the_sweeps_are_valid_specs_and_the_smoke_sweep_is_small(fronts):
@@ -165,9 +185,11 @@ def test_the_sweeps_are_valid_specs_and_the_smoke_sweep_is_small(fronts):
         smoke = fronts.configs(model, 10, smoke=True, only=None)
         per_family = Counter((c.side, c.family) for c in smoke)
         assert len(smoke) < len(full) and max(per_family.values()) == 2
+        comparable = {m for f in fronts.PEER_FAMILIES if f.model == model for m in f.ours}
+        assert {c.family for c in smoke if c.side == "ours"} == comparable
     only = fronts.configs("unet", 50, smoke=False, only=["T-GATE"])
     assert {(c.side, c.family) for c in only} == {("peer", "T-GATE"), ("ours", "tgate")}
-    assert fronts.gate_steps(10) == [2, 4, 6, 8] and fronts.gate_steps(50) == [10, 20, 30, 40]
+    assert fronts.gate_steps(10) == [2, 5, 8] and fronts.gate_steps(50) == [10, 25, 40]
 
 
 def test_report_builds_the_fronts_table_from_the_json(fronts, report, tmp_path, monkeypatch):
