@@ -115,14 +115,14 @@ def our_sweeps(model: str, steps: int) -> dict[str, list[str]]:
     if model == "dit":
         return {
             "fora": [f"fora:interval={i}" for i in (3, 4, 5)],
-            "taylorseer": ["taylorseer:interval=3,order=2", "taylorseer:interval=4,warmup=0", "taylorseer:interval=5",
-                           "taylorseer:interval=6,warmup=0", "taylorseer:interval=8,warmup=0"],
+            "taylorseer": ["taylorseer:interval=2", "taylorseer:interval=3,order=2", "taylorseer:interval=4,warmup=0",
+                           "taylorseer:interval=5", "taylorseer:interval=6,warmup=0", "taylorseer:interval=8,warmup=0"],
             "teacache": [f"teacache:threshold={t}" for t in (0.1, 0.15, 0.2, 0.3)],
             "magcache": ["magcache", "magcache:threshold=0.24,max_skip_steps=2,retention=0.1",
                          "magcache:threshold=0.4,max_skip_steps=3,retention=0.1"],
             "dbcache": ["dbcache:threshold=0.08", "dbcache:threshold=0.12,order=2", "dbcache:threshold=0.2",
                         "dbcache:threshold=0.3"],
-            "fbcache": [f"fbcache:threshold={t}" for t in (0.08, 0.12, 0.2)],
+            "fbcache": [f"fbcache:threshold={t}" for t in (0.08, 0.12, 0.2, 0.3)],   # cache-dit's F1B0 twins
             "blockcache": ["blockcache:threshold=0.07"],
             "l2c": ["l2c:budget=0.2"],
         }
@@ -353,9 +353,13 @@ def plot(report: dict, path: Path) -> None:
     rows = report["comparisons"]
     if not rows:
         return
-    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 4.5), squeeze=False)
+    cols = min(3, len(rows))
+    height = -(-len(rows) // cols)
+    fig, axes = plt.subplots(height, cols, figsize=(5.5 * cols, 4.5 * height), squeeze=False)
+    for ax in axes.flat[len(rows):]:
+        ax.axis("off")
     records = report["records"]
-    for ax, row in zip(axes[0], rows):
+    for ax, row in zip(axes.flat, rows):
         peer = [r for r in records if r["side"] == "peer" and r["family"] == row["peer"] and r["status"] == "ok"]
         ax.plot([r["speedup_wall"] for r in peer], [r["psnr"] for r in peer], "o", color="tab:red", alpha=0.4)
         lines = [("peer: " + row["peer"], row["peer_front"], "o-", "tab:red")]
