@@ -201,7 +201,7 @@ def test_report_builds_the_fronts_table_from_the_json(fronts, report, tmp_path, 
     assert len(table) == 4   # head, rule, DeepCache, T-GATE
     deep = table[2]
     assert "| unet | DeepCache (DeepCache 1.0) | 2 points: 1.80x at 40.0 dB ... 2.80x at 31.0 dB |" in deep
-    assert "`deepcache`: x1.04 / x1.05" in deep and "does not meet x1.2" in deep
+    assert "`deepcache`: x1.04 / x1.05 | not x1.2: short by 16% at 31.0 dB |" in deep
     assert "16 prompts, 2 timed runs, noise 2%, 2026-12-07" in deep
     monkeypatch.setattr(report, "RESULTS", tmp_path / "none")
     with pytest.raises(SystemExit, match="bench/fronts.sh"):
