@@ -207,7 +207,7 @@ def run_model(model: str, prompts: list[str], settings: peers.Settings, args, lo
             else:
                 log(f"  {why}")
                 records.append(describe(config, {"status": why}))
-        elapsed["probes_s"] = round(time.perf_counter() - started, 1)
+        elapsed["load_and_probes_s"] = round(time.perf_counter() - started, 1)
         baseline = bench.RunSpec(sampler="ddim", steps=settings.steps, cfg=settings.cfg)
         specs = [c.spec(settings) for c in runnable]
         by_spec = dict(zip(specs, runnable))
@@ -219,7 +219,7 @@ def run_model(model: str, prompts: list[str], settings: peers.Settings, args, lo
             f"{args.repeats} timed run(s) each, interleaved ...")
         base, *measured = bench.measure_all(loop, [baseline, *specs], prompts, args.batch, settings.seed,
                                             args.repeats, install=install)
-        elapsed["measure_all_s"] = round(time.perf_counter() - started - elapsed["probes_s"], 1)
+        elapsed["measure_all_s"] = round(time.perf_counter() - started - elapsed["load_and_probes_s"], 1)
         base_rec = bench.record(base, base, prompts, is_baseline=True)
         base_rec.update(side="baseline", family="uncached", config=f"uncached ({type(loop).__name__})",
                         status="ok")
@@ -228,6 +228,9 @@ def run_model(model: str, prompts: list[str], settings: peers.Settings, args, lo
         session = peers.Session(loop, prompts, settings, args.batch, args.repeats, base)
         meta = run_meta(model, pipe, session, args, base)
         meta["elapsed"] = {**elapsed, "total_s": round(time.perf_counter() - started, 1)}
+        if meta["timing_noise"] is not None and meta["timing_noise"] > bench.NOISE_WARNING:
+            log(f"warning: the uncached run's time per image varied by {meta['timing_noise']:.0%} across its "
+                "timed runs: ratios within about that of each other are not resolved; rerun on an idle machine")
     finally:
         loop.close()
     fronts, comparisons = compare_fronts(records, [f for f in PEER_FAMILIES if f.model == model], args.target)
