@@ -6,7 +6,7 @@
 # uncached run: the first 16 held-out prompts in one batch, DDIM 50 steps, cfg 4, two timed runs
 # per configuration. Writes bench/results/fronts-{unet,dit}.{json,png} and bench/results/fronts.txt;
 # then `python bench/report.py` rebuilds BENCHMARKS.md's `fronts` table.
-# About MINUTES minutes on 2 idle cores: run it on an otherwise idle machine (wall-clock ratios).
+# About 25 minutes on 2 idle cores (unet ~10, dit ~16; estimated, not yet timed idle): run it on an otherwise idle machine (wall-clock ratios).
 # The peers go into the venv without their dependencies:
 #   pip install --no-deps DeepCache==0.1.1 tgate==1.0.0 cache-dit==1.5.3
 set -euo pipefail
