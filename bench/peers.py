@@ -43,6 +43,7 @@ import json
 import os
 import platform
 import warnings
+import weakref
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -319,8 +320,19 @@ def diffusers_magcache(threshold: float) -> Peer:
     return diffusers_cache(f"MagCacheConfig(threshold={threshold:g}, calibrated ratios)", make)
 
 
+_MAGCACHE_RATIOS: "weakref.WeakKeyDictionary[NativeLoop, dict[Settings, list[float]]]" = weakref.WeakKeyDictionary()
+
+
 def magcache_ratios(loop: NativeLoop, settings: Settings) -> list[float]:
-    """diffusers' MagCache calibration run: its magnitude ratios for this model and step count."""
+    """diffusers' MagCache calibration run: its magnitude ratios for this model and step count
+    (once per loop and settings: bench/fronts.py installs a configuration around each of its runs)."""
+    known = _MAGCACHE_RATIOS.setdefault(loop, {})
+    if settings not in known:
+        known[settings] = _calibrate_magcache(loop, settings)
+    return list(known[settings])
+
+
+def _calibrate_magcache(loop: NativeLoop, settings: Settings) -> list[float]:
     from diffusers.hooks import MagCacheConfig
 
     remove = install_diffusers_cache(loop.model, MagCacheConfig(calibrate=True,

@@ -11,6 +11,8 @@ where its rows come from:
   own baseline (the timing's bias and noise);
 - a name in ``BENCH_TABLES``: the records of an ``sdinfer bench --json`` file;
 - a name in ``PARALLEL_TABLES``: the rows of a ``bench/parallel.py`` JSON file;
+- ``fronts``: each peer's Pareto front read on ours, from ``bench/results/fronts-{unet,dit}.json``
+  (``bench/fronts.py``);
 - any other name: ``bench/results/tables/NAME.json`` (``columns`` and ``rows``, cells as printed),
   tables whose figures came from scripts that print markdown, converted once.
 
@@ -131,6 +133,79 @@ def parallel_table(file: str) -> str:
                      "hidden", "PSNR vs 1 device"], rows)
 
 
+FRONTS = ("fronts-unet.json", "fronts-dit.json")
+
+
+def ratios(comparison: dict | None) -> str:
+    """``min x1.23 / median x1.40`` (``>=`` where the minimum is a lower bound), or ``-``."""
+    if not comparison or comparison["min_ratio"] is None:
+        return "-"
+    bound = ">=" if comparison["min_is_bound"] else ""
+    return f"{bound}x{comparison['min_ratio']:.2f} / x{comparison['median_ratio']:.2f}"
+
+
+def against_target(comparison: dict | None) -> str:
+    """``meets x1.2``, or by how much not: the shortfall at the worst peer point, and the peer points
+    whose PSNR our front does not reach."""
+    if not comparison:
+        return "-"
+    target = comparison["target"]
+    if comparison["meets"]:
+        return f"meets x{target:g}"
+    parts = []
+    rated = [p for p in comparison["points"] if p["ratio"] is not None]
+    if rated:
+        worst = min(rated, key=lambda p: p["ratio"])
+        if worst["ratio"] < target:
+            parts.append(f"short by {target / worst['ratio'] - 1:.0%} at {worst['peer']['psnr']:.1f} dB"
+                         + (" (a bound)" if worst["bound"] else ""))
+    if comparison["above_our_front"]:
+        best = max(p["psnr"] for p in comparison["ours_front"])
+        parts.append(f"{comparison['above_our_front']} peer point(s) above our best {best:.1f} dB")
+    return f"not x{target:g}: " + "; ".join(parts)
+
+
+def front_span(points: list[dict]) -> str:
+    """A front by its two ends: ``3 points, 1.87x at 39.7 dB ... 3.38x at 28.2 dB``."""
+    if not points:
+        return "-"
+    hi, lo = max(points, key=lambda p: p["psnr"]), min(points, key=lambda p: p["psnr"])
+    ends = f"{hi['speedup_wall']:.2f}x at {hi['psnr']:.1f} dB"
+    if lo is not hi:
+        ends += f" ... {lo['speedup_wall']:.2f}x at {lo['psnr']:.1f} dB"
+    return f"{len(points)} point{'s' if len(points) > 1 else ''}: {ends}"
+
+
+def fronts_table() -> str:
+    """Per model and peer: the peer's front, our speed-up over the peer's at each of its front's
+    PSNRs (minimum / median ratio), against all our caches and against our comparable method."""
+    files = [name for name in FRONTS if (RESULTS / name).exists()]
+    if not files:
+        raise SystemExit("BENCHMARKS.md names table 'fronts', but there is no bench/results/fronts-*.json: "
+                         "run bench/fronts.sh")
+    rows = []
+    for name in files:
+        report = load(name)
+        meta = report["meta"]
+        noise = "-" if meta["timing_noise"] is None else f"{meta['timing_noise']:.0%}"
+        run = f"{meta['prompts']} prompts, {meta['repeats']} timed runs, noise {noise}, {meta['date']}"
+        for row in report["comparisons"]:
+            peer = f"{row['peer']} ({row['package']} {row['version']})"
+            if row["status"] != "ok":
+                rows.append([meta["model"], peer, "does not run here", "-", row["status"], "-", "-", run])
+                continue
+            same, every = row.get("against_same"), row.get("against_all")
+            methods = " + ".join(f"`{m}`" for m in row["ours_methods"])
+            span = front_span(row["peer_front"])
+            if row.get("peer_identical"):
+                span += f" ({row['peer_identical']} more with the uncached images, left out)"
+            rows.append([meta["model"], peer, span, ratios(every), against_target(every),
+                         f"{methods}: {ratios(same)}", against_target(same), run])
+    return markdown(["model", "peer", "peer's front (wall speed-up at PSNR)",
+                     "ours (all caches) / peer at its PSNR: min / median", "all caches vs the target",
+                     "ours (same method) / peer: min / median", "same method vs the target", "run"], rows)
+
+
 SELF_COMPARISONS = ("heldout-*.json", "self-*.json")
 
 
@@ -220,6 +295,8 @@ def table(name: str) -> str:
         return summary_table()
     if name == "self-comparisons":
         return self_comparison_table()
+    if name == "fronts":
+        return fronts_table()
     if name in BENCH_TABLES:
         return bench_table(*BENCH_TABLES[name])
     if name in PARALLEL_TABLES:

@@ -169,3 +169,23 @@ def test_timing_noise_is_zero_on_a_steady_machine_and_absent_with_one_batch():
     assert bench.timing_noise(m, [4, 4, 2]) == 0.0
     m.batch_runs = [[2.0]]
     assert bench.timing_noise(m, [4]) is None
+
+
+def test_an_install_callable_puts_each_configuration_on_around_its_own_runs(drifting):
+    """``install``: configurations that are not accelerator specs (bench/fronts.py's peers)."""
+    def install(spec):
+        assert drifting.installed is None, "two configurations installed at once"
+        drifting.installed = spec.accelerate or "none"
+
+        def remove():
+            drifting.installed = None
+        return remove
+
+    plain, peer = bench.RunSpec(steps=4), bench.RunSpec(steps=4, accelerate="peer SomeHelper(x=1)")
+    bench.measure_all(drifting, [plain, peer], ["x", "y"], batch=1, seed=0, repeats=1, progress=False,
+                      install=install)
+    order = [installed for _, installed, _ in drifting.calls]
+    assert order[:2] == ["none", "peer SomeHelper(x=1)"]   # warm-ups, each with its own configuration
+    assert order[2:6] == ["none", "peer SomeHelper(x=1)", "peer SomeHelper(x=1)", "none"]
+    assert order[-2:] == ["none", "peer SomeHelper(x=1)"]  # the MAC counts too
+    assert drifting.installed is None

@@ -27,6 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -88,7 +89,8 @@ def measure(pipe: Pipeline, spec: RunSpec, prompts: list[str], batch: int, seed:
 
 
 def measure_all(pipe: Pipeline, specs: list[RunSpec], prompts: list[str], batch: int, seed: int,
-                repeats: int, size: int | None = None, progress: bool | None = None) -> list[Measurement]:
+                repeats: int, size: int | None = None, progress: bool | None = None,
+                install: Callable[[RunSpec], Callable[[], None]] | None = None) -> list[Measurement]:
     """Measure every spec with their timed runs interleaved, so no configuration is favoured by
     when it runs.
 
@@ -98,7 +100,10 @@ def measure_all(pipe: Pipeline, specs: list[RunSpec], prompts: list[str], batch:
     times within one repeat, so a machine that speeds up or slows down over the run (turbo,
     caches, another process) costs every spec alike instead of the one timed first.  With a
     single batch and one repeat there is one round, and the shared warm-ups are what protects it.
-    ``progress``: a bar on stderr (None: only when stderr is a terminal).
+    ``progress``: a bar on stderr (None: only when stderr is a terminal).  ``install``: how a spec's
+    configuration goes on (``install(spec)``, around each of its runs, returning what takes it off
+    again), for configurations that are not sdinfer accelerator specs (bench/fronts.py's peers);
+    default: ``sdinfer.accelerate(pipe, spec.accelerate)`` where the spec has one.
     """
     if repeats < 1:
         raise UserError(f"repeats must be >= 1, got {repeats}")
@@ -121,7 +126,7 @@ def measure_all(pipe: Pipeline, specs: list[RunSpec], prompts: list[str], batch:
     try:
         for i, spec in enumerate(specs):
             bar.set_description(f"warm-up {spec.label}")
-            with _installed(pipe, spec):
+            with _installed(pipe, spec, install):
                 generate(spec, chunks[0])
             bar.update()
         for r in range(repeats):
@@ -129,7 +134,7 @@ def measure_all(pipe: Pipeline, specs: list[RunSpec], prompts: list[str], batch:
                 order = range(n) if (r * len(chunks) + b) % 2 == 0 else range(n - 1, -1, -1)
                 for i in order:
                     bar.set_description(f"repeat {r + 1}/{repeats} {specs[i].label}")
-                    with _installed(pipe, specs[i]):
+                    with _installed(pipe, specs[i], install):
                         mem = PeakMemory()
                         with mem.measure():
                             start = time.perf_counter()
@@ -143,7 +148,7 @@ def measure_all(pipe: Pipeline, specs: list[RunSpec], prompts: list[str], batch:
         bar.close()
     out = []
     for i, spec in enumerate(specs):
-        with _installed(pipe, spec):
+        with _installed(pipe, spec, install):
             macs = count_macs(lambda: generate(spec, (prompts[:1], seeds[:1])))
         pixels, nfe, model_calls = torch.cat([p for p, _, _ in first[i]]), first[i][0][1], first[i][0][2]
         out.append(Measurement(spec=spec, pixels=pixels, nfe=nfe, model_calls=model_calls, macs=macs,
@@ -153,8 +158,16 @@ def measure_all(pipe: Pipeline, specs: list[RunSpec], prompts: list[str], batch:
 
 
 @contextmanager
-def _installed(pipe: Pipeline, spec: RunSpec):
-    """The spec's accelerator installed on ``pipe`` for the block (nothing when it has none)."""
+def _installed(pipe: Pipeline, spec: RunSpec, install: Callable[[RunSpec], Callable[[], None]] | None = None):
+    """The spec's configuration on ``pipe`` for the block: ``install(spec)`` where given, else the
+    spec's accelerator (nothing when it has none)."""
+    if install is not None:
+        remove = install(spec)
+        try:
+            yield
+        finally:
+            remove()
+        return
     if not spec.accelerate:
         yield
         return
