@@ -54,12 +54,11 @@ def problem(guidance: float, n: int, seed: int):
     return Denoiser(model_fn(sched), sched, "sample", guidance_scale=guidance), x_T, cond, uncond
 
 
-def exact(guidance: float, x_T: torch.Tensor, t_end: float | None = None) -> torch.Tensor:
-    """The guided probability-flow ODE solved by scipy from t = 1 to t_end (default t_min),
-    then the guided data prediction there: what every sampler's last step to t = 0 returns."""
+def exact_states(guidance: float, x_T: torch.Tensor, times: list[float]) -> list[torch.Tensor]:
+    """The guided probability-flow ODE solved by scipy from t = 1 through ``times`` (falling, each
+    >= t_min): x at each."""
     sched = gm.schedule()
-    t_end = sched.t_min if t_end is None else t_end
-    lam0, lam1 = float(sched.lam(1.0)), float(sched.lam(t_end))
+    lams = [float(sched.lam(t)) for t in times]
 
     def rhs(lam, y):
         t = sched.inverse_lambda(torch.tensor(lam, dtype=torch.float64))
@@ -68,8 +67,18 @@ def exact(guidance: float, x_T: torch.Tensor, t_end: float | None = None) -> tor
         return (np.exp(lam) * x0_guided(x, a, s, guidance)).numpy().ravel()
 
     y0 = (x_T.view(-1, 2) / sched.sigma(1.0)).numpy().ravel()
-    sol = solve_ivp(rhs, (lam0, lam1), y0, method="DOP853", rtol=1e-12, atol=1e-12)
-    x = torch.from_numpy(sol.y[:, -1]).view(-1, 2) * sched.sigma(t_end)
+    sol = solve_ivp(rhs, (float(sched.lam(1.0)), lams[-1]), y0, method="DOP853", t_eval=lams,
+                    rtol=1e-12, atol=1e-12)
+    return [(torch.from_numpy(sol.y[:, k]).view(-1, 2) * sched.sigma(t)).view(x_T.shape)
+            for k, t in enumerate(times)]
+
+
+def exact(guidance: float, x_T: torch.Tensor, t_end: float | None = None) -> torch.Tensor:
+    """The guided probability-flow ODE solved by scipy from t = 1 to t_end (default t_min),
+    then the guided data prediction there: what every sampler's last step to t = 0 returns."""
+    sched = gm.schedule()
+    t_end = sched.t_min if t_end is None else t_end
+    x = exact_states(guidance, x_T, [t_end])[0].view(-1, 2)
     return x0_guided(x, sched.alpha(t_end), sched.sigma(t_end), guidance).view(x_T.shape)
 
 
