@@ -164,7 +164,8 @@ def mixture_learned_grid(sched, spec: str, nfe: int, gits, stats) -> object:
         return float((out - teacher).square().mean().sqrt())
 
     spacings = {**{g: g for g in GRIDS if g not in ("gits", "leading", "linspace")}, "gits": gits}
-    times, _ = learn_grid(error, {k: continuous_grid(den, steps, v) for k, v in spacings.items()})
+    times, _ = learn_grid(error, {k: continuous_grid(den, steps, v) for k, v in spacings.items()},
+                          min_time=sched.t_min)
     return ExplicitGrid(times, "learned")
 
 

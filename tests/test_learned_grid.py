@@ -11,7 +11,7 @@ from sdinfer.denoiser import Denoiser
 from sdinfer.eval import gaussian_mixture as gm
 from sdinfer.samplers import get_sampler, sample_loop
 from sdinfer.samplers.base import ExplicitGrid, continuous_grid
-from sdinfer.samplers.learned_grid import LearnedGrids, search_grid
+from sdinfer.samplers.learned_grid import LearnedGrids, learn_grid, search_grid
 from file_helpers import check_bad_files_refused, check_generate_on_grid_file
 from test_cli import run
 
@@ -93,7 +93,7 @@ def test_calibrate_and_generate_with_a_learned_grid(tmp_path, capsys, monkeypatc
     args = ["calibrate", "--method", "learned-grid", "--model", "unet", "--samples", "2", "--validation", "1",
             "--step-counts", "3,2", "--evals", "4", "--out", str(out)]
     monkeypatch.setattr(calibrate, "START_SPACINGS", ("trailing", "logsnr"))
-    monkeypatch.setattr(calibrate, "TEACHER_STEPS", 8)
+    monkeypatch.setattr(calibrate, "REFERENCE_TOLERANCE", 1e-3)
     code, stdout, err = run(capsys, *args)
     assert code == 0, err
     assert "wrote learned grids of unet at cfg 4 for ddim at 2, 3 steps" in stdout
@@ -120,3 +120,35 @@ def test_calibrate_and_generate_with_a_learned_grid(tmp_path, capsys, monkeypatc
     code, _, err = run(capsys, *gen, "--sampler", "unipc", "-o", str(tmp_path / "b.png"))
     assert code == 2 and "no learned grid for sampler 'unipc' at 3 steps" in err and "--step-counts 3" in err
 
+
+
+def test_learned_times_stay_at_or_above_the_first_training_step():
+    """An error that pulls every time towards 0: the last interior time stops at the floor (the
+    schedule's first training step), never below it (a negative model timestep), and the grid
+    stays strictly ordered."""
+    floor = 0.02
+    seen = []
+
+    def error(times):
+        seen.append(times)
+        return sum(times)
+
+    start = [1.0, 0.6, 0.3, 0.05, 0.0]
+    times, info = learn_grid(error, {"start": start}, error, max_evals=400, min_time=floor)
+    assert all(t >= floor for trial in seen for t in trial[1:-1])
+    assert all(a > b for trial in seen for a, b in zip(trial, trial[1:]))
+    assert times[0] == 1.0 and times[-1] == 0.0 and info["kept"] == "learned"
+    assert floor <= times[-2] < floor + 1e-3
+    with pytest.raises(ValueError, match="interior times must be >= 0.02"):
+        learn_grid(error, {"low": [1.0, 0.5, 0.01, 0.0]}, min_time=floor)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_error_counts_as_infinite(bad):
+    def error(times):
+        return bad if times[1] < 0.5 else abs(times[1] - 0.55)
+
+    times, info = learn_grid(error, {"a": [1.0, 0.6, 0.0], "b": [1.0, 0.4, 0.0]}, error, max_evals=30)
+    assert info["start"] == "a" and times[1] >= 0.5
+    with pytest.raises(ValueError, match="diverged on every start grid"):
+        learn_grid(lambda t: bad, {"a": [1.0, 0.6, 0.0]})

@@ -47,7 +47,7 @@ def mixture_grid():
     sched = gm.schedule()
     den = Denoiser(gm.model_fn(sched), sched, "sample")
     x_cal = torch.randn(128, 2, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    return sched, compute_grid(den, x_cal, None, None, points=30, refine=2)
+    return sched, compute_grid(den, x_cal, None, None, points=30)
 
 
 def test_the_calibrated_grid_beats_the_fixed_grids_at_low_nfe(mixture_grid):

@@ -24,7 +24,8 @@ Whether the corrector pays depends on the model, the statistics and the step cou
 default models each of on, half and off wins somewhere at NFE 5-10), so ``choose_corrector``
 samples validation trajectories (other prompts and seeds than the calibration's) at NFE 5-20
 with it, without it and with the reference code's "half" corrector (only above t = 0.5),
-against a 200-step DPM-Solver++(2M) solution, and writes the mode with the lowest error at
+against the accurate solution of ``samplers/reference.py`` (fourth-order Runge-Kutta in lambda,
+checked by step doubling), and writes the mode with the lowest error at
 each step count into the file's metadata; the solver follows it (at other step counts, the
 nearest one's) unless told ``use_corrector=...``.  Each result is saved as one of the model's
 artifacts (``models/artifacts.py``): kinds ``dpm-solver-v3``, ``gits`` and ``learned-grid``.
@@ -32,7 +33,9 @@ artifacts (``models/artifacts.py``): kinds ``dpm-solver-v3``, ``gits`` and ``lea
 ``calibrate_grid`` records the other per-model sampling aids, GITS's optimal time grid
 (``samplers/optimal_grid.py``), from teacher trajectories of the same kind of prompts, and
 ``calibrate_learned_grids`` one solver's learned grids (``samplers/learned_grid.py``), on noise
-seeds of their own (from 2 * 10^5) so that no benchmark's noise is trained on.
+seeds of their own (from 2 * 10^5) so that no benchmark's noise is trained on.  Their teachers
+are the same accurate reference (``reference_solution``): a teacher must be far more accurate
+than the errors it ranks.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from .samplers.ems import EMS
 from .samplers.base import DISCRETE_SPACINGS, ExplicitGrid, continuous_grid
 from .samplers.learned_grid import LearnedGrids, learn_grid
 from .samplers.optimal_grid import OptimalGrid, compute_grid
+from .samplers.reference import START_STEP, TOLERANCE, solve_reference
 
 REDUCTIONS = ("channel", "all", "none")
 
@@ -129,17 +133,30 @@ def compute_ems(denoiser, x_T: torch.Tensor, cond, uncond, points: int = 250, re
 
 
 CORRECTOR_NFES = (5, 6, 8, 10, 12, 15, 20)
+REFERENCE_TOLERANCE = TOLERANCE   # of the calibration references and teachers (samplers/reference.py)
+REFERENCE_STEP = START_STEP
+
+
+def reference_solution(denoiser, x_T: torch.Tensor, cond, uncond,
+                       tolerance: float | None = None) -> tuple[torch.Tensor, str]:
+    """The accurate end of the probability-flow ODE from ``x_T`` (what calibration measures
+    samplers against) and a line saying how it was made."""
+    tolerance = REFERENCE_TOLERANCE if tolerance is None else tolerance
+    ref = solve_reference(denoiser, x_T, cond, uncond, tolerance=tolerance, step=REFERENCE_STEP)
+    return ref.final, (f"RK4 in lambda, {ref.steps} steps (step doubling: {ref.difference:.2g} RMS "
+                       f"from {ref.steps // 2} steps, tolerance {tolerance:g})")
 
 
 def choose_corrector(denoiser, ems: EMS, x_T: torch.Tensor, cond, uncond,
-                     nfes: tuple[int, ...] = CORRECTOR_NFES, reference_steps: int = 200) -> dict:
+                     nfes: tuple[int, ...] = CORRECTOR_NFES, reference_tolerance: float | None = None) -> dict:
     """Metadata entries: ``corrector_by_steps`` (``on``, ``half`` or ``off`` at each of
     ``nfes``: the mode with the lowest error there), ``use_corrector`` (the best over all of
-    them, by the mean log error) and the validation errors they were chosen on: RMS errors over
-    all trajectories, the measure the error benchmarks use."""
+    them, by the mean log error), ``variant_by_steps`` (``dpm-solver++`` at the step counts
+    where DPM-Solver++(2M) beats every mode, which the default solver then runs, else ``v3``)
+    and the validation errors they were chosen on: RMS errors over all trajectories against the
+    accurate reference (``reference_solution``), the measure the error benchmarks use."""
     with torch.no_grad():
-        ref = sample_loop(denoiser, get_sampler("dpm-solver++"), x_T.clone(), reference_steps,
-                          cond, uncond)
+        ref, how = reference_solution(denoiser, x_T, cond, uncond, reference_tolerance)
         errors = {}
         for mode in CORRECTOR_MODES:
             solver = DPMSolverV3(stats=ems, use_corrector=mode)
@@ -147,6 +164,8 @@ def choose_corrector(denoiser, ems: EMS, x_T: torch.Tensor, cond, uncond,
             for n in nfes:
                 out = sample_loop(denoiser, solver, x_T.clone(), n, cond, uncond)
                 errors[mode].append(float((out - ref).double().square().mean().sqrt()))
+        plus_plus = [float((sample_loop(denoiser, get_sampler("dpm-solver++"), x_T.clone(), n, cond, uncond)
+                            - ref).double().square().mean().sqrt()) for n in nfes]
 
     def log_mean(values: list[float]) -> float:
         return sum(math.log(max(v, 1e-30)) for v in values) / len(values)
@@ -154,9 +173,12 @@ def choose_corrector(denoiser, ems: EMS, x_T: torch.Tensor, cond, uncond,
     return {"use_corrector": min(CORRECTOR_MODES, key=lambda m: log_mean(errors[m])),
             "corrector_by_steps": {str(n): min(CORRECTOR_MODES, key=lambda m: errors[m][i])
                                    for i, n in enumerate(nfes)},
-            "corrector_selection": {"nfe": list(nfes), "rms": errors, "trajectories": int(x_T.shape[0]),
+            "variant_by_steps": {str(n): "dpm-solver++" if plus_plus[i] < min(e[i] for e in errors.values())
+                                 else "v3" for i, n in enumerate(nfes)},
+            "corrector_selection": {"nfe": list(nfes), "rms": errors, "dpm-solver++ rms": plus_plus,
+                                    "trajectories": int(x_T.shape[0]),
                                     "error": "RMS over all trajectories",
-                                    "reference": f"dpm-solver++ {reference_steps} steps"}}
+                                    "reference": how}}
 
 
 def validate_corrector(pipe, ems: EMS, guidance_scale: float, validation_prompts: list[str],
@@ -165,7 +187,7 @@ def validate_corrector(pipe, ems: EMS, guidance_scale: float, validation_prompts
     seeds from seed + 10^5); earlier choices in its metadata are replaced, its tensors kept."""
     v_den, v_x, v_cond, v_uncond = _inputs(pipe, guidance_scale, validation_prompts,
                                            seed + VALIDATION_SEED_OFFSET)
-    for key in ("use_corrector", "corrector_by_steps", "corrector_selection"):
+    for key in ("use_corrector", "corrector_by_steps", "variant_by_steps", "corrector_selection"):
         ems.meta.pop(key, None)
     ems.meta.update(choose_corrector(v_den, ems, v_x, v_cond, v_uncond))
     return ems
@@ -202,31 +224,33 @@ def calibrate_pipeline(pipe, guidance_scale: float, prompts: list[str], points: 
     return ems
 
 
-def calibrate_grid(pipe, guidance_scale: float, prompts: list[str], points: int = 60, refine: int = 4,
-                   seed: int = 0) -> OptimalGrid:
-    """GITS's step costs of ``pipe``'s model at ``guidance_scale`` on one teacher trajectory per prompt."""
+def calibrate_grid(pipe, guidance_scale: float, prompts: list[str], points: int = 60,
+                   seed: int = 0, tolerance: float | None = None) -> OptimalGrid:
+    """GITS's step costs of ``pipe``'s model at ``guidance_scale`` on one teacher trajectory per
+    prompt (accurate to ``tolerance``, by default ``REFERENCE_TOLERANCE``)."""
     if not prompts:
         raise UserError("calibration needs at least one prompt")
     den, x_T, cond, uncond = _inputs(pipe, guidance_scale, prompts, seed)
     meta = {"model": pipe.model.name, "guidance_scale": guidance_scale, "seed": seed}
     try:
-        return compute_grid(den, x_T, cond, uncond, points, refine, meta)
+        return compute_grid(den, x_T, cond, uncond, points,
+                            REFERENCE_TOLERANCE if tolerance is None else tolerance, meta)
     except ValueError as err:
         raise UserError(str(err)) from None
 
 
 LEARNED_SEED_OFFSET = 2 * 10**5
 START_SPACINGS = (*DISCRETE_SPACINGS, "logsnr", "karras", "time_uniform", "time_quadratic")
-TEACHER_STEPS = 200
 
 
 def calibrate_learned_grids(pipe, guidance_scale: float, sampler: str, step_counts: list[int],
                             prompts: list[str], validation_prompts: list[str], seed: int = 0,
-                            max_evals: int = 150, teacher_steps: int | None = None,
+                            max_evals: int = 150, teacher_tolerance: float | None = None,
                             grids: LearnedGrids | None = None, on_grid=None) -> LearnedGrids:
     """``sampler``'s learned grid at each of ``step_counts`` for ``pipe``'s model at
     ``guidance_scale``, added to ``grids`` (a new set if None); ``on_grid(steps, info, grids)``
-    after each (the CLI saves there, so an interrupted run keeps the grids it has)."""
+    after each (the CLI saves there, so an interrupted run keeps the grids it has).  The
+    teacher is the accurate reference (``reference_solution``, ``teacher_tolerance``)."""
     if not prompts or not validation_prompts:
         raise UserError("learning a grid needs training and validation prompts (--samples, --validation >= 1)")
     if pipe.model.schedule.is_flow:
@@ -239,29 +263,36 @@ def calibrate_learned_grids(pipe, guidance_scale: float, sampler: str, step_coun
     if gits is not None:
         spacings["gits"] = OptimalGrid.load(gits)
     grids = grids if grids is not None else LearnedGrids()
-    teacher_steps = teacher_steps or TEACHER_STEPS
     with torch.no_grad():
-        teachers = [sample_loop(den, get_sampler("dpm-solver++"), x.clone(), teacher_steps, c, u,
-                                spacing="logsnr") for den, x, c, u in (train, valid)]
+        (teacher_train, how), (teacher_valid, _) = (reference_solution(den, x, c, u, teacher_tolerance)
+                                                    for den, x, c, u in (train, valid))
+        teachers = [teacher_train, teacher_valid]
 
         def error(times: list[float], inputs, teacher) -> float:
             den, x, c, u = inputs
             solver = get_sampler(sampler)
             pipe.attach_statistics(solver, guidance_scale)
-            out = sample_loop(den, solver, x.clone(), len(times) - 1, c, u,
-                              spacing=ExplicitGrid(times, "candidate"))
+            try:
+                out = sample_loop(den, solver, x.clone(), len(times) - 1, c, u,
+                                  spacing=ExplicitGrid(times, "candidate"))
+            except FloatingPointError:   # the model's output was not finite on this grid
+                return math.inf
             value = float((out - teacher).double().square().mean().sqrt())
-            return value if value == value else float("inf")
+            return value if math.isfinite(value) else math.inf
 
         for steps in step_counts:
             if steps < get_sampler(sampler).min_steps or steps < 1:
                 raise UserError(f"sampler {sampler!r} cannot run {steps} steps")
             starts = {name: continuous_grid(train[0], steps, spacing) for name, spacing in spacings.items()
                       if not hasattr(spacing, "max_steps") or steps <= spacing.max_steps}
-            times, info = learn_grid(lambda t: error(t, train, teachers[0]), starts,
-                                     lambda t: error(t, valid, teachers[1]), max_evals)
+            try:
+                times, info = learn_grid(lambda t: error(t, train, teachers[0]), starts,
+                                         lambda t: error(t, valid, teachers[1]), max_evals,
+                                         min_time=pipe.model.schedule.t_min)
+            except ValueError as err:
+                raise UserError(f"{sampler} at {steps} steps: {err}") from None
             info.update(samples=len(prompts), validation=len(validation_prompts), seed=seed,
-                        teacher=f"dpm-solver++ {teacher_steps} steps, logsnr")
+                        teacher=how)
             grids.add(sampler, steps, times, info)
             grids.meta.update({"model": pipe.model.name, "guidance_scale": guidance_scale})
             if on_grid is not None:

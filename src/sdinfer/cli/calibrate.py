@@ -346,5 +346,9 @@ def _print_corrector_choice(meta: dict) -> None:
     sel = meta["corrector_selection"]
     choice = ", ".join(f"{n} {mode}" for n, mode in meta["corrector_by_steps"].items())
     errors = "; ".join(f"{mode} {', '.join(f'{v:.4f}' for v in values)}" for mode, values in sel["rms"].items())
+    plus_plus = [n for n, v in meta.get("variant_by_steps", {}).items() if v == "dpm-solver++"]
+    if "dpm-solver++ rms" in sel:
+        errors += f"; dpm-solver++ {', '.join(f'{v:.4f}' for v in sel['dpm-solver++ rms'])}"
     print(f"corrector by NFE: {choice}; RMS error on {sel['trajectories']} validation trajectories "
-          f"at NFE {sel['nfe']}: {errors}")
+          f"at NFE {sel['nfe']}: {errors}; DPM-Solver++(2M) runs instead at NFE "
+          f"{', '.join(plus_plus) if plus_plus else 'none'} (it won there)")

@@ -19,8 +19,11 @@ t = 0 returns the data prediction of the (corrected) last point.  With l = 1, s 
 points above t = 0.5, where the trajectory picks its image, and not the low-noise ones).
 Default: order 1, and the corrector mode the statistics file says for the step count
 (``corrector_by_steps`` in its metadata, which ``sdinfer calibrate`` chooses by the error on
-validation trajectories; on if the file does not say).  On the default models at NFE 5-10
-with guidance 4 order 1 beat orders 2 and 3 (bench/results/dpm_solver_v3-*.md), and which
+validation trajectories; on if the file does not say); at the step counts where that
+validation found DPM-Solver++(2M) better than every corrector mode (``variant_by_steps``),
+DPM-Solver++(2M) steps instead (``variant=v3`` or any explicit setting keeps v3), so the
+default runs what won on validation.  On the default models at NFE 5-10 with guidance 4
+order 1 beat orders 2 and 3 (bench/results/dpm_solver_v3-*.md), and which
 corrector mode pays changes with the model and the step count.  The paper uses order 2 for
 guided sampling.
 """
@@ -28,16 +31,20 @@ guided sampling.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .base import StepSampler
+from .dpm_solver import DPMSolverMultistep
 from .ems import EMS
 
 
 CORRECTOR_MODES = ("on", "half", "off")
+VARIANTS = ("v3", "dpm-solver++")   # what the default solver runs at a step count
+INTEGRAL_CACHE_BYTES = 64 * 2**20   # per solver
 HALF_CORRECTOR_T = 0.5  # "half": correct only the points above this time (the reference code's ``half``)
 
 
@@ -53,6 +60,23 @@ def corrector_mode(value) -> str:
     return mode
 
 
+def _nearest(by_steps: dict, steps: int):
+    return by_steps[min(by_steps, key=lambda n: (abs(int(n) - steps), -int(n)))]
+
+
+def variant_setting(meta: dict, steps: int) -> str:
+    """The statistics file's choice between v3 and DPM-Solver++(2M) for ``steps`` steps
+    (``variant_by_steps``, at that step count or the nearest validated one); v3 if it says none."""
+    by_steps = meta.get("variant_by_steps")
+    if not by_steps:
+        return "v3"
+    variant = str(_nearest(by_steps, steps))
+    if variant not in VARIANTS:
+        raise ValueError(f"dpm-solver-v3 statistics name an unknown variant {variant!r}; "
+                         f"choose again with `sdinfer calibrate --validate-only`")
+    return variant
+
+
 def corrector_setting(meta: dict, steps: int) -> str:
     """The statistics file's corrector choice for ``steps`` steps (``on``, ``half`` or ``off``):
     its choice at that step count, or at the nearest validated one; a file without choices
@@ -60,8 +84,7 @@ def corrector_setting(meta: dict, steps: int) -> str:
     by_steps = meta.get("corrector_by_steps")
     if not by_steps:
         return corrector_mode(meta.get("use_corrector", True))
-    nearest = min(by_steps, key=lambda n: (abs(int(n) - steps), -int(n)))
-    return corrector_mode(by_steps[nearest])
+    return corrector_mode(_nearest(by_steps, steps))
 
 
 @dataclass
@@ -82,9 +105,11 @@ class DPMSolverV3(StepSampler):
     c_pseudo: bool = True
     lower_order_final: bool = True
     degenerated: bool = False
+    variant: str | None = None   # "v3" or "dpm-solver++"; None: as the statistics' validation says
     name: str = "dpm-solver-v3"
     min_steps: int = 1
-    _cache: dict = field(default_factory=dict, repr=False)
+    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _cache_bytes: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         self.order = int(self.order)
@@ -92,6 +117,8 @@ class DPMSolverV3(StepSampler):
             raise ValueError(f"{self.name} has orders 1, 2 and 3, not {self.order}")
         if self.use_corrector is not None:
             self.use_corrector = corrector_mode(self.use_corrector)
+        if self.variant is not None and self.variant not in VARIANTS:
+            raise ValueError(f"dpm-solver-v3's variant is one of {', '.join(VARIANTS)}; not {self.variant!r}")
         if isinstance(self.stats, (str, Path)):
             try:
                 self.stats = EMS.load(self.stats)
@@ -115,10 +142,23 @@ class DPMSolverV3(StepSampler):
                              f"of shape {tuple(like.shape[1:])}; calibrate them on this model") from None
         return self.stats
 
+    def runs_variant(self, ems: EMS, steps: int) -> str:
+        """``v3``, or ``dpm-solver++`` where this solver runs DPM-Solver++(2M) instead: when told
+        so, or, with the settings validation measured (order 1, the corrector as the file says,
+        statistics), where the file's validation found DPM-Solver++ better at this step count."""
+        if self.variant is not None:
+            return self.variant
+        if self.order != 1 or self.use_corrector is not None or self.degenerated:
+            return "v3"
+        return variant_setting(ems.meta, steps)
+
     def step(self, model, x, t, t_next, state):
         sched = model.schedule
-        pred = model(x, t)
         ems = self.statistics(sched, x)
+        if self.runs_variant(ems, state.num_steps) == "dpm-solver++":
+            return _PLUS_PLUS.step(model, x, t, t_next, state.child("dpm-solver++", state.step_index,
+                                                                    state.num_steps))
+        pred = model(x, t)
         hist: list[_Point] = state.setdefault("history", [])
         hist.insert(0, _Point(float(sched.lam(t)), x, pred.eps, float(sched.alpha(t)), float(sched.sigma(t))))
         del hist[self.order + 1:]
@@ -142,12 +182,21 @@ class DPMSolverV3(StepSampler):
                             hist[1:p_order], self.p_pseudo)
 
     def _integrals(self, ems: EMS, lam_s: float, lam_t: float, others: list[_Point]):
+        """The step's integrals, kept in a least-recently-used cache of at most
+        ``INTEGRAL_CACHE_BYTES`` (a step count's steps recur in every generation)."""
         key = (id(ems), lam_s, lam_t, tuple(o.lam for o in others))
-        if key not in self._cache:
-            if len(self._cache) > 4096:
-                self._cache.clear()
-            self._cache[key] = ems.integrals(lam_s, lam_t, list(key[3]), len(others) + 1)
-        return self._cache[key]
+        cache: OrderedDict = self._cache
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key][0]
+        ints = ems.integrals(lam_s, lam_t, list(key[3]), len(others) + 1)
+        size = ints.nbytes()
+        cache[key] = (ints, size, ems)   # the statistics kept alive while id(ems) is a key
+        self._cache_bytes += size
+        while self._cache_bytes > INTEGRAL_CACHE_BYTES and len(cache) > 1:
+            _, (_, dropped, _) = cache.popitem(last=False)
+            self._cache_bytes -= dropped
+        return ints
 
     def _update(self, ems: EMS, s: _Point, lam_t: float, alpha_t: float, others: list[_Point],
                 pseudo: bool) -> torch.Tensor:
@@ -167,6 +216,9 @@ class DPMSolverV3(StepSampler):
             for H, d in zip(ints.H, derivs):
                 x_t = x_t - alpha_t * decay * H.to(dt) * d
         return x_t
+
+
+_PLUS_PLUS = DPMSolverMultistep(order=2)
 
 
 def _derivatives(lams: list[float], gs: list[torch.Tensor], pseudo: bool) -> list[torch.Tensor]:

@@ -39,7 +39,7 @@ COEFFICIENTS = ("l", "s", "b")
 
 @dataclass
 class StepIntegrals:
-    """Integrals for one step from lambda_s, each of the statistics' shape."""
+    """Integrals for one step from lambda_s, each of the statistics' shape (own storage)."""
     L_t: torch.Tensor
     I_t: torch.Tensor
     C_t: torch.Tensor
@@ -47,6 +47,11 @@ class StepIntegrals:
     S_at: list[torch.Tensor]              # S and B at the history points (relative to s)
     B_at: list[torch.Tensor]
     l_at: list[torch.Tensor]              # l at the history points and at t
+
+    def nbytes(self) -> int:
+        """The bytes of the tensors' storage."""
+        tensors = [self.L_t, self.I_t, self.C_t, *self.H, *self.S_at, *self.B_at, *self.l_at]
+        return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
 @dataclass
@@ -129,6 +134,9 @@ class EMS:
         t = index[lam_t]
         rel = (nodes - lam_s).view(-1, *([1] * len(self.shape)))
         H = [cumulative(weight * rel**n / math.factorial(n))[t] for n in range(1, orders)]
-        return StepIntegrals(L_t=L[t], I_t=cumulative(weight)[t], C_t=cumulative(weight * B)[t], H=H,
-                             S_at=[S[index[p]] for p in history], B_at=[B[index[p]] for p in history],
-                             l_at=[l[index[p]] for p in (lam_s, lam_t, *history)])
+        # copies, not views: a view keeps the whole (nodes, *shape) array of its integral alive
+        return StepIntegrals(L_t=L[t].clone(), I_t=cumulative(weight)[t].clone(),
+                             C_t=cumulative(weight * B)[t].clone(), H=[h.clone() for h in H],
+                             S_at=[S[index[p]].clone() for p in history],
+                             B_at=[B[index[p]].clone() for p in history],
+                             l_at=[l[index[p]].clone() for p in (lam_s, lam_t, *history)])

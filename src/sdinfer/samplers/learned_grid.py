@@ -13,7 +13,9 @@ LD3 descends on the objective by backpropagating through the solver and the mode
 the target (its soft teacher) against over-fitting.  Here the N - 1 interior times are searched
 without gradients (our samplers take float times): a pattern search in which each interior
 time moves a fraction f of the way to either neighbour (so the grid stays ordered), a move is
-kept when it lowers the training error, and f halves after a sweep that keeps none.  It starts
+kept when it lowers the training error, and f halves after a sweep that keeps none; no time
+goes below the schedule's first training step (the last interior time moves towards it, not
+towards 0).  It starts
 from the best fixed grid, and validation trajectories (other prompts and noise) guard against
 over-fitting: the learned grid is kept only where its validation error is below the starting
 grid's, else the starting grid is stored.
@@ -24,6 +26,7 @@ A file (safetensors, beside the model as its ``learned-grid`` artifact, ``models
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -93,10 +96,14 @@ def _check_times(times: torch.Tensor, key: str) -> None:
 
 
 def search_grid(error: Callable[[list[float]], float], start: list[float], fraction: float = 0.5,
-                min_fraction: float = 1 / 32, max_evals: int = 200) -> tuple[list[float], float, int]:
-    """Pattern search for the interior times minimising ``error(times)``; ends and order kept.
+                min_fraction: float = 1 / 32, max_evals: int = 200,
+                min_time: float = 0.0) -> tuple[list[float], float, int]:
+    """Pattern search for the interior times minimising ``error(times)``; ends and order kept,
+    and no interior time below ``min_time`` (the model's first training step: below it the
+    model is evaluated at a negative timestep).
 
     Returns the grid, its error and how many times ``error`` was called (the start included)."""
+    _check_start(start, min_time)
     if len(start) < 3:
         error_at_start = error(list(start))
         return list(start), error_at_start, 1  # one step: nothing to move
@@ -105,8 +112,11 @@ def search_grid(error: Callable[[list[float]], float], start: list[float], fract
         kept = False
         for i in range(1, len(times) - 1):
             for neighbour in (i - 1, i + 1):
+                target = max(times[neighbour], min_time)
+                if target == times[i]:
+                    continue   # at the floor already
                 trial = list(times)
-                trial[i] = times[i] + fraction * (times[neighbour] - times[i])
+                trial[i] = times[i] + fraction * (target - times[i])
                 value = error(trial)
                 evals += 1
                 if value < best:
@@ -119,18 +129,40 @@ def search_grid(error: Callable[[list[float]], float], start: list[float], fract
     return times, best, evals
 
 
+def _check_start(start: list[float], min_time: float) -> None:
+    if len(start) < 2 or not all(a > b for a, b in zip(start, start[1:])):
+        raise ValueError(f"a start grid must fall strictly; got {list(start)}")
+    if any(t < min_time for t in start[1:-1]):
+        raise ValueError(f"a start grid's interior times must be >= {min_time:g} (the model's first "
+                         f"training step); got {list(start)}")
+
+
 def learn_grid(train_error: Callable[[list[float]], float], starts: dict[str, list[float]],
                validation_error: Callable[[list[float]], float] | None = None,
-               max_evals: int = 150) -> tuple[list[float], dict]:
+               max_evals: int = 150, min_time: float = 0.0) -> tuple[list[float], dict]:
     """The searched grid from the best of ``starts`` (by training error) and how it was found;
-    with ``validation_error``, the start instead where the search does not lower it."""
+    with ``validation_error``, the start instead where the search does not lower it.  Interior
+    times stay >= ``min_time``; an error that is not a finite number counts as infinite (a grid
+    on which the solver diverges loses), and starts that all diverge are an error."""
+    def finite(fn):
+        def value(times: list[float]) -> float:
+            v = float(fn(times))
+            return v if math.isfinite(v) else math.inf
+        return value
+
+    train_error = finite(train_error)
+    for times in starts.values():
+        _check_start(times, min_time)
     start_errors = {name: train_error(list(times)) for name, times in starts.items()}
     start_name = min(start_errors, key=start_errors.get)
+    if not math.isfinite(start_errors[start_name]):
+        raise ValueError(f"the solver diverged on every start grid ({', '.join(starts)}); no grid to learn from")
     start = list(starts[start_name])
-    times, value, evals = search_grid(train_error, start, max_evals=max_evals)
+    times, value, evals = search_grid(train_error, start, max_evals=max_evals, min_time=min_time)
     info = {"start": start_name, "train_start": start_errors[start_name], "train_learned": value,
             "evaluations": evals + len(starts)}
     if validation_error is not None:
+        validation_error = finite(validation_error)
         before, after = validation_error(start), validation_error(times)
         info.update(validation_start=before, validation_learned=after,
                     kept="learned" if after < before else "start")

@@ -2,9 +2,10 @@
 Zhao & Tao, "On the Trajectory Regularity of ODE-based Diffusion Sampling", ICML 2024),
 Algorithm 1.
 
-1. Teacher: a few trajectories of the probability-flow ODE solved finely (DPM-Solver++(2M)
-   with ``refine`` steps per interval) over a fine grid t_0 = 1 > t_1 > ... > t_{M-1} = t_min
-   and the clean end t_M = 0, with the model's data prediction x0_i at each fine node x_i.
+1. Teacher: a few trajectories of the probability-flow ODE solved accurately (``reference.py``:
+   fourth-order Runge-Kutta in lambda, checked by step doubling) through a fine grid
+   t_0 = 1 > t_1 > ... > t_{M-1} = t_min and the clean end t_M = 0, with the model's data
+   prediction x0_i at each fine node x_i.
 2. Cost: c(i, j) = RMS distance between one first-order (DDIM) step from the teacher's x_i to
    t_j, alpha_j x0_i + sigma_j eps_i, and the teacher's x_j: that step's local error.
 3. Dynamic programming: of the paths 0 = i_0 < i_1 < ... < i_K = M with K steps, the one that
@@ -104,34 +105,22 @@ def fine_nodes(schedule, points: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compute_grid(denoiser, x_T: torch.Tensor, cond, uncond, points: int = 60, refine: int = 4,
+def compute_grid(denoiser, x_T: torch.Tensor, cond, uncond, points: int = 60, tolerance: float | None = None,
                  meta: dict | None = None) -> OptimalGrid:
-    """Teacher trajectories from ``x_T`` and the cost of each first-order step between fine nodes."""
+    """Teacher trajectories from ``x_T`` (to ``tolerance``, by default the reference's) and the
+    cost of each first-order step between fine nodes."""
     from ..context import StepContext
-    from . import get_sampler
-    from .base import ExplicitGrid, sample_loop
+    from .reference import TOLERANCE, solve_reference
 
-    if points < 2 or refine < 1:
-        raise ValueError(f"gits needs points >= 2 and refine >= 1, got {points} and {refine}")
+    if points < 2:
+        raise ValueError(f"gits needs points >= 2, got {points}")
     sched = denoiser.schedule
     if sched.is_flow:
         raise ValueError("gits grids are made for VP schedules; a flow-matching model uses the flow grid")
     nodes = fine_nodes(sched, points)
-    fine = [float(nodes[0])]
-    for a, b in zip(nodes[:-2].tolist(), nodes[1:-1].tolist()):
-        fine += [a + (b - a) * (k + 1) / refine for k in range(refine)]
-    fine.append(0.0)
-    xs = [x_T.clone()]
-
-    def keep(i: int, x: torch.Tensor) -> None:
-        if (i + 1) % refine == 0 or i + 1 == len(fine) - 1:
-            xs.append(x.clone())
-
-    final = sample_loop(denoiser, get_sampler("dpm-solver++"), x_T.clone(), len(fine) - 1, cond, uncond,
-                        spacing=ExplicitGrid(fine, "teacher"), callback=keep)
-    xs[-1] = final
-    if len(xs) != nodes.shape[0]:
-        raise RuntimeError(f"teacher kept {len(xs)} states for {nodes.shape[0]} nodes")
+    teacher = solve_reference(denoiser, x_T, cond, uncond, times=nodes.tolist(),
+                              tolerance=TOLERANCE if tolerance is None else tolerance)
+    xs = teacher.states
     x0s = []
     for i, t in enumerate(nodes[:-1].tolist()):
         ctx = StepContext(step_index=i, num_steps=len(nodes) - 1, t=t,
@@ -148,5 +137,6 @@ def compute_grid(denoiser, x_T: torch.Tensor, cond, uncond, points: int = 60, re
             else:
                 guess = float(sched.alpha(nodes[j])) * x0s[i] + float(sched.sigma(nodes[j])) * eps
             cost[i, j] = float((guess - xs[j]).double().square().mean().sqrt())
-    return OptimalGrid(nodes, cost, {**(meta or {}), "points": points, "refine": refine,
-                                     "samples": int(x_T.shape[0])})
+    return OptimalGrid(nodes, cost, {**(meta or {}), "points": points, "samples": int(x_T.shape[0]),
+                                     "teacher": f"RK4 in lambda, {teacher.steps} steps (step doubling: "
+                                                f"{teacher.difference:.2g} RMS)"})
