@@ -6,8 +6,10 @@
 For each problem of ``eval/gaussian_mixture.PROBLEMS`` (the image-like 3x8x8 and the 64-d
 class-conditional mixtures, unguided and under guidance 5, 7.5 and 10):
 
-1. calibration noise (seeds of its own): DPM-Solver-v3's statistics (``compute_ems``) and GITS's
-   grid (``compute_grid``), the library's own functions;
+1. calibration noise (seeds of its own): DPM-Solver-v3's statistics (``compute_ems``), GITS's
+   grid (``compute_grid``) and, for the candidates on learned grids, their grids at each NFE
+   (``learn_grid``, LD3's objective against the exact ends, the trimmed error), the library's own
+   functions;
 2. validation noise: every candidate of ``auto_sampler.DEFAULT_CANDIDATES`` at NFE 5-20 against
    the exact ODE solution (``GuidedMixture.reference``); ``auto_sampler.choose`` keeps per NFE the
    lowest trimmed error (the worst 5% of trajectories left out), the table ``sampler="auto"`` runs;
@@ -47,7 +49,7 @@ import torch
 
 import sdinfer
 from sdinfer.auto_sampler import (DEFAULT_CANDIDATES, NFES, AutoTable, choose, evaluate, per_sample_mse,
-                                  robust_score)
+                                  resolve, robust_score)
 from sdinfer.calibrate import compute_ems
 from sdinfer.denoiser import Denoiser
 from sdinfer.eval import gaussian_mixture as gm
@@ -216,6 +218,37 @@ def run_k(sample, name: str, grid, nfe: int, mixture, labels, guidance: float, x
     return x, calls[0]
 
 
+# ---- learned grids (LD3's objective, the library's learn_grid) on calibration noise ------------
+def learned_grids(den, x, cond, uncond, mixture, sched, guidance, nfes, aids, evals: int):
+    """Per learned candidate of ``DEFAULT_CANDIDATES`` and NFE, its grid learned by ``learn_grid`` on
+    the calibration trajectories against their exact ends, scored by the trimmed error."""
+    from sdinfer.samplers.base import ExplicitGrid, continuous_grid, sample_loop
+    from sdinfer.samplers.learned_grid import LearnedGrids, learn_grid
+
+    ref = mixture.reference(sched, x, cond, guidance)
+    grids = LearnedGrids()
+    table = AutoTable(guidance, {}, aids=aids)
+    for cand in [c for c in DEFAULT_CANDIDATES if c.spacing == "learned"]:
+        for nfe in nfes:
+            steps = cand.steps(nfe)
+            table.entries[nfe] = {**cand.as_dict(), "spacing": "logsnr"}
+            solver, _, _, _ = resolve(table, nfe)
+
+            def error(times, solver=solver, steps=steps):
+                try:
+                    end = sample_loop(den, solver, x.clone(), steps, cond, uncond, spacing=ExplicitGrid(times))
+                except (ValueError, FloatingPointError):
+                    return float("inf")
+                return robust_score(per_sample_mse(end, ref), TRIM)
+
+            starts = {name: continuous_grid(den, steps, name) for name in ("logsnr", "karras", "time_uniform",
+                                                                            "time_quadratic", "trailing")}
+            starts["gits"] = continuous_grid(den, steps, aids["gits"])
+            times, info = learn_grid(error, starts, max_evals=evals)
+            grids.add(cand.sampler, steps, times, info)
+    return grids
+
+
 # ---- one problem ------------------------------------------------------------------------------
 def stats(mse: torch.Tensor) -> dict:
     return {"trimmed": robust_score(mse, TRIM), "rms": float(mse.mean().sqrt()),
@@ -237,6 +270,9 @@ def run_problem(name: str, guidance: float, sizes: dict, nfes: list[int], quick:
     ems = compute_ems(den, x_cal, c_cal, u_cal, points=200, generator=torch.Generator().manual_seed(1))
     grid = compute_grid(den, x_cal[:128], c_cal[:128], None if u_cal is None else u_cal[:128], points=60)
     aids = {"dpm-solver-v3": ems, "gits": grid}
+    aids["learned-grid"] = learned_grids(den, x_cal[:sizes["learned"]], c_cal[:sizes["learned"]],
+                                         None if u_cal is None else u_cal[:sizes["learned"]], mixture, sched,
+                                         guidance, nfes, aids, evals=20 if quick else 60)
 
     x_val, c_val, u_val = inputs("validation")
     ref_val = mixture.reference(sched, x_val, c_val, guidance)
@@ -319,8 +355,8 @@ def main(argv=None) -> int:
     problems = gm.PROBLEMS if args.problems is None else [
         (p.split(":")[0], float(p.split(":")[1])) for p in args.problems.split(",")]
     nfes = [5, 10, 20] if args.quick else list(NFES)
-    sizes = ({"calibration": 128, "validation": 64, "evaluation": 64} if args.quick else
-             {"calibration": 256, "validation": 256, "evaluation": 256})
+    sizes = ({"calibration": 128, "learned": 64, "validation": 64, "evaluation": 64} if args.quick else
+             {"calibration": 256, "learned": 128, "validation": 256, "evaluation": 256})
     k = load_k_diffusion()
     results = [run_problem(name, g, sizes, nfes, args.quick, k) for name, g in problems]
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / (

@@ -79,7 +79,9 @@ DEFAULT_CANDIDATES = tuple(
      for g in ("trailing", "logsnr", "gits")]
     + [Candidate(s, g) for s in V3_MODES for g in ("trailing", "logsnr", "gits")]
     + [Candidate("dpm-solver-v3:use_corrector=half", "gits", True),
-       Candidate("dpm-solver++-2m", "gits", True)])
+       Candidate("dpm-solver++-2m", "gits", True)]
+    # on their learned grids, where the model has them (``sdinfer calibrate learned-grid``)
+    + [Candidate(s, "learned") for s in ("unipc:order=3", "dpm-solver-v3:use_corrector=true")])
 
 
 # ---- the robust choice ---------------------------------------------------------------------
