@@ -272,7 +272,7 @@ def run_problem(name: str, guidance: float, sizes: dict, nfes: list[int], quick:
     aids = {"dpm-solver-v3": ems, "gits": grid}
     aids["learned-grid"] = learned_grids(den, x_cal[:sizes["learned"]], c_cal[:sizes["learned"]],
                                          None if u_cal is None else u_cal[:sizes["learned"]], mixture, sched,
-                                         guidance, nfes, aids, evals=20 if quick else 60)
+                                         guidance, nfes, aids, evals=sizes["evals"])
 
     x_val, c_val, u_val = inputs("validation")
     ref_val = mixture.reference(sched, x_val, c_val, guidance)
@@ -349,19 +349,39 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="NFE 5, 10, 20; 64 trajectories per set; fewer peers")
     parser.add_argument("--problems", default=None,
                         help="comma list of MIXTURE:GUIDANCE (default: every one of gaussian_mixture.PROBLEMS)")
+    parser.add_argument("--trajectories", type=int, default=256,
+                        help="validation and evaluation trajectories each (default: 256; --quick: 64)")
+    parser.add_argument("--learned", type=int, default=128,
+                        help="calibration trajectories the grids are learned on (default: 128; --quick: 64)")
+    parser.add_argument("--evals", type=int, default=60, help="most trial grids per learned grid (default: 60; "
+                                                              "--quick: 20)")
+    parser.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+                        help="instead of running: join these runs' problems into --out")
     parser.add_argument("--out", default=None, help="JSON to write (default: bench/results/mixture-samplers.json; "
                                                     "--quick: mixture-samplers-quick.json)")
     args = parser.parse_args(argv)
     problems = gm.PROBLEMS if args.problems is None else [
         (p.split(":")[0], float(p.split(":")[1])) for p in args.problems.split(",")]
-    nfes = [5, 10, 20] if args.quick else list(NFES)
-    sizes = ({"calibration": 128, "learned": 64, "validation": 64, "evaluation": 64} if args.quick else
-             {"calibration": 256, "learned": 128, "validation": 256, "evaluation": 256})
-    k = load_k_diffusion()
-    results = [run_problem(name, g, sizes, nfes, args.quick, k) for name, g in problems]
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
         "mixture-samplers-quick.json" if args.quick else "mixture-samplers.json")
-    meta = {"command": "python bench/mixture_samplers.py" + (" --quick" if args.quick else "")
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        meta = {**runs[0]["meta"], "command": " ; ".join(r["meta"]["command"] for r in runs)}
+        order = {p: i for i, p in enumerate(gm.PROBLEMS)}
+        problems = sorted((p for r in runs for p in r["problems"]),
+                          key=lambda p: order.get((p["mixture"], p["guidance"]), len(order)))
+        out.write_text(json.dumps({"meta": meta, "problems": problems}, indent=1) + "\n")
+        print(f"wrote {out}")
+        return 0
+    nfes = [5, 10, 20] if args.quick else list(NFES)
+    n = 64 if args.quick else args.trajectories
+    sizes = {"calibration": 128 if args.quick else 256, "learned": 64 if args.quick else args.learned,
+             "validation": n, "evaluation": n, "evals": 20 if args.quick else args.evals}
+    k = load_k_diffusion()
+    results = [run_problem(name, g, sizes, nfes, args.quick, k) for name, g in problems]
+    meta = {"command": "python bench/mixture_samplers.py" + (" --quick" if args.quick else
+                                                             f" --trajectories {n} --learned {args.learned} "
+                                                             f"--evals {args.evals}")
             + (f" --problems {args.problems}" if args.problems else ""),
             "date": date.today().isoformat(), "machine": f"{platform.machine()} CPU, torch {torch.__version__}",
             "trim": TRIM, "k_diffusion": "k-diffusion 0.1.1.post1 sampling" if k is not None else

@@ -114,6 +114,8 @@ def test_robust_choice_ignores_a_flipped_trajectory():
     assert e["score"] == pytest.approx(1e-3) and e["runner_up_score"] == pytest.approx(2e-3)
     assert e["interval"][0] <= e["score"] <= e["interval"][1] + 1e-12
     assert 0.9 <= e["stability"] <= 1.0 and e["trajectories"] == n
+    never = {"a": {5: torch.full((4,), float("inf"))}, "b": {5: torch.full((4,), float("nan"))}}
+    assert choose(never, resamples=5) == {}   # no candidate ran at NFE 5: no entry
     assert trimmed_count(64, 0.05) == 4 and trimmed_count(10, 0.05) == 1 and trimmed_count(5, 0.0) == 0
     assert robust_score(torch.tensor([1.0, float("nan")]), 0.5) == 1.0
 

@@ -123,6 +123,8 @@ def choose(errors: dict[str, dict[int, torch.Tensor]], trim: float = 0.05, resam
         scores = {k: robust_score(errors[k][nfe], trim) for k in names}
         ranked = sorted(names, key=lambda k: scores[k])
         best = ranked[0]
+        if not math.isfinite(scores[best]):
+            continue   # no candidate ran at this NFE: the table leaves it out
         n = errors[best][nfe].numel()
         stack = torch.stack([torch.nan_to_num(errors[k][nfe].double(), nan=float("inf"), posinf=float("inf")) for k in names])
         wins, boot = 0, []
