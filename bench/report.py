@@ -13,6 +13,8 @@ where its rows come from:
 - a name in ``PARALLEL_TABLES``: the rows of a ``bench/parallel.py`` JSON file;
 - ``fronts``: each peer's Pareto front read on ours, from ``bench/results/fronts-{unet,dit}.json``
   (``bench/fronts.py``);
+- ``mixture-samplers``: ``sampler="auto"`` against the best public sampler per mixture and NFE,
+  from ``bench/results/mixture-samplers.json`` (``bench/mixture_samplers.py``);
 - any other name: ``bench/results/tables/NAME.json`` (``columns`` and ``rows``, cells as printed),
   tables whose figures came from scripts that print markdown, converted once.
 
@@ -290,7 +292,31 @@ def summary_table() -> str:
                      "PSNR dB", "adherence (uncached)", "measured", "command"], rows)
 
 
+def mixture_samplers_table() -> str:
+    """Per mixture problem, a row per NFE: what sampler="auto" chose on validation noise, its error and
+    the best public sampler's on the evaluation noise (the trimmed statistic the choice uses), the ratio,
+    and the ratio by the RMS over all trajectories (each side's best by that measure)."""
+    data = load("mixture-samplers.json")
+    rows = []
+    for p in data["problems"]:
+        problem = f"{p['mixture']} ({'unguided' if p['guidance'] == 1 else 'cfg ' + format(p['guidance'], 'g')})"
+        for c in p["cells"]:
+            lo, hi = c["validation_interval"]
+            rows.append([problem, str(c["nfe"]), f"`{c['auto_choice']}`",
+                         f"{c['validation_score']:.2e} ({lo:.1e}-{hi:.1e}, {c['stability']:.0%})",
+                         f"{c['auto']['trimmed']:.2e}", f"{c['best_peer_stats']['trimmed']:.2e}", c["best_peer"],
+                         f"**{c['ratio']:.2f}**" if c["ratio"] <= 0.7 else f"{c['ratio']:.2f}",
+                         f"{c['ratio_rms']:.2f}"])
+    worst = max(c["ratio"] for p in data["problems"] for c in p["cells"])
+    rows.append(["all", "-", "-", "-", "-", "-", f"worst ratio {worst:.2f}", f"{worst:.2f}", "-"])
+    return markdown(["problem", "NFE", "auto's choice (validation)", "validation error (90% bootstrap, "
+                     "chosen on resamples)", "auto, evaluation", "best public, evaluation", "best public sampler",
+                     "ratio", "ratio by all-trajectory RMS"], rows)
+
+
 def table(name: str) -> str:
+    if name == "mixture-samplers":
+        return mixture_samplers_table()
     if name == "summary":
         return summary_table()
     if name == "self-comparisons":

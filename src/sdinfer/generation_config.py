@@ -45,6 +45,9 @@ class GenerationConfig:
             raise UserError(f"size must be a positive number of pixels, got {self.size}")
         if self.final not in FINALS:
             raise UserError(f"unknown final time {self.final!r}; choose one of {', '.join(FINALS)}")
+        if self.sampler == "auto":
+            self._check_auto()
+            return
         solver = self.make_sampler()
         if self.steps == "auto":
             return
@@ -61,6 +64,14 @@ class GenerationConfig:
                 check_supports(solver)
             except ValueError as err:
                 raise UserError(str(err)) from None
+
+    def _check_auto(self) -> None:
+        """``sampler="auto"`` chooses the sampler, grid and first step per NFE (``auto_sampler.py``)."""
+        if self.steps == "auto":
+            raise UserError("sampler 'auto' takes a step count (the NFE), not steps='auto'")
+        if self.spacing is not None or self.analytic_first_step or self.final != "zero":
+            raise UserError("sampler 'auto' chooses the time grid and the first step itself; leave spacing, "
+                            "analytic_first_step and final unset")
 
     def make_sampler(self):
         """A fresh sampler object for ``sampler`` (samplers keep per-run state)."""

@@ -158,6 +158,21 @@ class Pipeline:
             return self._gits_grid(guidance_scale, steps)
         return self._learned_grid(guidance_scale, steps, sampler or "ddim")
 
+    def _auto_config(self, config: GenerationConfig) -> tuple[GenerationConfig, str]:
+        """``sampler="auto"``: the configuration the model's auto-sampler table chose for this
+        guidance scale and NFE (``config.steps``), and its name."""
+        import dataclasses
+
+        from .auto_sampler import table_for
+
+        use_cfg = config.guidance_scale != 1.0 and self.model.text_encoder is not None
+        table = table_for(self.model.path, config.guidance_scale if use_cfg else 1.0, self.model.name)
+        cand = table.candidate(config.steps)
+        chosen = dataclasses.replace(config, sampler=cand.sampler, spacing=cand.spacing,
+                                     analytic_first_step=cand.analytic_first_step,
+                                     steps=cand.steps(config.steps))
+        return chosen, cand.name
+
     def _check_final(self, final: str, spacing, solver, steps: int) -> None:
         schedule = self.model.schedule
         grid = spacing if spacing is not None else (schedule.default_spacing if schedule.is_flow
@@ -239,7 +254,8 @@ class Pipeline:
         training step, as diffusers' DDIM and ``final_sigmas_type="sigma_min"``; the trailing
         grid only: leading and linspace end at timestep 0 already).  ``config``: the options as
         one checked ``GenerationConfig`` (then the keyword arguments above are not read).  ``sampler``: any
-        name of ``samplers.SAMPLERS``; ``dpm-solver-12`` / ``-23`` choose their own steps (``steps`` does
+        name of ``samplers.SAMPLERS``, or ``"auto"``: for ``steps`` model evaluations, what the model's
+        auto-sampler table (``sdinfer calibrate auto``) chose at this guidance scale; ``dpm-solver-12`` / ``-23`` choose their own steps (``steps`` does
         not apply), ``paradigms`` / ``parataa`` batch several steps per model call; ``nfe`` in the
         result counts every step evaluated, ``model_calls`` the forward passes."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -253,6 +269,9 @@ class Pipeline:
             if not isinstance(predictor, StepPredictor):
                 predictor = predictor_for(self, predictor)
             config = config.with_steps(max(predictor.predict(prompt_features(self, prompts))))
+        auto_choice = None
+        if config.sampler == "auto":
+            config, auto_choice = self._auto_config(config)
         steps, sampler, guidance_scale, seed = config.steps, config.sampler, config.guidance_scale, config.seed
         size, spacing, analytic_first_step, final = (config.size, config.spacing, config.analytic_first_step,
                                                      config.final)
@@ -297,6 +316,8 @@ class Pipeline:
             params["spacing"] = given_spacing if isinstance(given_spacing, str) else getattr(spacing, "name", "custom")
         if analytic_first_step:
             params["analytic_first_step"] = True
+        if auto_choice is not None:
+            params["auto"] = auto_choice
         if final != "zero":
             params["final"] = final
         return GenerationResult(images, pixels, den.nfe, den.model_calls, seconds, params)

@@ -2,7 +2,7 @@
 
 One subcommand per procedure, each with its own options: ``dpm-solver-v3`` (the solver's
 empirical model statistics), ``gits`` (GITS's optimal time grid), ``learned-grid`` (one sampler's
-learned time grids) and one per cache method that registers a calibrator in
+learned time grids), ``auto`` (the per-NFE choice ``--sampler auto`` runs) and one per cache method that registers a calibrator in
 ``sdinfer.cache.calibration`` (their names are read from there when ``calibrate`` runs).
 The older spelling ``calibrate --method NAME`` (no method: dpm-solver-v3) is rewritten to
 ``calibrate NAME`` by ``alias_argv``."""
@@ -63,6 +63,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     _add_dpm_solver_v3(procs)
     _add_gits(procs)
     _add_learned_grid(procs)
+    _add_auto(procs)
     return c
 
 
@@ -149,6 +150,68 @@ def _add_learned_grid(procs) -> None:
     p.add_argument("--validation", type=int, default=8,
                    help="further trajectories on which a learned grid must beat its start (default: 8)")
     p.set_defaults(func=calibrate_learned_grid)
+
+
+def _add_auto(procs) -> None:
+    p = procs.add_parser("auto", help="the per-NFE sampler choice that --sampler auto runs",
+                         description="Score the candidate samplers x time grids (DPM-Solver++(2M/3M), UniPC-2/3, "
+                                     "DPM-Solver-v3's corrector modes; trailing, logsnr and GITS grids; the analytic "
+                                     "first step) at each NFE on --validation trajectories against an accurate "
+                                     "reference, and keep per NFE the lowest trimmed error, written by default to "
+                                     "MODEL/sdinfer_calibration/auto-sampler-cfgCFG.safetensors (use with generate "
+                                     "--sampler auto). DPM-Solver-v3's statistics and the GITS grid are calibrated "
+                                     "first on --samples trajectories where the model has none.")
+    _add_common(p, samples=32)
+    p.add_argument("--validation", type=int, default=32,
+                   help="validation trajectories the choice is made on (default: 32)")
+    p.add_argument("--nfes", default="5-20", help="NFEs to choose for: A-B or a comma list (default: 5-20)")
+    p.add_argument("--trim", type=float, default=0.05,
+                   help="share of the worst validation trajectories the score leaves out (default: 0.05)")
+    p.add_argument("--reference-steps", type=int, default=400,
+                   help="DPM-Solver++(3M) log-SNR steps of the reference solution (default: 400)")
+    p.set_defaults(func=calibrate_auto)
+
+
+def _nfes(text: str) -> list[int]:
+    try:
+        if "-" in text:
+            lo, hi = (int(v) for v in text.split("-", 1))
+            values = list(range(lo, hi + 1))
+        else:
+            values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise UserError(f"--nfes takes A-B or whole numbers separated by commas, e.g. 5-20 or 5,8,10; got {text!r}") from None
+    if not values or values[0] < 2:
+        raise UserError(f"--nfes must be whole numbers >= 2, got {text!r}")
+    return values
+
+
+def calibrate_auto(args) -> int:
+    """``sdinfer calibrate auto``: the auto-sampler table at one guidance scale."""
+    from ..auto_sampler import ARTIFACT, calibrate_auto as run
+    from ..models import artifacts
+
+    nfes = _nfes(args.nfes)
+    if args.validation < 1:
+        raise UserError(f"--validation must be >= 1, got {args.validation}")
+    if not 0 <= args.trim < 0.5:
+        raise UserError(f"--trim must be in [0, 0.5), got {args.trim}")
+    if args.reference_steps < 20:
+        raise UserError(f"--reference-steps must be >= 20, got {args.reference_steps}")
+    pipe, out = _calibration_target(
+        args, "auto-sampler tables", lambda pipe: artifacts.writable_path(pipe.model.path, ARTIFACT, args.cfg))
+    texts = calibration_prompts(args.prompts, args.samples + args.validation, args.seed)
+    start = time.perf_counter()
+    table = run(pipe, args.cfg, texts[:args.samples], texts[args.samples:], args.seed, nfes, trim=args.trim,
+                reference_steps=args.reference_steps, log=lambda line: print(line, flush=True))
+    table.save(out)
+    print(f"wrote the auto-sampler table of {pipe.model.name} at cfg {args.cfg:g} ({args.validation} validation "
+          f"trajectories) to {out} in {time.perf_counter() - start:.1f} s")
+    for nfe, e in sorted(table.entries.items()):
+        print(f"  NFE {nfe}: {e['sampler']} [{e['spacing']}]{' +afs' if e['analytic_first_step'] else ''}: "
+              f"{e['score']:.4f} (90% {e['interval'][0]:.4f}-{e['interval'][1]:.4f}, chosen on "
+              f"{e['stability']:.0%} of resamples)")
+    return 0
 
 
 # ---- the procedures ----------------------------------------------------------------

@@ -50,7 +50,8 @@ def add_model_options(p, many_steps: bool = False) -> None:
     p.add_argument("--model", default="default", help=MODEL_HELP)
     p.add_argument("--sampler", default="ddim",
                    help="sampler with options, e.g. ddim, ddim:eta=1, ddpm, plms, dpm-solver++:order=3, "
-                        "dpm-solver, unipc, euler, heun (default: ddim)")
+                        "dpm-solver, unipc, euler, heun, or auto: per NFE (--steps) what validation chose for the model "
+                        "and --cfg (sdinfer calibrate auto) (default: ddim)")
     if many_steps:
         p.add_argument("--steps", default="50", help="denoising steps; several as 10,20,50 (default: 50)")
     else:

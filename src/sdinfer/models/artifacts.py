@@ -4,7 +4,7 @@ Every artifact (DPM-Solver-v3's statistics, GITS's grid, learned grids, the Step
 a cache's calibration) is one safetensors file in the model folder's ``sdinfer_calibration/``:
 
     MODEL/sdinfer_calibration/KIND.safetensors           (teacache, magcache, stepsaver, ...)
-    MODEL/sdinfer_calibration/KIND-cfgG.safetensors      (dpm-solver-v3, gits, learned-grid)
+    MODEL/sdinfer_calibration/KIND-cfgG.safetensors      (dpm-solver-v3, gits, learned-grid, auto-sampler)
 
 MODEL is the pipeline folder (the one with ``model_index.json``), or the denoiser's own folder
 when it was saved alone.  Kinds measured under classifier-free guidance are kept per guidance
@@ -30,7 +30,7 @@ from ..errors import UserError
 
 ARTIFACT_DIR = "sdinfer_calibration"
 SUFFIX = ".safetensors"
-PER_GUIDANCE = ("dpm-solver-v3", "gits", "learned-grid")
+PER_GUIDANCE = ("dpm-solver-v3", "gits", "learned-grid", "auto-sampler")
 # the folders of the first layout, one per kind measured under guidance
 _OLD_GUIDANCE_DIRS = {"dpm-solver-v3": "dpm_solver_v3", "gits": "gits", "learned-grid": "learned_grid"}
 
