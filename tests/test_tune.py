@@ -316,3 +316,44 @@ def test_tune_end_to_end_on_a_tiny_space(tmp_path, capsys):
                  "--out", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert "no configuration meets the budget psnr=99" in err and "the best reached is" in err
+
+
+@pytest.mark.slow
+def test_auto_steps_run_each_prompt_at_its_own_count(unet_pipe):
+    """steps="auto" over prompts whose predicted counts differ: each prompt's image is the one its
+    own count gives it (the search's per-prompt axis and a preset with steps "auto" rely on it)."""
+    import torch
+
+    from sdinfer.eval.prompts import validation_prompts
+    from sdinfer.stepsaver import predictor_for, prompt_features
+
+    prompts = validation_prompts(24)
+    counts = predictor_for(unet_pipe).predict(prompt_features(unet_pipe, prompts))
+    i = 0
+    j = next(k for k, c in enumerate(counts) if c != counts[0])
+    pair = [prompts[i], prompts[j]]
+    result = unet_pipe(pair, steps="auto", seeds=[3, 4])
+    assert result.params["steps"] == [counts[i], counts[j]]
+    for k, (prompt, count, seed) in enumerate(zip(pair, (counts[i], counts[j]), (3, 4))):
+        alone = unet_pipe([prompt], steps=count, seeds=[seed]).pixels[0]
+        assert torch.allclose(result.pixels[k], alone, atol=1e-4)
+    assert result.nfe == round((counts[i] + counts[j]) / 2)
+
+
+@pytest.mark.parametrize("limit", [50, 70])
+def test_a_time_limit_mid_search_still_chooses_among_what_met_the_budget(monkeypatch, limit):
+    """The clock runs out part-way (one tick per clock check: 50 ends the first rung early, 70
+    the second): the search stops and still returns a candidate that met the budget on the
+    prompts it was evaluated on, after fewer evaluations than the whole search."""
+    import sdinfer.tune.search as search_module
+
+    space = table_space()
+    whole = search(space, parse_budget("psnr=32"), TableEvaluator(space, seed=2), first_rung=4)
+    ev = TableEvaluator(space, seed=2)
+    ticks = iter(range(100_000))
+    monkeypatch.setattr(search_module.time, "monotonic", lambda: next(ticks) * 1.0)
+    result = search(space, parse_budget("psnr=32"), ev, first_rung=4, time_limit_s=limit)
+    assert result.stopped_early and result.chosen is not None
+    assert result.chosen_quality.psnr >= 32
+    assert len(result.evaluations) < len(whole.evaluations)
+    assert any("time limit" in line for line in result.log)

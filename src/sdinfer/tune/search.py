@@ -131,6 +131,7 @@ def search(space: Space, budget: Budget, evaluator: Evaluator, first_rung: int =
     n0 = rungs[0]
     keep = max(finalists, math.ceil(len(space.settings()) / eta)) if len(rungs) > 1 else finalists
     passed: list[Evaluation] = []
+    searched = 0
     settings = space.settings()
     settings.sort(key=lambda s: evaluator.cost(Candidate(s, space.steps_for(s)[0])))
     for setting in settings:
@@ -139,8 +140,12 @@ def search(space: Space, budget: Budget, evaluator: Evaluator, first_rung: int =
             say("time limit reached during the first rung; stopping with what met the budget so far")
             break
         bound = sorted(e.cost for e in passed)[keep - 1] if len(passed) >= keep else math.inf
-        counts = [n for n in space.steps_for(setting) if evaluator.cost(Candidate(setting, n)) < bound]
+        counts = list(space.steps_for(setting))
+        if bound < math.inf:   # cost grows with the steps: cut at the first count at or above the bound
+            cut = next((i for i, n in enumerate(counts) if evaluator.cost(Candidate(setting, n)) >= bound), len(counts))
+            counts = counts[:cut]
         best = _fewest_steps(setting, counts, lambda c: evaluate(c, n0))
+        searched += 1
         if best is not None:
             passed.append(best)
     for setting in space.per_prompt:
@@ -148,7 +153,7 @@ def search(space: Space, budget: Budget, evaluator: Evaluator, first_rung: int =
             e = evaluate(Candidate(setting, "auto"), n0)
             if e.meets:
                 passed.append(e)
-    say(f"rung 1: {len(settings)} settings searched on {n0} prompts, {len(passed)} meet the budget")
+    say(f"rung 1: {searched} of {len(settings)} settings searched on {n0} prompts, {len(passed)} meet the budget")
 
     # later rungs: the cheapest survivors on more prompts, walking up their steps where they now miss
     survivors = sorted(passed, key=lambda e: e.cost)[:keep]
@@ -165,9 +170,15 @@ def search(space: Space, budget: Budget, evaluator: Evaluator, first_rung: int =
             moved = _walk_up(space, e.candidate, lambda c: evaluate(c, n))
             if moved is not None:
                 kept.append(moved)
-        count = finalists if r == len(rungs) else max(finalists, math.ceil(len(kept) / eta))
+        if result.stopped_early and not kept:
+            say(f"time limit reached during rung {r} before any survivor was settled; keeping rung {r - 1}'s")
+            break
+        count = finalists if r == len(rungs) or result.stopped_early else max(finalists, math.ceil(len(kept) / eta))
         survivors = sorted(kept, key=lambda e: e.cost)[:count]
         say(f"rung {r}: {len(kept)} of the survivors meet the budget on {n} prompts, {len(survivors)} go on")
+        if result.stopped_early:
+            say(f"time limit reached during rung {r}; choosing among the survivors it settled")
+            break
 
     if not survivors:
         result.best_missing = min(evaluations, key=lambda e: (budget.shortfall(e.quality), -e.quality.prompts,
