@@ -146,6 +146,9 @@ def search(space: Space, budget: Budget, evaluator: Evaluator, first_rung: int =
             counts = counts[:cut]
         best = _fewest_steps(setting, counts, lambda c: evaluate(c, n0))
         searched += 1
+        log(f"  [{searched}/{len(settings)}] {setting.label}: "
+            + (f"{best.candidate.steps} steps meet the budget on {n0} prompts" if best else
+               "no step count below the bound meets the budget" if bound < math.inf else "no step count meets the budget"))
         if best is not None:
             passed.append(best)
     for setting in space.per_prompt:
