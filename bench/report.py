@@ -15,6 +15,9 @@ where its rows come from:
   (``bench/fronts.py``);
 - ``mixture-samplers``: ``sampler="auto"`` against the best public sampler per mixture and NFE,
   from ``bench/results/mixture-samplers.json`` (``bench/mixture_samplers.py``);
+- ``tune``: each default model's tuned preset (``bench/results/tune-M/preset.json``) and its held-out
+  check (``bench/results/tune-M.json``), and the search against the exhaustive grid
+  (``bench/results/tune-vs-exhaustive-*.json``), from ``bench/tune.sh``;
 - any other name: ``bench/results/tables/NAME.json`` (``columns`` and ``rows``, cells as printed),
   tables whose figures came from scripts that print markdown, converted once.
 
@@ -208,6 +211,49 @@ def fronts_table() -> str:
                      "ours (same method) / peer: min / median", "same method vs the target", "run"], rows)
 
 
+TUNE_MODELS = ("unet", "dit")
+TUNE_TARGET_SPEEDUP, TUNE_MAX_DROP = 10.0, 0.02
+
+
+def tune_table() -> str:
+    """Per model: the preset ``sdinfer tune --budget adherence-drop=0.02`` chose, its validation
+    figures, and the held-out check (wall speed-up over 50-step DDIM, adherence against the
+    baseline's) against the target; then the search against the exhaustive grid."""
+    rows = []
+    for model in TUNE_MODELS:
+        preset_file, check_file = RESULTS / f"tune-{model}" / "preset.json", RESULTS / f"tune-{model}.json"
+        if not preset_file.exists() or not check_file.exists():
+            continue
+        preset = json.loads(preset_file.read_text())
+        v = preset["validation"]
+        check = load(check_file.name)
+        base, rec = check["records"][0], check["records"][1]
+        drop = None if rec["adherence"] is None or base["adherence"] is None else base["adherence"] - rec["adherence"]
+        meets = rec["speedup_wall"] >= TUNE_TARGET_SPEEDUP and drop is not None and drop <= TUNE_MAX_DROP + 1e-9
+        verdict = "meets" if meets else (f"short: needs >= {TUNE_TARGET_SPEEDUP:g}x and a drop <= "
+                                         f"{TUNE_MAX_DROP:.0%}")
+        stack = rec["config"]
+        rows.append([model, f"`{stack}`", f"{v['speedup_wall']:.2f}x, {percent(v.get('adherence'))} "
+                     f"({percent(v.get('reference_adherence'))}), {v['prompts']} prompts",
+                     fixed(rec["speedup_wall"], 2) + "x", fixed(rec["speedup_macs"], 2) + "x", fixed(rec["psnr"], 1),
+                     f"{percent(rec['adherence'])} ({percent(base['adherence'])})", verdict,
+                     f"{check['meta']['prompts']} held-out prompts, {check['meta']['repeats']} timed runs, "
+                     f"{check['meta']['date']}"])
+    for path in sorted(RESULTS.glob("tune-vs-exhaustive-*.json")):
+        r = json.loads(path.read_text())
+        s, e = r["search"], r["exhaustive"]
+        rows.append([r["meta"]["model"], f"small space: search `{s['chosen']}` vs exhaustive `{e['chosen']}`",
+                     f"{s['evaluations']} / {e['evaluations']} evaluations, {s['images']} / {e['images']} images",
+                     f"{s['speedup_wall']:.2f}x / {e['speedup_wall']:.2f}x", "-", "-", "-",
+                     f"search at {r.get('ratio_to_optimum', 0):.0%} of the optimum's speed",
+                     f"{r['meta']['validation_prompts']} validation prompts, {r['meta']['date']}"])
+    if not rows:
+        raise SystemExit("BENCHMARKS.md names table 'tune', but bench/results has no tune results: run bench/tune.sh")
+    return markdown(["model", "preset (or comparison)", "validation: wall speed-up, adherence (reference)",
+                     "held-out wall speed-up vs DDIM 50", "MAC speed-up", "PSNR dB", "adherence (DDIM 50)",
+                     "vs the target (>= 10x, within 2 points)", "run"], rows)
+
+
 SELF_COMPARISONS = ("heldout-*.json", "self-*.json")
 
 
@@ -323,6 +369,8 @@ def table(name: str) -> str:
         return self_comparison_table()
     if name == "fronts":
         return fronts_table()
+    if name == "tune":
+        return tune_table()
     if name in BENCH_TABLES:
         return bench_table(*BENCH_TABLES[name])
     if name in PARALLEL_TABLES:

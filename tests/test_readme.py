@@ -124,11 +124,11 @@ def test_the_set_up_line_installs_what_the_commands_need():
 
 def _cheap(argv: list[str]) -> bool:
     """generate on a shipped model on one process (no --parallel, no --size beyond the model's,
-    no learned grid, which the minutes-long calibration before it makes), models, --help."""
+    no learned grid or preset, which the minutes-long calibration or tune before it makes), models, --help."""
     if argv[:1] == ["models"] or argv == ["--help"]:
         return True
     return (argv[:1] == ["generate"] and "--parallel" not in argv and "--size" not in argv
-            and "learned" not in argv)
+            and "learned" not in argv and "--preset" not in argv)   # a preset comes from a minutes-long tune
 
 
 @pytest.mark.slow

@@ -268,7 +268,10 @@ class Pipeline:
             from .stepsaver import StepPredictor, predictor_for, prompt_features
             if not isinstance(predictor, StepPredictor):
                 predictor = predictor_for(self, predictor)
-            config = config.with_steps(max(predictor.predict(prompt_features(self, prompts))))
+            counts = predictor.predict(prompt_features(self, prompts))
+            if len(set(counts)) > 1:
+                return self._per_prompt_steps(prompts, counts, config, seeds, progress)
+            config = config.with_steps(counts[0])
         auto_choice = None
         if config.sampler == "auto":
             config, auto_choice = self._auto_config(config)
@@ -321,6 +324,30 @@ class Pipeline:
         if final != "zero":
             params["final"] = final
         return GenerationResult(images, pixels, den.nfe, den.model_calls, seconds, params)
+
+
+    def _per_prompt_steps(self, prompts: list[str], counts: list[int], config: GenerationConfig,
+                          seeds: list[int] | None, progress: bool) -> GenerationResult:
+        """``steps="auto"`` over prompts whose predicted counts differ: one generation per count,
+        each prompt with its own seed, the images in the prompts' order.  ``nfe`` and
+        ``model_calls``: the mean per image, rounded; ``params["steps"]``: the count per prompt."""
+        seeds = seeds if seeds is not None else [config.seed + i for i in range(len(prompts))]
+        start = time.perf_counter()
+        pixels: list = [None] * len(prompts)
+        nfe = calls = 0.0
+        result = None
+        for count in sorted(set(counts)):
+            idx = [i for i, c in enumerate(counts) if c == count]
+            result = self([prompts[i] for i in idx], seeds=[seeds[i] for i in idx], progress=progress,
+                          config=config.with_steps(count))
+            for i, p in zip(idx, result.pixels):
+                pixels[i] = p
+            nfe += result.nfe * len(idx)
+            calls += result.model_calls * len(idx)
+        stacked = torch.stack(pixels)
+        params = {**result.params, "steps": list(counts), "seed": seeds[0]}
+        return GenerationResult([to_pil(p) for p in stacked], stacked, round(nfe / len(prompts)),
+                                round(calls / len(prompts)), time.perf_counter() - start, params)
 
 
 def to_pil(pixels: torch.Tensor) -> Image.Image:

@@ -1,5 +1,5 @@
 """The ``sdinfer`` command line: one module per command (generate, bench, models, calibrate,
-train-default), shared option helpers in ``options``.  Nothing is imported from torch, diffusers
+train-default, tune), shared option helpers in ``options``.  Nothing is imported from torch, diffusers
 or transformers until a command runs, so ``sdinfer --help`` and a bad flag answer at once."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import bench, calibrate, generate, models, train
+from . import bench, calibrate, generate, models, train, tune
 from .options import quiet_libraries as _quiet_libraries  # noqa: F401  (bench/ scripts and tests use it)
 
 EXAMPLES = """\
@@ -26,6 +26,8 @@ examples:
   sdinfer calibrate dpm-solver-v3 --model unet --cfg 4
   sdinfer calibrate teacache --model dit
   sdinfer train-default --arch unet
+  sdinfer tune --model unet --budget adherence-drop=0.02 --out tuned-unet
+  sdinfer generate "a red circle in the top left" --preset tuned-unet/preset.json
 """
 
 
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_parser(sub)
     sub.on_select["calibrate"] = calibrate.add_cache_procedures
     train.add_parser(sub)
+    tune.add_parser(sub)
     return parser
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -27,6 +28,11 @@ def add_parser(sub) -> None:
     b.add_argument("--accelerate", action="append", default=None, metavar="SPEC",
                    help="a configuration with this accelerator installed, e.g. deepcache:interval=3; "
                         "repeat for a sweep (each at every --steps)")
+    b.add_argument("--preset", action="append", default=None, metavar="FILE",
+                   help="a configuration from sdinfer tune's preset (repeat for several); with --preset the "
+                        "configurations are the presets (and any --accelerate), --sampler/--steps only set the "
+                        "default baseline, the preset's model and --cfg apply unless given (an explicit --cfg "
+                        "overrides the presets' guidance scale, with a note)")
     b.add_argument("--json", default=None, help="write the records to this JSON file")
     b.add_argument("--plot", default=None, help="write a quality-vs-speed-up plot to this PNG file")
     b.add_argument("--min-steps", action="store_true",
@@ -51,6 +57,7 @@ def run(args) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--plot needs matplotlib; install it with pip install 'sdinfer[plot]'") from None
+    presets = _presets(args)
     prompts = load_prompts(args.prompts)
     if args.limit:
         prompts = prompts[: args.limit]
@@ -59,13 +66,19 @@ def run(args) -> int:
     except ValueError:
         raise UserError(f"--steps {args.steps!r} must be whole numbers separated by commas") from None
     specs = [bench.RunSpec(sampler=args.sampler, steps=s, cfg=args.cfg, accelerate=a)
-             for a in (args.accelerate or [""]) for s in steps]
+             for a in (args.accelerate or ([] if presets else [""])) for s in steps]
+    specs = [dataclasses.replace(p.run_spec(), cfg=args.cfg) for p in presets] + specs
     baseline = (bench.RunSpec.parse_baseline(args.baseline, args.cfg) if args.baseline
                 else bench.RunSpec(sampler=args.sampler, steps=max(steps), cfg=args.cfg))
     pipe = load_pipeline(args)
     for spec in args.accelerate or []:   # a bad spec fails before any timing starts
         _check_accelerate(pipe, spec)
+    for p in presets:
+        if p.accelerate:
+            _check_accelerate(pipe, p.accelerate)
     if args.min_steps:
+        if presets:
+            raise UserError("--min-steps labels step counts of one sampler; leave --preset out")
         return _min_steps(args, pipe, prompts, steps, baseline)
     if args.save_predictor:
         raise UserError("--save-predictor goes with --min-steps")
@@ -80,6 +93,33 @@ def run(args) -> int:
         bench.plot(report, Path(args.plot))
         print(f"wrote {args.plot}")
     return 0
+
+
+def _presets(args) -> list:
+    """The ``--preset`` files, loaded; their model and guidance scale become --model's and --cfg's
+    unless those are given (an explicit --cfg that differs is said)."""
+    from ..tune.preset import load_preset
+    from .options import given
+
+    presets = [load_preset(p) for p in args.preset or []]
+    if not presets:
+        return presets
+    models = {p.model for p in presets}
+    if not given(args, "--model"):
+        if len(models) > 1:
+            raise UserError(f"the presets were tuned on different models ({', '.join(sorted(models))}); "
+                            "pass --model, or bench one model's presets at a time")
+        args.model = presets[0].model
+    scales = {p.guidance_scale for p in presets}
+    if given(args, "--cfg"):
+        if scales != {args.cfg}:
+            print(f"note: --cfg {args.cfg:g} overrides the presets' guidance scale "
+                  f"{', '.join(f'{s:g}' for s in sorted(scales))}", file=sys.stderr)
+    elif len(scales) > 1:
+        raise UserError("the presets have different guidance scales; pass --cfg for the bench")
+    else:
+        args.cfg = presets[0].guidance_scale
+    return presets
 
 
 def _check_accelerate(pipe, spec: str):

@@ -51,6 +51,9 @@ def add_parser(sub) -> None:
     g.add_argument("--backend", default=None,
                    help="torch.distributed backend of the ranks (default: gloo on the CPU, nccl when each "
                         "rank has a GPU of its own)")
+    g.add_argument("--preset", default=None, metavar="FILE",
+                   help="run a preset of sdinfer tune (its model, sampler, steps, grid, first step, cache and "
+                        "--cfg); a flag given explicitly overrides the preset's value, with a note")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=run)
 
@@ -65,6 +68,9 @@ def generation_config(args):
 
 
 def run(args) -> int:
+    from .options import PRESET_FLAGS, apply_preset
+
+    apply_preset(args, PRESET_FLAGS, lambda m: print(m, file=sys.stderr))
     if args.parallel or args.world_size is not None:
         return _generate_parallel(args)
     return _generate(args)

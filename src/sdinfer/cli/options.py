@@ -64,6 +64,38 @@ def add_model_options(p, many_steps: bool = False) -> None:
     add_device_options(p)
 
 
+def given(args, flag: str) -> bool:
+    """Whether ``flag`` (e.g. ``--steps``) was on the command line, not left at its default."""
+    return any(a == flag or a.startswith(flag + "=") for a in getattr(args, "argv", None) or [])
+
+
+# a preset's fields and the flag / attribute each corresponds to
+PRESET_FLAGS = {"model": ("--model", "model"), "sampler": ("--sampler", "sampler"), "steps": ("--steps", "steps"),
+                "guidance_scale": ("--cfg", "cfg"), "spacing": ("--spacing", "spacing"),
+                "analytic_first_step": ("--analytic-first-step", "analytic_first_step"),
+                "accelerate": ("--accelerate", "accelerate")}
+
+
+def apply_preset(args, fields, say) -> object:
+    """Load ``--preset`` and set ``fields`` of ``args`` from it; a flag given explicitly wins over
+    the preset, and ``say`` tells which (one line each).  Returns the preset (None without one)."""
+    if not getattr(args, "preset", None):
+        return None
+    from ..tune.preset import load_preset
+
+    preset = load_preset(args.preset)
+    for name in fields:
+        flag, attr = PRESET_FLAGS[name]
+        value = getattr(preset, name)
+        if given(args, flag):
+            if getattr(args, attr) != value:
+                say(f"note: {flag} {getattr(args, attr)} overrides the preset's {name} {value!r} "
+                    f"({args.preset})")
+            continue
+        setattr(args, attr, value)
+    return preset
+
+
 def resolve_device_options(args):
     """``(device, dtype)`` from ``--device`` and ``--dtype``: a UserError before any model loads."""
     from ..devices import resolve_device, resolve_dtype

@@ -46,10 +46,14 @@ class RunSpec:
     steps: int = DEFAULT_STEPS
     cfg: float = DEFAULT_GUIDANCE
     accelerate: str = ""   # accelerator spec installed for this configuration only
+    spacing: str | None = None          # time grid (None: the sampler's own)
+    analytic_first_step: bool = False
 
     @property
     def label(self) -> str:
-        extra = f" + {self.accelerate}" if self.accelerate else ""
+        extra = f" grid={self.spacing}" if self.spacing else ""
+        extra += " afs" if self.analytic_first_step else ""
+        extra += f" + {self.accelerate}" if self.accelerate else ""
         return f"{self.sampler}:{self.steps} cfg={self.cfg:g}{extra}"
 
     @classmethod
@@ -116,7 +120,8 @@ def measure_all(pipe: Pipeline, specs: list[RunSpec], prompts: list[str], batch:
 
     def generate(spec: RunSpec, chunk):
         return pipe(chunk[0], steps=spec.steps, sampler=spec.sampler, guidance_scale=spec.cfg,
-                    seeds=chunk[1], size=size)
+                    seeds=chunk[1], size=size, spacing=spec.spacing,
+                    analytic_first_step=spec.analytic_first_step)
 
     n = len(specs)
     batch_walls = [[[0.0] * len(chunks) for _ in range(repeats)] for _ in range(n)]
