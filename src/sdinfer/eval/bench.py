@@ -119,9 +119,11 @@ def measure_all(pipe: Pipeline, specs: list[RunSpec], prompts: list[str], batch:
     chunks = list(zip(_batches(prompts, batch), _batches(seeds, batch)))
 
     def generate(spec: RunSpec, chunk):
+        grid = {"spacing": spec.spacing} if spec.spacing else {}   # only where set: other loops
+        if spec.analytic_first_step:                               # (bench/peers.py) lack them
+            grid["analytic_first_step"] = True
         return pipe(chunk[0], steps=spec.steps, sampler=spec.sampler, guidance_scale=spec.cfg,
-                    seeds=chunk[1], size=size, spacing=spec.spacing,
-                    analytic_first_step=spec.analytic_first_step)
+                    seeds=chunk[1], size=size, **grid)
 
     n = len(specs)
     batch_walls = [[[0.0] * len(chunks) for _ in range(repeats)] for _ in range(n)]
