@@ -255,7 +255,7 @@ def stats(mse: torch.Tensor) -> dict:
             "median": float(mse.median().sqrt())}
 
 
-def run_problem(name: str, guidance: float, sizes: dict, nfes: list[int], quick: bool, k) -> dict:
+def run_problem(name: str, guidance: float, sizes: dict, nfes: list[int], quick: bool, k, reduced: bool) -> dict:
     mixture = gm.MIXTURES[name]()
     sched = gm.schedule()
     guided = guidance != 1.0
@@ -286,9 +286,9 @@ def run_problem(name: str, guidance: float, sizes: dict, nfes: list[int], quick:
     ref_ev = mixture.reference(sched, x_ev, c_ev, guidance)
     cells = []
     eps_model = mixture.guided_model(sched, c_ev, guidance, prediction="epsilon")
-    peers_d = diffusers_schedulers(quick)
-    peers_k = k_samplers(k, quick) if k is not None else {}
-    grids_k = k_grids(k, sched, quick) if k is not None else {}
+    peers_d = diffusers_schedulers(reduced)
+    peers_k = k_samplers(k, reduced) if k is not None else {}
+    grids_k = k_grids(k, sched, reduced) if k is not None else {}
     for nfe in nfes:
         auto = sdinfer.sample(mixture.model_fn(sched), x_ev.clone(), sched, sampler="auto", steps=nfe,
                               prediction_type="sample", cond=c_ev, uncond=u_ev, guidance_scale=guidance,
@@ -337,7 +337,8 @@ def run_problem(name: str, guidance: float, sizes: dict, nfes: list[int], quick:
         print(f"{name} cfg {guidance:g} NFE {nfe}: auto {cells[-1]['auto']['trimmed']:.5f} "
               f"({cells[-1]['auto_choice']}) vs {best} {peer_stats[best]['trimmed']:.5f}: "
               f"x{cells[-1]['ratio']:.2f} (all-trajectory RMS x{cells[-1]['ratio_rms']:.2f})", flush=True)
-    return {"mixture": name, "shape": list(mixture.shape), "components": int(mixture.means.shape[0]),
+    return {"mixture": name, "shape": list(mixture.shape), "peers": "reduced" if reduced else "all",
+            "peer_count": len(cells[0]["peers"]) if cells else 0, "components": int(mixture.means.shape[0]),
             "classes": mixture.classes, "guidance": guidance, "sizes": sizes,
             "seconds": time.perf_counter() - started, "cells": cells,
             "validation_errors": {c: {str(n): robust_score(v, TRIM) for n, v in per.items()}
@@ -355,6 +356,9 @@ def main(argv=None) -> int:
                         help="calibration trajectories the grids are learned on (default: 128; --quick: 64)")
     parser.add_argument("--evals", type=int, default=60, help="most trial grids per learned grid (default: 60; "
                                                               "--quick: 20)")
+    parser.add_argument("--peers", choices=("all", "reduced"), default=None,
+                        help="public samplers to run: all, or the reduced set --quick runs (11 diffusers "
+                             "configurations, 5 k-diffusion samplers on 3 grids) (default: all; --quick: reduced)")
     parser.add_argument("--merge", nargs="*", default=[], metavar="JSON",
                         help="instead of running: join these runs' problems into --out")
     parser.add_argument("--out", default=None, help="JSON to write (default: bench/results/mixture-samplers.json; "
@@ -378,10 +382,12 @@ def main(argv=None) -> int:
     sizes = {"calibration": 128 if args.quick else 256, "learned": 64 if args.quick else args.learned,
              "validation": n, "evaluation": n, "evals": 20 if args.quick else args.evals}
     k = load_k_diffusion()
-    results = [run_problem(name, g, sizes, nfes, args.quick, k) for name, g in problems]
+    reduced = args.peers == "reduced" or (args.quick and args.peers is None)
+    results = [run_problem(name, g, sizes, nfes, args.quick, k, reduced) for name, g in problems]
     meta = {"command": "python bench/mixture_samplers.py" + (" --quick" if args.quick else
                                                              f" --trajectories {n} --learned {args.learned} "
-                                                             f"--evals {args.evals}")
+                                                             f"--evals {args.evals}"
+                                                             + (" --peers reduced" if reduced else ""))
             + (f" --problems {args.problems}" if args.problems else ""),
             "date": date.today().isoformat(), "machine": f"{platform.machine()} CPU, torch {torch.__version__}",
             "trim": TRIM, "k_diffusion": "k-diffusion 0.1.1.post1 sampling" if k is not None else

@@ -345,7 +345,9 @@ def mixture_samplers_table() -> str:
     data = load("mixture-samplers.json")
     rows = []
     for p in data["problems"]:
-        problem = f"{p['mixture']} ({'unguided' if p['guidance'] == 1 else 'cfg ' + format(p['guidance'], 'g')})"
+        problem = f"{p['mixture']} ({'unguided' if p['guidance'] == 1 else 'cfg ' + format(p['guidance'], 'g')}"
+        problem += f", {p['sizes']['evaluation']} trajectories"
+        problem += ", reduced public set)" if p.get("peers") == "reduced" else ")"
         for c in p["cells"]:
             lo, hi = c["validation_interval"]
             rows.append([problem, str(c["nfe"]), f"`{c['auto_choice']}`",
