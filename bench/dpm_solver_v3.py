@@ -5,7 +5,9 @@
 Held-out prompts (never trained on, never calibrated on) with noise seeds 10000+ (the
 calibration used seeds 0-63, the corrector's validation 100000+), guidance 4;
 `dpm-solver-v3` alone is the default (order 1, with the corrector mode -- on, half, off --
-that the statistics file's validation chose for the step count).  Error: RMS distance of the
+that the statistics file's validation chose for the step count, and DPM-Solver++(2M) steps at
+the step counts where that validation found it better: ``variant_by_steps``);
+`dpm-solver-v3:variant=v3` is v3 at every step count.  Error: RMS distance of the
 final sample to a 1000-step DPM-Solver++(3M) solution from the same noise, over all prompts
 (the first table), and the median of the per-prompt RMS errors (the second): at few steps a
 guided trajectory sometimes ends in another image altogether (a per-prompt error near 0.5),
@@ -34,7 +36,8 @@ GRIDS = ["trailing", "logsnr", "gits"]
 SOLVERS = {
     "dpm-solver++": ["dpm-solver++", "dpm-solver++:order=3"],
     "unipc": ["unipc", "unipc:order=3"],
-    "dpm-solver-v3": ["dpm-solver-v3", "dpm-solver-v3:use_corrector=true", "dpm-solver-v3:use_corrector=half",
+    "dpm-solver-v3": ["dpm-solver-v3", "dpm-solver-v3:variant=v3", "dpm-solver-v3:use_corrector=true",
+                      "dpm-solver-v3:use_corrector=half",
                       "dpm-solver-v3:use_corrector=false",
                       "dpm-solver-v3:order=2", "dpm-solver-v3:order=2,use_corrector=false"],
     "dpm-solver-v3 degenerated": ["dpm-solver-v3:degenerated=true",

@@ -19,6 +19,7 @@ from sdinfer.samplers.base import continuous_grid
 from sdinfer.samplers.dpm_solver_v3 import CORRECTOR_MODES, DPMSolverV3
 from sdinfer.samplers.ems import EMS
 from sdinfer.samplers.optimal_grid import compute_grid
+from sdinfer.samplers.reference import TOLERANCE
 
 GUIDANCE = 7.5
 CLOSE = 2e-6    # the reference's tolerance is 1e-5 between solves; its own error ~ 1/15 of that
@@ -29,7 +30,7 @@ def test_choose_corrector_ranks_errors_against_the_exact_solution():
     exact = gmx.exact(GUIDANCE, x_T)
     ems = EMS.degenerate(-8.0, 8.0, shape=(1, 1, 1))
     nfes = (5, 10, 20)
-    meta = calibrate.choose_corrector(den, ems, x_T, cond, uncond, nfes=nfes)
+    meta = calibrate.choose_corrector(den, ems, x_T, cond, uncond, nfes=nfes, reference_tolerance=TOLERANCE)
     assert meta["corrector_selection"]["reference"].startswith("RK4 in lambda")
     for mode in CORRECTOR_MODES:
         for n, reported in zip(nfes, meta["corrector_selection"]["rms"][mode]):
@@ -87,6 +88,7 @@ def _noise_and_exact(pipe, first_seed, n):
 
 def test_the_learned_grid_teacher_is_the_exact_solution(tmp_path, monkeypatch):
     monkeypatch.setattr(calibrate, "START_SPACINGS", ("trailing", "logsnr"))
+    monkeypatch.setattr(calibrate, "REFERENCE_TOLERANCE", TOLERANCE)   # an exact model: the tight default
     pipe = MixturePipe(tmp_path)
     grids = calibrate.calibrate_learned_grids(pipe, GUIDANCE, "dpm-solver++", [6], ["a"] * 24, ["b"] * 24,
                                               max_evals=6)

@@ -172,8 +172,11 @@ def test_dpm_solver_v3_uses_the_shipped_statistics(model, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_calibrate_writes_statistics_and_keeps_existing_files(tmp_path, capsys):
+def test_calibrate_writes_statistics_and_keeps_existing_files(tmp_path, capsys, monkeypatch):
+    import sdinfer.calibrate as calibrate
     from sdinfer.samplers.ems import EMS
+
+    monkeypatch.setattr(calibrate, "REFERENCE_TOLERANCE", 1e-2)   # a quick reference: the command is tested
 
     out = tmp_path / "ems.safetensors"
     args = ["calibrate", "--model", "unet", "--cfg", "3", "--samples", "2", "--points", "10",

@@ -50,6 +50,10 @@ def test_it_says_when_it_does_not_converge_and_refuses_bad_times():
         solve_reference(den, x_T, cond, uncond, tolerance=1e-14, max_steps=400)
     with pytest.raises(ReferenceNotConverged, match="needs more than max_steps = 10"):
         solve_reference(den, x_T, cond, uncond, max_steps=10)
+    rough = Denoiser(lambda x, t, text=None: gm.model_fn(gm.schedule())(x, t) + 1e-3 * torch.sin(3e3 * t).view(-1, 1, 1, 1),
+                     gm.schedule(), "sample")
+    with pytest.raises(ReferenceNotConverged, match="stopped converging.*not smooth enough in t"):
+        solve_reference(rough, x_T)
     sched = den.schedule
     for times in ([1.0, 0.5, 0.5, 0.0], [1.0, sched.t_min / 2, 0.0], [1.5, 0.5]):
         with pytest.raises(ValueError, match="reference"):

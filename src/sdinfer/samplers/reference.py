@@ -13,7 +13,9 @@ float64 whatever the model's dtype.  Step doubling checks it: the solve is repea
 interval's step count doubled until two successive solves agree within ``tolerance`` (the
 largest RMS difference over the returned states); the finer one is returned.  At fourth order
 its own error is about a fifteenth of that difference.  A solve that does not agree by
-``max_steps`` steps is an error naming the difference reached, never a silent wrong reference.
+``max_steps`` steps, or whose difference stops falling (two halvings of the step in a row that do
+not halve it: the model's output is not smooth enough in t at that scale), is an error naming the difference
+reached, never a silent wrong reference.
 
 Time 0 is the end every sampler's last step takes: the data prediction at the last positive
 time (the schedule's first training step t_min unless told otherwise), since the model is not
@@ -32,7 +34,7 @@ from ..errors import UserError
 
 TOLERANCE = 1e-5      # RMS difference between the solves with N and 2N steps
 START_STEP = 0.2      # the first solve's largest step in lambda
-MAX_STEPS = 5000      # Runge-Kutta steps (4 evaluations each) of the finest solve allowed
+MAX_STEPS = 2000      # Runge-Kutta steps (4 evaluations each) of the finest solve allowed
 
 
 class ReferenceNotConverged(UserError):
@@ -85,7 +87,7 @@ def solve_reference(denoiser, x_T: torch.Tensor, cond=None, uncond=None, times: 
     positive = [t for t in times if t != 0.0]
     lams = [float(sched.lam(t)) for t in positive]
     counts = [max(1, math.ceil((b - a) / step)) for a, b in zip(lams, lams[1:])]
-    evaluations, difference = 0, None
+    evaluations, difference, previous, stalled = 0, None, None, 0
     coarse, n = _solve(denoiser, x_T, cond, uncond, times, counts)
     evaluations += n
     while True:
@@ -107,7 +109,13 @@ def solve_reference(denoiser, x_T: torch.Tensor, cond=None, uncond=None, times: 
             raise FloatingPointError("the calibration reference diverged (a non-finite state)")
         if difference <= tolerance:
             return ReferenceSolution(times, fine, sum(counts), difference, evaluations)
-        coarse = fine
+        stalled = stalled + 1 if previous is not None and difference > previous / 2 else 0
+        if stalled == 2:
+            raise ReferenceNotConverged(
+                f"the calibration reference stopped converging: halving its step twice more moved it by "
+                f"{difference:.3g} RMS at {sum(counts)} Runge-Kutta steps, above the tolerance {tolerance:g}; "
+                "the model is not smooth enough in t for it: raise the tolerance")
+        coarse, previous = fine, difference
 
 
 def _solve(denoiser, x_T, cond, uncond, times, counts) -> tuple[list[torch.Tensor], int]:
