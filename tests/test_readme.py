@@ -124,11 +124,13 @@ def test_the_set_up_line_installs_what_the_commands_need():
 
 def _cheap(argv: list[str]) -> bool:
     """generate on a shipped model on one process (no --parallel, no --size beyond the model's,
-    no learned grid or preset, which the minutes-long calibration or tune before it makes), models, --help."""
+    no learned grid, auto-sampler table or preset, which the minutes-long calibration or tune
+    before it makes), models, --help."""
     if argv[:1] == ["models"] or argv == ["--help"]:
         return True
+    sampler = argv[argv.index("--sampler") + 1] if "--sampler" in argv[:-1] else None
     return (argv[:1] == ["generate"] and "--parallel" not in argv and "--size" not in argv
-            and "learned" not in argv and "--preset" not in argv)   # a preset comes from a minutes-long tune
+            and "learned" not in argv and "--preset" not in argv and sampler != "auto")
 
 
 @pytest.mark.slow
