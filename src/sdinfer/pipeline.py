@@ -11,6 +11,7 @@ import itertools
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -243,7 +244,8 @@ class Pipeline:
                  sampler: str = "ddim", guidance_scale: float = DEFAULT_GUIDANCE, seed: int = 0,
                  size: int | None = None, seeds: list[int] | None = None, progress: bool = False,
                  predictor=None, spacing=None, analytic_first_step: bool = False,
-                 final: str = "zero", config: GenerationConfig | None = None) -> GenerationResult:
+                 final: str = "zero", config: GenerationConfig | None = None,
+                 callback: Callable[[int, torch.Tensor], None] | None = None) -> GenerationResult:
         """``steps="auto"``: StepSaver's predictor (``predictor``: a path or a StepPredictor;
         default the one beside the model) picks the count, the largest over the prompts.
         ``spacing``: a grid name (None: the sampler's own), ``"gits"`` (the grid the model
@@ -257,7 +259,8 @@ class Pipeline:
         name of ``samplers.SAMPLERS``, or ``"auto"``: for ``steps`` model evaluations, what the model's
         auto-sampler table (``sdinfer calibrate auto``) chose at this guidance scale; ``dpm-solver-12`` / ``-23`` choose their own steps (``steps`` does
         not apply), ``paradigms`` / ``parataa`` batch several steps per model call; ``nfe`` in the
-        result counts every step evaluated, ``model_calls`` the forward passes."""
+        result counts every step evaluated, ``model_calls`` the forward passes.  ``callback(i, x)``: called after step ``i`` (0-based) with the latents
+        it produced (progress reports, intermediate latents)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("no prompt given; pass at least one prompt")
@@ -270,6 +273,9 @@ class Pipeline:
                 predictor = predictor_for(self, predictor)
             counts = predictor.predict(prompt_features(self, prompts))
             if len(set(counts)) > 1:
+                if callback is not None:
+                    raise UserError("a step callback needs one step count for all prompts; the step predictor "
+                                    "chose several here: generate the prompts one at a time, or pass steps=N")
                 return self._per_prompt_steps(prompts, counts, config, seeds, progress)
             config = config.with_steps(counts[0])
         auto_choice = None
@@ -304,7 +310,7 @@ class Pipeline:
             x = sample_loop(den, solver, x, steps, cond, uncond, generator=noise_generator, spacing=spacing,
                             analytic_first_step=analytic_first_step, final=final,
                             generation=next(_generation_counter),
-                            callback=(lambda i, _: bar.update(1)) if bar is not None else None)
+                            callback=_step_callback(bar, callback))
         except FloatingPointError as err:
             raise UserError(str(err)) from None
         finally:
@@ -348,6 +354,17 @@ class Pipeline:
         params = {**result.params, "steps": list(counts), "seed": seeds[0]}
         return GenerationResult([to_pil(p) for p in stacked], stacked, round(nfe / len(prompts)),
                                 round(calls / len(prompts)), time.perf_counter() - start, params)
+
+
+def _step_callback(bar, callback):
+    if bar is None:
+        return callback
+
+    def both(i, x):
+        bar.update(1)
+        if callback is not None:
+            callback(i, x)
+    return both
 
 
 def to_pil(pixels: torch.Tensor) -> Image.Image:
