@@ -105,6 +105,65 @@ def test_the_search_finds_the_exhaustive_optimum_with_fewer_evaluations(seed):
     assert result.images < grid_evals * ev.prompts / 10
 
 
+class AdherenceTable:
+    """Pass / fail per prompt from tables: the reference adheres to ``ref``'s prompts; a setting
+    at ``steps`` fails the prompts ``fails[setting](steps)`` of those; cost = steps x per-eval."""
+
+    def __init__(self, space, prompts, ref, fails, per_eval):
+        self.space, self.prompts, self.ref, self.fails, self.per_eval = space, prompts, ref, fails, per_eval
+        self.reference_cost = 100.0
+
+    def quality(self, c, n):
+        ref = [i in self.ref for i in range(n)]
+        failed = self.fails[c.setting.get("sampler")](c.steps)
+        mine = [r and i not in failed for i, r in enumerate(ref)]
+        return Quality(psnr=30.0, ssim=0.9, adherence=sum(mine) / n, reference_adherence=sum(ref) / n, prompts=n,
+                       discordant=sum(a != b for a, b in zip(mine, ref)))
+
+    def cost(self, c):
+        return c.steps * self.per_eval[c.setting.get("sampler")]
+
+    def measure(self, cands):
+        return [{"speedup_wall": self.reference_cost / self.cost(c)} for c in cands]
+
+
+def test_early_rungs_keep_a_candidate_one_unlucky_prompt_fails():
+    """The cheap setting fails one of the first 8 prompts at every step count (12.5 points there,
+    0.8 on all 128): the point estimate drops it on the first rung, the standard-error test keeps
+    it for the rungs with more prompts, where it meets the 2-point budget."""
+    space = Space([Axis("sampler", ("cheap", "dear"))], steps=(3, 4, 5, 6, 8, 10))
+    table = AdherenceTable(space, 128, ref=set(range(128)) - {7, 50},
+                           fails={"cheap": lambda n: {3} | (set(range(20, 40)) if n < 5 else set()),
+                                  "dear": lambda n: set(range(60, 90)) if n < 5 else set()},
+                           per_eval={"cheap": 0.5, "dear": 1.0})
+    budget = parse_budget("adherence-drop=0.02")
+    best, _ = exhaustive(space, budget, table)
+    assert best.candidate.label == "cheap:5"
+    assert search(space, budget, table, first_rung=8, eta=4).chosen.label == "cheap:5"
+    assert search(space, budget, table, first_rung=8, eta=4, z=0.0).chosen.label == "dear:5"
+    plausible = table.quality(Candidate(Setting((("sampler", "cheap"),)), 5), 8)
+    assert not budget.meets(plausible) and budget.plausible(plausible, 1.0) and not budget.plausible(plausible, 0.5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_search_finds_the_exhaustive_optimum_of_an_adherence_budget(seed):
+    """Random pass/fail tables: settings whose failures thin out with the steps, scattered over the
+    prompts, so the first rungs see a few prompts' noise."""
+    rng = random.Random(seed)
+    space = Space([Axis("sampler", tuple(f"s{i}" for i in range(6)))], steps=(3, 4, 5, 6, 7, 8, 10, 12, 15, 20))
+    order = {f"s{i}": rng.sample(range(128), 128) for i in range(6)}
+    rate = {f"s{i}": rng.uniform(0.5, 4.0) for i in range(6)}
+    fails = {s: (lambda n, s=s: set(order[s][:max(0, round(40 - rate[s] * n))])) for s in order}
+    table = AdherenceTable(space, 128, ref=set(rng.sample(range(128), 115)), fails=fails,
+                           per_eval={s: rng.uniform(0.5, 1.5) for s in order})
+    budget = parse_budget("adherence-drop=0.02")
+    best, _ = exhaustive(space, budget, table)
+    result = search(space, budget, table, first_rung=8, eta=4)
+    assert best is not None and result.chosen is not None
+    assert table.cost(result.chosen) <= best.cost * 1.05, (result.chosen.label, best.candidate.label)
+    assert result.images < 128 * len(space.candidates()) / 2
+
+
 def test_rungs_grow_by_eta_to_every_prompt():
     assert rung_sizes(64, 8, 4) == [8, 32, 64]
     assert rung_sizes(32, 8, 4) == [8, 32]

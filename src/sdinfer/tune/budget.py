@@ -10,6 +10,14 @@ A budget is one or more comma-separated ``NAME=VALUE`` terms:
 ``Quality`` holds one configuration's measurements on a prompt set; ``Budget.meets`` reads them,
 ``Budget.shortfall`` says how far a configuration is from the budget (0 when it meets it), which
 is how the best of the configurations that miss it is named.
+
+``Budget.plausible`` is the test for a search's early rungs, on few prompts: an adherence drop
+passes while the budget lies within ``z`` standard errors of it.  The drop is a paired difference
+of two pass/fail rates on the same prompts; its standard error is ``sqrt(d) / n`` for ``d``
+discordant prompts (those exactly one of the two runs gets right; McNemar's test, normal
+approximation).  On 8 prompts one failed prompt is a 12.5-point drop: the point estimate would
+discard a configuration that more prompts show within a 2-point budget.  PSNR and SSIM are means
+of per-image values that move far less between prompt sets: their early test is the budget's.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ class Quality:
     adherence: float | None            # the configuration's adherence rate (None: prompts not checkable)
     reference_adherence: float | None  # the reference's on the same prompts
     prompts: int
+    discordant: int | None = None      # prompts exactly one of the configuration and the reference adheres to
 
     @property
     def adherence_drop(self) -> float | None:
@@ -65,6 +74,14 @@ class Term:
             return False
         return value >= self.limit - 1e-9 if self.higher_is_better else value <= self.limit + 1e-9
 
+    def plausible(self, q: Quality, z: float) -> bool:
+        """Met, or (an adherence drop) within ``z`` standard errors of the limit."""
+        if self.meets(q):
+            return True
+        if self.name != "adherence-drop" or q.discordant is None or q.adherence_drop is None or not q.prompts:
+            return False
+        return q.adherence_drop - z * math.sqrt(q.discordant) / q.prompts <= self.limit + 1e-9
+
     def shortfall(self, q: Quality) -> float:
         """How far short of the limit, in units of the term's scale (0 when met)."""
         value = q.value(self.name)
@@ -93,6 +110,10 @@ class Budget:
 
     def meets(self, q: Quality) -> bool:
         return all(t.meets(q) for t in self.terms)
+
+    def plausible(self, q: Quality, z: float) -> bool:
+        """Every term met or, for an adherence drop, within ``z`` standard errors (module docstring)."""
+        return all(t.plausible(q, z) for t in self.terms)
 
     def shortfall(self, q: Quality) -> float:
         """The summed shortfall over the terms (points of adherence, dB, hundredths of SSIM)."""

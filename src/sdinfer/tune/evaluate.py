@@ -69,9 +69,10 @@ class ModelEvaluator:
         self._generate(candidate, candidate.run_spec(self.cfg), n)
         images = torch.stack(self._images[candidate][:n])
         reference = torch.stack(self._images["reference"][:n])
-        return Quality(psnr=psnr(images, reference), ssim=ssim(images, reference),
-                       adherence=_rate(self._adheres[candidate][:n]),
-                       reference_adherence=_rate(self._adheres["reference"][:n]), prompts=n)
+        mine, ref = self._adheres[candidate][:n], self._adheres["reference"][:n]
+        return Quality(psnr=psnr(images, reference), ssim=ssim(images, reference), adherence=_rate(mine),
+                       reference_adherence=_rate(ref), prompts=n,
+                       discordant=sum(a != b for a, b in zip(mine, ref) if a is not None and b is not None))
 
     def screening_speedup(self, candidate: Candidate) -> float | None:
         """The reference's seconds per image over the candidate's, on the prompts both generated

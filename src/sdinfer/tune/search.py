@@ -12,11 +12,15 @@ it cheaper than the grid and keep it honest:
    survivor that no longer meets the budget walks up its step counts until it does again; a
    fraction ``1/eta`` of them (at least ``finalists``) survives each rung, and the last rung is
    every validation prompt.  A survivor that meets the budget there tries the step counts below
-   its own too (a few prompts can fail what more prompts pass).  Images already made for a candidate are reused on the next rung
+   its own too (a few prompts can fail what more prompts pass).  Before the last rung a
+   candidate passes on ``Budget.plausible`` (an adherence drop within ``z`` standard errors of
+   the budget: on 8 prompts one prompt is 12.5 points), on the last rung only on the budget
+   itself.  Images already made for a candidate are reused on the next rung
    (the rungs' prompts are prefixes of one list), so a rung costs only its new prompts.
 2. a cost bound on the binary search (branch and bound): a setting's range is cut to the step
    counts whose cost is below the cost of the ``keep``-th cheapest candidate that has already
-   met the budget on the first rung (``keep``: how many the first rung passes on), since none
+   passed the first rung (``keep``: how many the first rung passes on, at least twice the
+   finalists, since a few prompts' optimism ranks them roughly), since none
    above it could survive the first rung's cut.  Settings are searched cheapest-first so the
    bound tightens early.
 3. the finalists are timed against the reference (``Evaluator.measure``, interleaved) and the
@@ -54,6 +58,7 @@ class Evaluation:
     quality: Quality
     cost: float
     meets: bool
+    passes: bool = False    # what the rung's decision read: ``meets`` on the last rung, ``plausible`` before
 
 
 @dataclass
@@ -107,7 +112,8 @@ class _Clock:
 
 
 def search(space: Space, budget: Budget, evaluator: Evaluator, first_rung: int = 8, eta: int = 4,
-           finalists: int = 3, time_limit_s: float | None = None, log=lambda message: None) -> TuneResult:
+           finalists: int = 3, time_limit_s: float | None = None, z: float = 1.0,
+           log=lambda message: None) -> TuneResult:
     """The cheapest candidate of ``space`` meeting ``budget`` (see the module docstring)."""
     clock = _Clock(time_limit_s)
     evaluations: list[Evaluation] = []
@@ -122,14 +128,15 @@ def search(space: Space, budget: Budget, evaluator: Evaluator, first_rung: int =
     def evaluate(c: Candidate, n: int) -> Evaluation:
         if (c, n) not in cache:
             q = evaluator.quality(c, n)
-            e = Evaluation(c, q, evaluator.cost(c), budget.meets(q))
+            meets = budget.meets(q)
+            e = Evaluation(c, q, evaluator.cost(c), meets, meets if n >= rungs[-1] else budget.plausible(q, z))
             evaluations.append(e)
             cache[(c, n)] = e
         return cache[(c, n)]
 
     # rung 0: the fewest steps per setting, cheapest settings first, bounded by the keep-th best
     n0 = rungs[0]
-    keep = max(finalists, math.ceil(len(space.settings()) / eta)) if len(rungs) > 1 else finalists
+    keep = max(2 * finalists, math.ceil(len(space.settings()) / eta)) if len(rungs) > 1 else finalists
     passed: list[Evaluation] = []
     searched = 0
     settings = space.settings()
@@ -147,16 +154,17 @@ def search(space: Space, budget: Budget, evaluator: Evaluator, first_rung: int =
         best = _fewest_steps(setting, counts, lambda c: evaluate(c, n0))
         searched += 1
         log(f"  [{searched}/{len(settings)}] {setting.label}: "
-            + (f"{best.candidate.steps} steps meet the budget on {n0} prompts" if best else
-               "no step count below the bound meets the budget" if bound < math.inf else "no step count meets the budget"))
+            + (f"{best.candidate.steps} steps pass on {n0} prompts" if best else
+               "no step count below the bound passes" if bound < math.inf else "no step count passes"))
         if best is not None:
             passed.append(best)
     for setting in space.per_prompt:
         if not clock.over():
             e = evaluate(Candidate(setting, "auto"), n0)
-            if e.meets:
+            if e.passes:
                 passed.append(e)
-    say(f"rung 1: {searched} of {len(settings)} settings searched on {n0} prompts, {len(passed)} meet the budget")
+    say(f"rung 1: {searched} of {len(settings)} settings searched on {n0} prompts, {len(passed)} pass"
+        + (f" (the budget, or an adherence drop within {z:g} standard errors of it)" if len(rungs) > 1 else ""))
 
     # later rungs: the cheapest survivors on more prompts, walking up their steps where they now miss
     survivors = sorted(passed, key=lambda e: e.cost)[:keep]
@@ -178,7 +186,8 @@ def search(space: Space, budget: Budget, evaluator: Evaluator, first_rung: int =
             break
         count = finalists if r == len(rungs) or result.stopped_early else max(finalists, math.ceil(len(kept) / eta))
         survivors = sorted(kept, key=lambda e: e.cost)[:count]
-        say(f"rung {r}: {len(kept)} of the survivors meet the budget on {n} prompts, {len(survivors)} go on")
+        say(f"rung {r}: {len(kept)} of the survivors {'meet the budget' if n >= rungs[-1] else 'pass'} on {n} prompts, "
+            f"{len(survivors)} go on")
         if result.stopped_early:
             say(f"time limit reached during rung {r}; choosing among the survivors it settled")
             break
@@ -203,34 +212,25 @@ def _fewest_steps(setting, counts: list, evaluate) -> Evaluation | None:
     while lo <= hi:
         mid = (lo + hi) // 2
         e = evaluate(Candidate(setting, counts[mid]))
-        if e.meets:
+        if e.passes:
             best, hi = e, mid - 1
         else:
             lo = mid + 1
     return best
 
 
-def _walk_up(space: Space, candidate: Candidate, evaluate, tries: int = 3) -> Evaluation | None:
-    """``candidate`` settled on the next rung's prompts: where it misses there, the next step
-    counts up (at most ``tries``) until one meets the budget; where it meets it, the step counts
-    below it while they meet it too (the first rung's few prompts can fail a candidate that more
-    prompts pass)."""
+def _walk_up(space: Space, candidate: Candidate, evaluate) -> Evaluation | None:
+    """``candidate`` settled on the next rung's prompts: where it misses there, the fewest step
+    counts above it that pass (a binary search); where it passes, the fewest below it that pass
+    too (the earlier rung's few prompts can fail a candidate that more prompts pass)."""
     e = evaluate(candidate)
     if candidate.steps == "auto":
-        return e if e.meets else None
+        return e if e.passes else None
     counts = space.steps_for(candidate.setting)
-    if e.meets:
-        for n in [n for n in counts if n < candidate.steps][::-1][:tries]:
-            lower = evaluate(Candidate(candidate.setting, n))
-            if not lower.meets:
-                break
-            e = lower
-        return e
-    for n in [n for n in counts if n > candidate.steps][:tries]:
-        e = evaluate(Candidate(candidate.setting, n))
-        if e.meets:
-            return e
-    return None
+    if e.passes:
+        lower = _fewest_steps(candidate.setting, [n for n in counts if n < candidate.steps], evaluate)
+        return lower or e
+    return _fewest_steps(candidate.setting, [n for n in counts if n > candidate.steps], evaluate)
 
 
 def exhaustive(space: Space, budget: Budget, evaluator: Evaluator) -> tuple[Evaluation | None, int]:
@@ -240,6 +240,6 @@ def exhaustive(space: Space, budget: Budget, evaluator: Evaluator) -> tuple[Eval
     evaluated = []
     for c in space.candidates():
         q = evaluator.quality(c, n)
-        evaluated.append(Evaluation(c, q, evaluator.cost(c), budget.meets(q)))
+        evaluated.append(Evaluation(c, q, evaluator.cost(c), budget.meets(q), budget.meets(q)))
     meeting = [e for e in evaluated if e.meets]
     return (min(meeting, key=lambda e: e.cost) if meeting else None), len(evaluated)
