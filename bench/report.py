@@ -242,9 +242,12 @@ def tune_table() -> str:
     for path in sorted(RESULTS.glob("tune-vs-exhaustive-*.json")):
         r = json.loads(path.read_text())
         s, e = r["search"], r["exhaustive"]
+        macs = {t["config"]: t["speedup_macs"] for t in r.get("timed", [])}
         rows.append([r["meta"]["model"], f"small space: search `{s['chosen']}` vs exhaustive `{e['chosen']}`",
                      f"{s['evaluations']} / {e['evaluations']} evaluations, {s['images']} / {e['images']} images",
-                     f"{s['speedup_wall']:.2f}x / {e['speedup_wall']:.2f}x", "-", "-", "-",
+                     f"{s['speedup_wall']:.2f}x / {e['speedup_wall']:.2f}x",
+                     " / ".join(fixed(macs.get(c), 2) + "x" for c in (s["chosen"], e["chosen"])) if macs else "-",
+                     "-", "-",
                      f"search at {r.get('ratio_to_optimum', 0):.0%} of the optimum's speed",
                      f"{r['meta']['validation_prompts']} validation prompts, {r['meta']['date']}"])
     if not rows:
