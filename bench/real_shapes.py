@@ -1,0 +1,566 @@
+"""The caches and CFG parallel on the real shapes of SD 1.5, SDXL, PixArt-Sigma and FLUX.1
+(random weights: speed only).
+
+    python bench/real_shapes.py              # the full run: bench/results/real-shapes.{json,md}
+    python bench/real_shapes.py --quick --out /tmp/rs    # tiny widths, 2 steps (the test's run)
+    python bench/real_shapes.py --model sd15 --method deepcache --no-cfg-parallel   # one piece
+
+The default models are 1-3 M parameters; this asks whether the caches' speed-ups and the hooks'
+cost hold on the denoisers people run.  Each denoiser is built with diffusers' own class from
+the published config (written below as dicts: SD 1.5's and SDXL's ``unet/config.json``,
+PixArt-Sigma's and FLUX.1-dev's ``transformer/config.json``), seeded random weights, float32,
+and run through sdinfer's own path: ``sdinfer.accelerate(model, SPEC)`` on the bare diffusers
+model and ``sdinfer.sample`` (DDIM; on FLUX's flow schedule DDIM is Euler) on a seeded noise
+latent with seeded random text states of the model's widths (``call_denoiser``, the adapters'
+declared call signatures; SDXL's pooled text and size ids passed as its pipeline does).
+Random weights make every image noise, so only speed is measured: no quality column.
+
+Per model, every cache method of the registry (``sdinfer.cache.METHODS``) that installs on the
+model's class, at one fixed knob (``KNOBS``), and the same hooks at a knob that never skips
+(``NEVER_SKIP``: interval 1, threshold 0, budget 1, a gate at the last step), against no hooks:
+
+- wall_s: one generation (one prompt, ``steps`` DDIM steps, guidance on: a batch of 2, except
+  FLUX.1-dev, guidance-distilled, whose pipeline runs one branch), median of ``--repeats`` timed
+  runs.  The timed runs are interleaved as ``sdinfer.eval.bench.measure_all`` does: every
+  configuration once per round, the order reversed every other round; each configuration is
+  installed around each of its runs and first runs once untimed (its warm-up), under the MAC
+  counter.
+- speedup: the uncached wall time over the method's.  macs: ``sdinfer.eval.cost.count_macs``
+  (torch's FLOP counter / 2) over that same whole generation, so bound = MACs uncached / MACs
+  cached is the compute bound of exactly the run that was timed (the adaptive methods decide
+  per run), and efficiency = speedup / bound.
+- overhead: (never-skip wall - uncached wall) / steps, in ms per step and in % of an uncached
+  step.  The baseline's own spread (``noise``: (max - min) / median of its timed runs) says what
+  size of overhead the run resolves.
+- Calibrated methods (TeaCache, MagCache, Block Caching) are calibrated on the random model
+  first by their own calibrators (one generation each, another seed).  Learning-to-Cache's
+  router is trained through the model (about 150 forward and backward passes), too slow here: its
+  router logits are seeded random instead, so its row measures the speed of a random plan at the
+  budget (labelled in the table).
+
+CFG parallel (``src/sdinfer/parallel/cfg_parallel.py``) on one UNet and one DiT shape
+(``--cfg-model``; default SD 1.5 and PixArt-Sigma): 2 gloo ranks of one thread each
+(``launch_local``, as ``bench/parallel.py``), against one process with 2 threads and against one
+process with 1 thread (rank 0 alone, rank 1 waiting in a barrier), median of ``--repeats``; the
+largest difference from the one-process output is recorded (exact up to float rounding).
+
+Sizes (``SHAPES``): reduced resolution so that a step takes about a second on 2 cores (latent
+16x16: 128 px for the UNets, 64 image tokens for the DiTs); SD 1.5 and PixArt-Sigma at full depth;
+SDXL and FLUX.1 at their real widths with fewer layers (SDXL's transformer depth 1/2/2 of 1/2/10,
+FLUX 2 double + 4 single blocks of 19 + 38), each named in the table's model column; ``--full-depth``
+builds them whole (SDXL 2.6 B parameters, 10.3 GB in float32, about 2.5x the time; FLUX.1 12 B,
+48 GB: does not fit this machine).  Text: 77 CLIP tokens for the UNets, 64 T5 tokens for the DiTs
+(PixArt-Sigma takes up to 300, FLUX.1-dev 512: at 64 image tokens so many text tokens would
+dominate the cost, which they do not at the real 1024 px).
+
+Expected on this 2-core CPU, nothing else running (``--repeats 2``, 8 steps): TIME_AND_MEMORY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# ---- the published configs ---------------------------------------------------------------------
+# runwayml/stable-diffusion-v1-5, unet/config.json
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    only_cross_attention=False, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+    cross_attention_dim=768, attention_head_dim=8,
+)
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    only_cross_attention=False, block_out_channels=(320, 640, 1280), layers_per_block=2,
+    downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+    cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, conv_in_kernel=3, conv_out_kernel=3,
+)
+# PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, transformer/config.json
+PIXART_SIGMA = dict(
+    sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=28, num_attention_heads=16,
+    attention_head_dim=72, cross_attention_dim=1152, caption_channels=4096, attention_bias=True,
+    activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+    norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=2, use_additional_conditions=False,
+    upcast_attention=False, dropout=0.0, norm_num_groups=32, attention_type="default",
+)
+# black-forest-labs/FLUX.1-dev, transformer/config.json
+FLUX_DEV = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+# the schedulers' configs: SD 1.5 / SDXL / PixArt-Sigma share SD's scaled-linear betas; FLUX flows
+VP_SCHEDULE = dict(_class_name="DDIMScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                   beta_schedule="scaled_linear")
+FLOW_SCHEDULE = dict(_class_name="FlowMatchEulerDiscreteScheduler", num_train_timesteps=1000, shift=3.0)
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    title: str                   # what the table calls it
+    cls: str                     # the diffusers class
+    config: dict                 # the published config
+    reduced: dict                # overrides of the default run (fewer layers), named in ``reduction``
+    reduction: str
+    quick: dict                  # overrides of --quick (tiny widths)
+    text_dim: int                # the text states' width (the encoder's)
+    pooled_dim: int = 0          # the pooled text vector's width (0: none)
+    text_tokens: int = 77
+    latent: int = 16             # the latent's side
+    channels: int = 4            # the latent's channels
+    guidance: float = 5.0        # 1: one branch (no CFG batch)
+    prediction: str = "epsilon"
+    schedule: dict = field(default_factory=lambda: VP_SCHEDULE)
+
+    @property
+    def family(self) -> str:
+        return "unet" if self.cls == "UNet2DConditionModel" else "dit"
+
+
+SHAPES = {s.name: s for s in [
+    Shape("sd15", "SD 1.5 UNet", "UNet2DConditionModel", SD15_UNET, {}, "", text_dim=768, quick=dict(
+        block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        attention_head_dim=4)),
+    Shape("sdxl", "SDXL UNet", "UNet2DConditionModel", SDXL_UNET, dict(transformer_layers_per_block=(1, 2, 2)),
+          "transformer depth 1/2/2 of 1/2/10", text_dim=2048, pooled_dim=1280, quick=dict(
+              block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+              transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), addition_time_embed_dim=8,
+              projection_class_embeddings_input_dim=16 + 6 * 8)),
+    Shape("pixart-sigma", "PixArt-Sigma transformer", "PixArtTransformer2DModel", PIXART_SIGMA, {}, "",
+          text_dim=4096, text_tokens=64, quick=dict(
+              num_layers=3, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, caption_channels=32)),
+    Shape("flux", "FLUX.1-dev transformer", "FluxTransformer2DModel", FLUX_DEV,
+          dict(num_layers=2, num_single_layers=4), "2 double + 4 single blocks of 19 + 38", text_dim=4096,
+          pooled_dim=768, text_tokens=64, guidance=1.0, prediction="flow", channels=16, schedule=FLOW_SCHEDULE,
+          quick=dict(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                     joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))),
+]}
+QUICK_TEXT = dict(text_tokens=8)   # --quick: short text; the widths come from each shape's ``quick``
+
+# the fixed knob of each method, and a knob at which the same hooks never skip
+KNOBS = {"deepcache": "interval=3", "fora": "interval=3", "taylorseer": "interval=3", "fbcache": "threshold=0.08",
+         "dbcache": "threshold=0.12", "teacache": "threshold=0.1", "magcache": "threshold=0.06",
+         "blockcache": "threshold=0.05", "tgate": "gate=0.5", "l2c": "budget=0.35"}
+NEVER_SKIP = {"deepcache": "interval=1", "fora": "interval=1", "taylorseer": "interval=1,warmup=0",
+              "fbcache": "threshold=0", "dbcache": "threshold=0", "teacache": "threshold=0",
+              "magcache": "threshold=0", "blockcache": "threshold=0", "tgate": "gate=1.0,sp_interval=1",
+              "l2c": "budget=1"}
+CALIBRATED = ("teacache", "magcache", "blockcache")   # calibrated here by their own calibrators
+RANDOM_ROUTER = "l2c"                                  # a seeded random router (see the docstring)
+CFG_MODELS = ("sd15", "pixart-sigma")
+
+
+# ---- the model and its calls -------------------------------------------------------------------
+def model_config(shape: Shape, quick: bool, full_depth: bool) -> dict:
+    config = dict(shape.config)
+    if quick:
+        config.update(shape.quick)
+    elif not full_depth:
+        config.update(shape.reduced)
+    return config
+
+
+def model_title(shape: Shape, quick: bool, full_depth: bool) -> str:
+    if quick:
+        return f"{shape.title} (quick: tiny widths)"
+    reduced = shape.reduction and not full_depth
+    return f"{shape.title} ({'real widths, ' + shape.reduction if reduced else 'full config'})"
+
+
+def build(shape: Shape, quick: bool = False, full_depth: bool = False, seed: int = 0) -> torch.nn.Module:
+    import diffusers
+
+    torch.manual_seed(seed)
+    model = getattr(diffusers, shape.cls)(**model_config(shape, quick, full_depth))
+    return model.eval().requires_grad_(False)
+
+
+class Runner:
+    """One random-weight denoiser, its seeded text and noise, and one generation through sdinfer."""
+
+    def __init__(self, shape: Shape, quick: bool = False, full_depth: bool = False):
+        from sdinfer.models.calling import TextConditioning
+        from sdinfer.schedules import schedule_from_diffusers
+
+        self.shape, self.quick = shape, quick
+        start = time.perf_counter()
+        self.model = build(shape, quick, full_depth)
+        self.build_s = time.perf_counter() - start
+        self.params = sum(p.numel() for p in self.model.parameters())
+        config = self.model.config
+        tokens = QUICK_TEXT["text_tokens"] if quick else shape.text_tokens
+        width = int(config.get("cross_attention_dim") if shape.family == "unet" else
+                    config.get("caption_channels") or config.get("joint_attention_dim"))
+        pooled = int(config.get("pooled_projection_dim") or 0) if shape.cls == "FluxTransformer2DModel" else \
+            (int(config["projection_class_embeddings_input_dim"]) - 6 * int(config["addition_time_embed_dim"])
+             if config.get("addition_embed_type") == "text_time" else 0)
+        g = torch.Generator().manual_seed(1)
+
+        def text() -> TextConditioning:
+            return TextConditioning(torch.randn(1, tokens, width, generator=g),
+                                    torch.randn(1, pooled, generator=g) if pooled else None)
+        self.cond, self.uncond = text(), text()
+        self.latent = 8 if quick else shape.latent
+        self.schedule = schedule_from_diffusers(shape.schedule)
+        self.guided = shape.guidance != 1.0
+
+    def call(self, x: torch.Tensor, t: torch.Tensor, text) -> torch.Tensor:
+        from sdinfer.models.calling import call_denoiser
+
+        if self.model.config.get("addition_embed_type") != "text_time":
+            return call_denoiser(self.model, x, t, text)
+        # SDXL: the pooled text and the size ids (original size, crop, target size) as its pipeline passes them
+        side = x.shape[-1] * 8
+        ids = torch.tensor([side, side, 0, 0, side, side], dtype=x.dtype).expand(x.shape[0], 6)
+        return self.model(x, t, encoder_hidden_states=text.states, return_dict=False,
+                          added_cond_kwargs={"text_embeds": text.pooled, "time_ids": ids})[0]
+
+    def generate(self, steps: int, seed: int = 0) -> torch.Tensor:
+        import sdinfer
+
+        x = torch.randn(1, self.shape.channels, self.latent, self.latent, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            return sdinfer.sample(self.call, x, self.schedule, sampler="ddim", steps=steps,
+                                  prediction_type=self.shape.prediction, cond=self.cond,
+                                  uncond=self.uncond if self.guided else None, guidance_scale=self.shape.guidance)
+
+
+# ---- calibrations ----------------------------------------------------------------------------------
+class CalibrationPipe:
+    """What a cache calibrator drives (``CalibrationRun.pipe``): the denoiser and a generation per
+    call, here the runner's on its seeded random text."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self.model = SimpleNamespace(denoiser=runner.model)
+
+    def __call__(self, prompts, steps, sampler, guidance_scale, seed):
+        for i in range(len(prompts)):
+            self.runner.generate(steps, seed=seed + i)
+
+
+def calibrate(runner: Runner, method: str, steps: int, folder: Path) -> Path:
+    """``method``'s calibration of the random model, by its own calibrator (seed 10^6, apart from the
+    timed runs' noise), written to ``folder``."""
+    from sdinfer.cache.calibration import CALIBRATORS, CalibrationRun
+
+    run = CalibrationRun(CalibrationPipe(runner), ["random text"], steps=steps, sampler="ddim",
+                         guidance_scale=runner.shape.guidance, seed=10**6, batch=1)
+    return CALIBRATORS[method](run).save(folder / f"{method}.safetensors")
+
+
+def random_router(runner: Runner, steps: int, folder: Path) -> Path:
+    """Learning-to-Cache router logits drawn at random (seeded), in the layout its calibrator writes."""
+    from sdinfer.cache.block_caching import layer_blocks
+    from sdinfer.cache.calibration import Calibration
+    from sdinfer.cache.learning_to_cache import L1_WEIGHTS
+
+    units = [name for name, _ in layer_blocks(runner.model, RANDOM_ROUTER)]
+    logits = torch.randn(len(L1_WEIGHTS), steps, len(units), generator=torch.Generator().manual_seed(2))
+    meta = {"units": units, "steps": steps, "sampler": "ddim", "guidance_scale": runner.shape.guidance,
+            "prompts": 0, "l1_weights": list(L1_WEIGHTS), "random_router": True}
+    return Calibration(RANDOM_ROUTER, {"logits": logits}, meta).save(folder / f"{RANDOM_ROUTER}.safetensors")
+
+
+# ---- the cache measurements -------------------------------------------------------------------------
+def spec(method: str, knob: str, calibration: Path | None) -> str:
+    options = [knob] if knob else []
+    if calibration is not None:
+        options.append(f"calibration={calibration}")
+    return f"{method}:{','.join(options)}" if options else method
+
+
+def refusal(model: torch.nn.Module, method: str, text: str) -> str | None:
+    """Why ``text`` does not install on ``model`` (None: it does)."""
+    import sdinfer
+
+    try:
+        sdinfer.accelerate(model, text).remove()
+    except Exception as err:   # noqa: BLE001 - the refusal is what the row reports
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def timed_rounds(runner: Runner, configs: list[str], steps: int, repeats: int) -> tuple[list[list[float]], list[int]]:
+    """Per configuration ("" for none): its timed runs and its MACs.  Each first runs once under the
+    MAC counter (its warm-up); then rounds of every configuration, the order reversed every other round."""
+    import sdinfer
+    from sdinfer.eval.cost import count_macs
+
+    def run(text: str, fn):
+        handle = sdinfer.accelerate(runner.model, text) if text else None
+        try:
+            return fn()
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    macs = [run(text, lambda: count_macs(lambda: runner.generate(steps))) for text in configs]
+    walls: list[list[float]] = [[] for _ in configs]
+
+    def timed() -> float:
+        start = time.perf_counter()
+        runner.generate(steps)
+        return time.perf_counter() - start
+
+    for r in range(repeats):
+        order = range(len(configs)) if r % 2 == 0 else range(len(configs) - 1, -1, -1)
+        for i in order:
+            walls[i].append(run(configs[i], timed))
+    return walls, macs
+
+
+def measure_model(runner: Runner, methods: list[str], steps: int, repeats: int, folder: Path,
+                  log=print) -> dict:
+    from sdinfer import cache
+
+    model = runner.model
+    rows, configs, plan = [], [""], {}
+    for method in methods:
+        calibration = None
+        if method in CALIBRATED or method == RANDOM_ROUTER:
+            why = refusal(model, method, f"{method}:calibration=/nonexistent")
+            if why is not None and "calibration" not in why:   # refuses the class, not the missing file
+                rows.append({"method": method, "status": f"does not install: {why}"})
+                continue
+            try:
+                calibration = (calibrate(runner, method, max(steps, 8), folder) if method in CALIBRATED
+                               else random_router(runner, steps, folder))
+            except Exception as err:   # noqa: BLE001 - the row says why
+                rows.append({"method": method, "status": f"calibration failed: {type(err).__name__}: {err}"})
+                continue
+        cached, never = spec(method, KNOBS[method], calibration), spec(method, NEVER_SKIP[method], calibration)
+        why = refusal(model, method, cached)
+        if why is not None:
+            rows.append({"method": method, "status": f"does not install: {why}"})
+            continue
+        plan[method] = (cached, never, len(configs))
+        configs += [cached, never]
+    log(f"  {len(configs)} configurations, {len(plan)} methods: {', '.join(plan)}")
+    walls, macs = timed_rounds(runner, configs, steps, repeats)
+    base_wall, base_macs = statistics.median(walls[0]), macs[0]
+    noise = (max(walls[0]) - min(walls[0])) / base_wall if len(walls[0]) > 1 else None
+    for method, (cached, never, i) in plan.items():
+        wall, never_wall = statistics.median(walls[i]), statistics.median(walls[i + 1])
+        speedup, bound = base_wall / wall, base_macs / macs[i]
+        rows.append({
+            "method": method, "status": "ok", "spec": spec(method, KNOBS[method], None),
+            "never_skip_spec": spec(method, NEVER_SKIP[method], None),
+            "random_router": method == RANDOM_ROUTER, "calibrated_here": method in CALIBRATED,
+            "wall_s": round(wall, 4), "wall_s_runs": [round(w, 4) for w in walls[i]],
+            "speedup": round(speedup, 3), "macs": macs[i], "bound": round(bound, 3),
+            "efficiency": round(speedup / bound, 3),
+            "never_skip_wall_s": round(never_wall, 4), "never_skip_wall_s_runs": [round(w, 4) for w in walls[i + 1]],
+            "never_skip_macs": macs[i + 1],
+            "overhead_ms_per_step": round((never_wall - base_wall) / steps * 1e3, 2),
+            "overhead_pct": round((never_wall - base_wall) / base_wall * 100, 2),
+        })
+    order = {name: k for k, name in enumerate(cache.METHODS)}
+    rows.sort(key=lambda r: order[r["method"]])
+    return {"baseline": {"wall_s": round(base_wall, 4), "wall_s_runs": [round(w, 4) for w in walls[0]],
+                         "macs": base_macs, "step_ms": round(base_wall / steps * 1e3, 2),
+                         "noise": None if noise is None else round(noise, 4)},
+            "methods": rows}
+
+
+# ---- CFG parallel on 2 ranks ------------------------------------------------------------------------
+def cfg_rank_main(args) -> int:
+    import torch.distributed as dist
+
+    from sdinfer.parallel import apply, launch
+
+    info = launch.init_process_group("gloo")
+    rows = []
+    for name in args.cfg_model:
+        shape = SHAPES[name]
+        torch.set_num_threads(1)
+        runner = Runner(shape, args.quick, args.full_depth)
+        if not runner.guided:
+            raise SystemExit(f"cfg parallel needs guidance on, and {name} runs one branch")
+        single: dict[int, list[float]] = {1: [], 2: []}
+        reference = None
+        for threads in (1, 2):     # rank 0 alone, rank 1 waiting at the barrier after each generation
+            for k in range(1 + args.repeats):
+                if info.rank == 0:
+                    torch.set_num_threads(threads)
+                    start = time.perf_counter()
+                    reference = runner.generate(args.steps)
+                    if k:
+                        single[threads].append(time.perf_counter() - start)
+                dist.barrier()
+        torch.set_num_threads(1)
+        handle = apply(runner.model, "cfg")
+        times = []
+        try:
+            for k in range(1 + args.repeats):
+                dist.barrier()
+                start = time.perf_counter()
+                out = runner.generate(args.steps)
+                if k:
+                    times.append(time.perf_counter() - start)
+            sent = sum(handle.comm.bytes_sent.values())
+        finally:
+            handle.remove()
+        if info.rank == 0:
+            two, one2, one1 = (statistics.median(x) for x in (times, single[2], single[1]))
+            rows.append({"model": name, "title": model_title(shape, args.quick, args.full_depth),
+                         "ranks_s": round(two, 4), "ranks_s_runs": [round(t, 4) for t in times],
+                         "one_process_2_threads_s": round(one2, 4), "one_process_1_thread_s": round(one1, 4),
+                         "speedup_vs_2_threads": round(one2 / two, 3), "speedup_vs_1_thread": round(one1 / two, 3),
+                         "bytes_per_generation": int(sent / (1 + args.repeats)),
+                         "max_abs_diff": float((out - reference).abs().max())})
+            print(f"cfg parallel {name}: {rows[-1]}", flush=True)
+        del runner
+    if info.rank == 0:
+        Path(args.cfg_out).write_text(json.dumps(rows))
+    return 0
+
+
+def run_cfg_parallel(args, argv: list[str]) -> list[dict]:
+    from sdinfer.parallel import launch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "cfg.json"
+        codes = launch.launch_local([sys.executable, str(Path(__file__).resolve()), *argv, "--cfg-rank",
+                                     "--cfg-out", str(out)], 2)
+        if launch.exit_code(codes) != 0:
+            return [{"model": m, "status": f"the ranks failed (exit codes {codes})"} for m in args.cfg_model]
+        return [{"status": "ok", **row} for row in json.loads(out.read_text())]
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def markdown(report: dict) -> str:
+    meta = report["meta"]
+    lines = [f"Random weights, float32, {meta['steps']} DDIM steps, one prompt, median of {meta['repeats']} "
+             f"({meta['threads']} threads); speed-up against no hooks, bound = MACs uncached / MACs cached "
+             "(the same run), efficiency = speed-up / bound, overhead = the same hooks never skipping, per step.",
+             "", "| model | method | wall (s) | speed-up | MAC bound | efficiency | hook overhead (ms / step) | "
+             "overhead (% of a step) |", "|" + "---|" * 8]
+    for m in report["models"]:
+        b = m["baseline"]
+        lines.append(f"| {m['title']} | none | {b['wall_s']:.2f} | 1.00 | 1.00 | - | - | - |")
+        for r in m["methods"]:
+            if r["status"] != "ok":
+                lines.append(f"| {m['title']} | {r['method']} | {r['status']} | | | | | |")
+                continue
+            lines.append(f"| {m['title']} | `{r['spec']}` | {r['wall_s']:.2f} | {r['speedup']:.2f} | {r['bound']:.2f} | "
+                         f"{r['efficiency']:.2f} | {r['overhead_ms_per_step']:.1f} | {r['overhead_pct']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(SHAPES), action="append", default=None, help="default: all four")
+    p.add_argument("--method", action="append", default=None, help="cache methods (default: every registered one)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 8; --quick: 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per configuration (default 2; --quick: 1)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the cache runs (default 2)")
+    p.add_argument("--quick", action="store_true", help="tiny widths, 2 steps, 1 repeat: checks the script runs")
+    p.add_argument("--full-depth", action="store_true", help="SDXL and FLUX with every layer (see the docstring)")
+    p.add_argument("--cfg-model", choices=sorted(SHAPES), action="append", default=None,
+                   help=f"the models of the CFG parallel runs (default: {', '.join(CFG_MODELS)})")
+    p.add_argument("--no-cfg-parallel", action="store_true")
+    p.add_argument("--out", default=str(RESULTS / "real-shapes"), help="writes OUT.json and OUT.md")
+    p.add_argument("--cfg-rank", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cfg-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    from sdinfer import cache
+    from sdinfer.errors import UserError
+
+    args.steps = args.steps or (2 if args.quick else 8)
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    args.cfg_model = args.cfg_model or list(CFG_MODELS)
+    unknown = sorted(set(args.method or []) - set(cache.METHODS))
+    if unknown:
+        raise UserError(f"unknown cache method(s) {', '.join(unknown)}; known: {', '.join(cache.METHODS)}")
+    if args.cfg_rank:
+        from sdinfer.parallel import launch
+
+        return launch.run_rank(lambda: cfg_rank_main(args))
+    from sdinfer.cli import _quiet_libraries
+
+    _quiet_libraries()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    methods = args.method or list(cache.METHODS)
+    models = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.model or list(SHAPES):
+            shape = SHAPES[name]
+            runner = Runner(shape, args.quick, args.full_depth)
+            title = model_title(shape, args.quick, args.full_depth)
+            print(f"{title}: {runner.params / 1e6:.1f} M parameters, built in {runner.build_s:.1f} s", flush=True)
+            folder = Path(tmp) / name
+            folder.mkdir()
+            t0 = time.perf_counter()
+            result = measure_model(runner, methods, args.steps, args.repeats, folder)
+            models.append({"model": name, "title": title, "class": shape.cls, "params": runner.params,
+                           "config": {k: v for k, v in runner.model.config.items() if not k.startswith("_")},
+                           "latent": runner.latent, "text_tokens": runner.cond.states.shape[1],
+                           "batch": 2 if runner.guided else 1, "guidance": shape.guidance,
+                           "build_s": round(runner.build_s, 1), "seconds": round(time.perf_counter() - t0, 1),
+                           **result})
+            print(f"  done in {models[-1]['seconds']:.0f} s: uncached {result['baseline']['wall_s']:.2f} s, "
+                  f"peak RSS {peak_rss_mb():.0f} MB", flush=True)
+            del runner
+    cfg_rows = []
+    if not args.no_cfg_parallel:
+        forwarded = [a for a in argv if a not in ("--no-cfg-parallel",)]
+        cfg_rows = run_cfg_parallel(args, forwarded)
+    report = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+                       "cpus": os.cpu_count(), "torch": torch.__version__, "diffusers": _version("diffusers"),
+                       "steps": args.steps, "repeats": args.repeats, "threads": args.threads, "quick": args.quick,
+                       "full_depth": args.full_depth, "dtype": "float32", "weights": "random (seeded)",
+                       "knobs": KNOBS, "never_skip": NEVER_SKIP, "seconds": round(time.perf_counter() - started, 1),
+                       "peak_rss_mb": round(peak_rss_mb(), 0),
+                       "command": "python bench/real_shapes.py " + " ".join(argv)},
+              "models": models, "cfg_parallel": cfg_rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"{report['meta']['seconds']:.0f} s in all, peak RSS of this process {report['meta']['peak_rss_mb']:.0f} MB")
+    return 0
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    return metadata.version(package)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
