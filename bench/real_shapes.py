@@ -398,12 +398,10 @@ def cfg_rank_main(args) -> int:
 
     info = launch.init_process_group("gloo")
     rows = []
-    for name in args.cfg_model:
+    for name in guided_only(args.cfg_model):
         shape = SHAPES[name]
         torch.set_num_threads(1)
         runner = Runner(shape, args.quick, args.full_depth)
-        if not runner.guided:
-            raise SystemExit(f"cfg parallel needs guidance on, and {name} runs one branch")
         single: dict[int, list[float]] = {1: [], 2: []}
         reference = None
         for threads in (1, 2):     # rank 0 alone, rank 1 waiting at the barrier after each generation
@@ -443,16 +441,26 @@ def cfg_rank_main(args) -> int:
     return 0
 
 
+def guided_only(names: list[str]) -> list[str]:
+    return [name for name in names if SHAPES[name].guidance != 1.0]
+
+
 def run_cfg_parallel(args, argv: list[str]) -> list[dict]:
     from sdinfer.parallel import launch
 
+    skipped = [{"model": name, "status": f"not run: {SHAPES[name].title} is run with guidance off (FLUX.1-dev is "
+                "guidance-distilled: one branch per call), so there are no guidance halves to split"}
+               for name in args.cfg_model if name not in guided_only(args.cfg_model)]
+    if not guided_only(args.cfg_model):
+        return skipped
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cfg.json"
         codes = launch.launch_local([sys.executable, str(Path(__file__).resolve()), *argv, "--cfg-rank",
                                      "--cfg-out", str(out)], 2)
         if launch.exit_code(codes) != 0:
-            return [{"model": m, "status": f"the ranks failed (exit codes {codes})"} for m in args.cfg_model]
-        return [{"status": "ok", **row} for row in json.loads(out.read_text())]
+            return [{"model": m, "status": f"the ranks failed (exit codes {codes})"}
+                    for m in guided_only(args.cfg_model)] + skipped
+        return [{"status": "ok", **row} for row in json.loads(out.read_text())] + skipped
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -461,22 +469,19 @@ def peak_rss_mb() -> float:
 
 
 def markdown(report: dict) -> str:
+    """The two tables as BENCHMARKS.md shows them (``bench/report.py``'s renderers)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        import report as tables
+    finally:
+        sys.path.pop(0)
     meta = report["meta"]
-    lines = [f"Random weights, float32, {meta['steps']} DDIM steps, one prompt, median of {meta['repeats']} "
-             f"({meta['threads']} threads); speed-up against no hooks, bound = MACs uncached / MACs cached "
-             "(the same run), efficiency = speed-up / bound, overhead = the same hooks never skipping, per step.",
-             "", "| model | method | wall (s) | speed-up | MAC bound | efficiency | hook overhead (ms / step) | "
-             "overhead (% of a step) |", "|" + "---|" * 8]
-    for m in report["models"]:
-        b = m["baseline"]
-        lines.append(f"| {m['title']} | none | {b['wall_s']:.2f} | 1.00 | 1.00 | - | - | - |")
-        for r in m["methods"]:
-            if r["status"] != "ok":
-                lines.append(f"| {m['title']} | {r['method']} | {r['status']} | | | | | |")
-                continue
-            lines.append(f"| {m['title']} | `{r['spec']}` | {r['wall_s']:.2f} | {r['speedup']:.2f} | {r['bound']:.2f} | "
-                         f"{r['efficiency']:.2f} | {r['overhead_ms_per_step']:.1f} | {r['overhead_pct']:.1f} |")
-    return "\n".join(lines) + "\n"
+    text = (f"Random weights (speed only), float32, {meta['steps']} DDIM steps, one prompt, median of "
+            f"{meta['repeats']} timed runs, {meta['threads']} threads, {meta['date']}.\n\n"
+            + tables.real_shapes_table(report) + "\n")
+    if report["cfg_parallel"]:
+        text += "\n" + tables.real_shapes_cfg_table(report) + "\n"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
