@@ -59,10 +59,8 @@ Expected on this 2-core CPU, nothing else running (``--repeats 2``, 8 steps): TI
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
-import math
 import os
 import platform
 import resource
@@ -127,9 +125,10 @@ class Shape:
     title: str                   # what the table calls it
     cls: str                     # the diffusers class
     config: dict                 # the published config
-    reduced: dict                # overrides of the default run (fewer layers), named in ``reduction``
-    reduction: str
-    quick: dict                  # overrides of --quick (tiny widths)
+    # per scale ("fast", the default, and "full"): (overrides of the published config, what they
+    # leave out, for the table); a scale not listed builds the published config whole
+    scales: dict
+    quick: dict                  # overrides of --scale quick (tiny widths)
     text_dim: int                # the text states' width (the encoder's)
     pooled_dim: int = 0          # the pooled text vector's width (0: none)
     text_tokens: int = 77
@@ -145,19 +144,24 @@ class Shape:
 
 
 SHAPES = {s.name: s for s in [
-    Shape("sd15", "SD 1.5 UNet", "UNet2DConditionModel", SD15_UNET, {}, "", text_dim=768, quick=dict(
+    Shape("sd15", "SD 1.5 UNet", "UNet2DConditionModel", SD15_UNET,
+          {"fast": (dict(layers_per_block=1), "1 layer per block of 2")}, text_dim=768, quick=dict(
         block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
         attention_head_dim=4)),
-    Shape("sdxl", "SDXL UNet", "UNet2DConditionModel", SDXL_UNET, dict(transformer_layers_per_block=(1, 2, 2)),
-          "transformer depth 1/2/2 of 1/2/10", text_dim=2048, pooled_dim=1280, quick=dict(
+    Shape("sdxl", "SDXL UNet", "UNet2DConditionModel", SDXL_UNET,
+          {"fast": (dict(layers_per_block=1, transformer_layers_per_block=(1, 2, 2)),
+                    "1 layer per block of 2, transformer depth 1/2/2 of 1/2/10")}, text_dim=2048, pooled_dim=1280, quick=dict(
               block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
               transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), addition_time_embed_dim=8,
               projection_class_embeddings_input_dim=16 + 6 * 8)),
-    Shape("pixart-sigma", "PixArt-Sigma transformer", "PixArtTransformer2DModel", PIXART_SIGMA, {}, "",
-          text_dim=4096, text_tokens=64, quick=dict(
+    Shape("pixart-sigma", "PixArt-Sigma transformer", "PixArtTransformer2DModel", PIXART_SIGMA,
+          {"fast": (dict(num_layers=14), "14 of 28 blocks")}, text_dim=4096, text_tokens=64, quick=dict(
               num_layers=3, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, caption_channels=32)),
     Shape("flux", "FLUX.1-dev transformer", "FluxTransformer2DModel", FLUX_DEV,
-          dict(num_layers=2, num_single_layers=4), "2 double + 4 single blocks of 19 + 38", text_dim=4096,
+          {"fast": (dict(num_layers=1, num_single_layers=2), "1 double + 2 single blocks of 19 + 38"),
+           # the whole of FLUX.1 is 12 B parameters, 48 GB in float32: more than this machine's 24 GB
+           "full": (dict(num_layers=2, num_single_layers=4), "2 double + 4 single blocks of 19 + 38")},
+          text_dim=4096,
           pooled_dim=768, text_tokens=64, guidance=1.0, prediction="flow", channels=16, schedule=FLOW_SCHEDULE,
           quick=dict(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
                      joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))),
@@ -178,40 +182,41 @@ CFG_MODELS = ("sd15", "pixart-sigma")
 
 
 # ---- the model and its calls -------------------------------------------------------------------
-def model_config(shape: Shape, quick: bool, full_depth: bool) -> dict:
+SCALES = ("quick", "fast", "full")
+
+
+def model_config(shape: Shape, scale: str) -> dict:
     config = dict(shape.config)
-    if quick:
-        config.update(shape.quick)
-    elif not full_depth:
-        config.update(shape.reduced)
+    config.update(shape.quick if scale == "quick" else shape.scales.get(scale, ({}, ""))[0])
     return config
 
 
-def model_title(shape: Shape, quick: bool, full_depth: bool) -> str:
-    if quick:
+def model_title(shape: Shape, scale: str) -> str:
+    if scale == "quick":
         return f"{shape.title} (quick: tiny widths)"
-    reduced = shape.reduction and not full_depth
-    return f"{shape.title} ({'real widths, ' + shape.reduction if reduced else 'full config'})"
+    reduction = shape.scales.get(scale, ({}, ""))[1]
+    return f"{shape.title} ({'real widths, ' + reduction if reduction else 'published config'})"
 
 
-def build(shape: Shape, quick: bool = False, full_depth: bool = False, seed: int = 0) -> torch.nn.Module:
+def build(shape: Shape, scale: str = "fast", seed: int = 0) -> torch.nn.Module:
     import diffusers
 
     torch.manual_seed(seed)
-    model = getattr(diffusers, shape.cls)(**model_config(shape, quick, full_depth))
+    model = getattr(diffusers, shape.cls)(**model_config(shape, scale))
     return model.eval().requires_grad_(False)
 
 
 class Runner:
     """One random-weight denoiser, its seeded text and noise, and one generation through sdinfer."""
 
-    def __init__(self, shape: Shape, quick: bool = False, full_depth: bool = False):
+    def __init__(self, shape: Shape, scale: str = "fast"):
         from sdinfer.models.calling import TextConditioning
         from sdinfer.schedules import schedule_from_diffusers
 
-        self.shape, self.quick = shape, quick
+        quick = scale == "quick"
+        self.shape, self.scale = shape, scale
         start = time.perf_counter()
-        self.model = build(shape, quick, full_depth)
+        self.model = build(shape, scale)
         self.build_s = time.perf_counter() - start
         self.params = sum(p.numel() for p in self.model.parameters())
         config = self.model.config
@@ -286,7 +291,7 @@ def random_router(runner: Runner, steps: int, folder: Path) -> Path:
     logits = torch.randn(len(L1_WEIGHTS), steps, len(units), generator=torch.Generator().manual_seed(2))
     meta = {"units": units, "steps": steps, "sampler": "ddim", "guidance_scale": runner.shape.guidance,
             "prompts": 0, "l1_weights": list(L1_WEIGHTS), "random_router": True}
-    return Calibration(RANDOM_ROUTER, {"logits": logits}, meta).save(folder / f"{RANDOM_ROUTER}.safetensors")
+    return Calibration(RANDOM_ROUTER, {"logits": logits}, meta).save(folder / f"{RANDOM_ROUTER}-{steps}.safetensors")
 
 
 # ---- the cache measurements -------------------------------------------------------------------------
@@ -308,24 +313,33 @@ def refusal(model: torch.nn.Module, method: str, text: str) -> str | None:
     return None
 
 
-def timed_rounds(runner: Runner, configs: list[str], steps: int, repeats: int) -> tuple[list[list[float]], list[int]]:
-    """Per configuration ("" for none): its timed runs and its MACs.  Each first runs once under the
-    MAC counter (its warm-up); then rounds of every configuration, the order reversed every other round."""
+@dataclass(frozen=True)
+class Config:
+    spec: str            # "" for no hooks
+    steps: int
+    count_macs: bool     # run once under the MAC counter first (its warm-up)
+
+
+def timed_rounds(runner: Runner, configs: list[Config], repeats: int) -> tuple[list[list[float]], list[int | None]]:
+    """Per configuration: its timed runs and its MACs (None where not counted).  Those counted run once
+    under the MAC counter first (their warm-up); then rounds of every configuration, the order reversed
+    every other round, each installed around each of its runs."""
     import sdinfer
     from sdinfer.eval.cost import count_macs
 
-    def run(text: str, fn):
-        handle = sdinfer.accelerate(runner.model, text) if text else None
+    def run(config: Config, fn):
+        handle = sdinfer.accelerate(runner.model, config.spec) if config.spec else None
         try:
             return fn()
         finally:
             if handle is not None:
                 handle.remove()
 
-    macs = [run(text, lambda: count_macs(lambda: runner.generate(steps))) for text in configs]
+    macs = [run(c, lambda c=c: count_macs(lambda: runner.generate(c.steps))) if c.count_macs else None
+            for c in configs]
     walls: list[list[float]] = [[] for _ in configs]
 
-    def timed() -> float:
+    def timed(steps: int) -> float:
         start = time.perf_counter()
         runner.generate(steps)
         return time.perf_counter() - start
@@ -333,41 +347,52 @@ def timed_rounds(runner: Runner, configs: list[str], steps: int, repeats: int) -
     for r in range(repeats):
         order = range(len(configs)) if r % 2 == 0 else range(len(configs) - 1, -1, -1)
         for i in order:
-            walls[i].append(run(configs[i], timed))
+            walls[i].append(run(configs[i], lambda i=i: timed(configs[i].steps)))
     return walls, macs
 
 
-def measure_model(runner: Runner, methods: list[str], steps: int, repeats: int, folder: Path,
-                  log=print) -> dict:
+def measure_model(runner: Runner, methods: list[str], steps: int, overhead_steps: int, repeats: int,
+                  folder: Path, count_never_skip: bool = False, log=print) -> dict:
+    """Every method of ``methods`` that installs: its speed-up and MAC bound at ``steps``, and its hooks'
+    overhead at ``overhead_steps`` (the never-skip knob against no hooks at that step count)."""
     from sdinfer import cache
 
     model = runner.model
-    rows, configs, plan = [], [""], {}
+    rows, plan = [], {}
+    configs = [Config("", steps, True)]
+    if overhead_steps != steps:
+        configs.append(Config("", overhead_steps, False))
+    base_overhead = len(configs) - 1
     for method in methods:
-        calibration = None
+        calibration = overhead_calibration = None
         if method in CALIBRATED or method == RANDOM_ROUTER:
             why = refusal(model, method, f"{method}:calibration=/nonexistent")
             if why is not None and "calibration" not in why:   # refuses the class, not the missing file
                 rows.append({"method": method, "status": f"does not install: {why}"})
                 continue
             try:
-                calibration = (calibrate(runner, method, max(steps, 8), folder) if method in CALIBRATED
-                               else random_router(runner, steps, folder))
+                if method in CALIBRATED:
+                    calibration = overhead_calibration = calibrate(runner, method, max(steps, 8), folder)
+                else:   # a router is learned for one step count
+                    calibration = random_router(runner, steps, folder)
+                    overhead_calibration = random_router(runner, overhead_steps, folder)
             except Exception as err:   # noqa: BLE001 - the row says why
                 rows.append({"method": method, "status": f"calibration failed: {type(err).__name__}: {err}"})
                 continue
-        cached, never = spec(method, KNOBS[method], calibration), spec(method, NEVER_SKIP[method], calibration)
+        cached = spec(method, KNOBS[method], calibration)
+        never = spec(method, NEVER_SKIP[method], overhead_calibration)
         why = refusal(model, method, cached)
         if why is not None:
             rows.append({"method": method, "status": f"does not install: {why}"})
             continue
-        plan[method] = (cached, never, len(configs))
-        configs += [cached, never]
+        plan[method] = len(configs)
+        configs += [Config(cached, steps, True), Config(never, overhead_steps, count_never_skip)]
     log(f"  {len(configs)} configurations, {len(plan)} methods: {', '.join(plan)}")
-    walls, macs = timed_rounds(runner, configs, steps, repeats)
+    walls, macs = timed_rounds(runner, configs, repeats)
     base_wall, base_macs = statistics.median(walls[0]), macs[0]
+    over_wall = statistics.median(walls[base_overhead])
     noise = (max(walls[0]) - min(walls[0])) / base_wall if len(walls[0]) > 1 else None
-    for method, (cached, never, i) in plan.items():
+    for method, i in plan.items():
         wall, never_wall = statistics.median(walls[i]), statistics.median(walls[i + 1])
         speedup, bound = base_wall / wall, base_macs / macs[i]
         rows.append({
@@ -379,14 +404,16 @@ def measure_model(runner: Runner, methods: list[str], steps: int, repeats: int, 
             "efficiency": round(speedup / bound, 3),
             "never_skip_wall_s": round(never_wall, 4), "never_skip_wall_s_runs": [round(w, 4) for w in walls[i + 1]],
             "never_skip_macs": macs[i + 1],
-            "overhead_ms_per_step": round((never_wall - base_wall) / steps * 1e3, 2),
-            "overhead_pct": round((never_wall - base_wall) / base_wall * 100, 2),
+            "overhead_ms_per_step": round((never_wall - over_wall) / overhead_steps * 1e3, 2),
+            "overhead_pct": round((never_wall - over_wall) / over_wall * 100, 2),
         })
     order = {name: k for k, name in enumerate(cache.METHODS)}
     rows.sort(key=lambda r: order[r["method"]])
     return {"baseline": {"wall_s": round(base_wall, 4), "wall_s_runs": [round(w, 4) for w in walls[0]],
                          "macs": base_macs, "step_ms": round(base_wall / steps * 1e3, 2),
-                         "noise": None if noise is None else round(noise, 4)},
+                         "noise": None if noise is None else round(noise, 4),
+                         "overhead_steps": overhead_steps, "overhead_wall_s": round(over_wall, 4),
+                         "overhead_wall_s_runs": [round(w, 4) for w in walls[base_overhead]]},
             "methods": rows}
 
 
@@ -401,7 +428,7 @@ def cfg_rank_main(args) -> int:
     for name in guided_only(args.cfg_model):
         shape = SHAPES[name]
         torch.set_num_threads(1)
-        runner = Runner(shape, args.quick, args.full_depth)
+        runner = Runner(shape, args.scale)
         single: dict[int, list[float]] = {1: [], 2: []}
         reference = None
         for threads in (1, 2):     # rank 0 alone, rank 1 waiting at the barrier after each generation
@@ -428,7 +455,7 @@ def cfg_rank_main(args) -> int:
             handle.remove()
         if info.rank == 0:
             two, one2, one1 = (statistics.median(x) for x in (times, single[2], single[1]))
-            rows.append({"model": name, "title": model_title(shape, args.quick, args.full_depth),
+            rows.append({"model": name, "title": model_title(shape, args.scale),
                          "ranks_s": round(two, 4), "ranks_s_runs": [round(t, 4) for t in times],
                          "one_process_2_threads_s": round(one2, 4), "one_process_1_thread_s": round(one1, 4),
                          "speedup_vs_2_threads": round(one2 / two, 3), "speedup_vs_1_thread": round(one1 / two, 3),
@@ -490,10 +517,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=sorted(SHAPES), action="append", default=None, help="default: all four")
     p.add_argument("--method", action="append", default=None, help="cache methods (default: every registered one)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 8; --quick: 2)")
+    p.add_argument("--overhead-steps", type=int, default=None,
+                   help="steps of the hook-overhead runs (never-skip knob against no hooks; default: half of --steps)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per configuration (default 2; --quick: 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the cache runs (default 2)")
     p.add_argument("--quick", action="store_true", help="tiny widths, 2 steps, 1 repeat: checks the script runs")
-    p.add_argument("--full-depth", action="store_true", help="SDXL and FLUX with every layer (see the docstring)")
+    p.add_argument("--scale", choices=SCALES, default=None,
+                   help="fast (default): the published widths at about half depth; full: SD 1.5, SDXL and "
+                        "PixArt-Sigma whole, FLUX 2 + 4 blocks; quick: tiny widths (--quick)")
     p.add_argument("--cfg-model", choices=sorted(SHAPES), action="append", default=None,
                    help=f"the models of the CFG parallel runs (default: {', '.join(CFG_MODELS)})")
     p.add_argument("--no-cfg-parallel", action="store_true")
@@ -504,7 +535,14 @@ def main(argv: list[str] | None = None) -> int:
     from sdinfer import cache
     from sdinfer.errors import UserError
 
+    if args.quick and args.scale not in (None, "quick"):
+        raise UserError(f"--quick is --scale quick; drop one of --quick and --scale {args.scale}")
+    args.scale = "quick" if args.quick else args.scale or "fast"
+    args.quick = args.scale == "quick"
     args.steps = args.steps or (2 if args.quick else 8)
+    args.overhead_steps = args.overhead_steps or max(2, args.steps // 2)
+    if args.steps < 2 or args.overhead_steps < 2:
+        raise UserError(f"--steps and --overhead-steps must be >= 2, got {args.steps} and {args.overhead_steps}")
     args.repeats = args.repeats or (1 if args.quick else 2)
     args.cfg_model = args.cfg_model or list(CFG_MODELS)
     unknown = sorted(set(args.method or []) - set(cache.METHODS))
@@ -524,13 +562,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.model or list(SHAPES):
             shape = SHAPES[name]
-            runner = Runner(shape, args.quick, args.full_depth)
-            title = model_title(shape, args.quick, args.full_depth)
+            runner = Runner(shape, args.scale)
+            title = model_title(shape, args.scale)
             print(f"{title}: {runner.params / 1e6:.1f} M parameters, built in {runner.build_s:.1f} s", flush=True)
             folder = Path(tmp) / name
             folder.mkdir()
             t0 = time.perf_counter()
-            result = measure_model(runner, methods, args.steps, args.repeats, folder)
+            result = measure_model(runner, methods, args.steps, args.overhead_steps, args.repeats, folder,
+                                   count_never_skip=args.quick)
             models.append({"model": name, "title": title, "class": shape.cls, "params": runner.params,
                            "config": {k: v for k, v in runner.model.config.items() if not k.startswith("_")},
                            "latent": runner.latent, "text_tokens": runner.cond.states.shape[1],
@@ -546,8 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg_rows = run_cfg_parallel(args, forwarded)
     report = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
                        "cpus": os.cpu_count(), "torch": torch.__version__, "diffusers": _version("diffusers"),
-                       "steps": args.steps, "repeats": args.repeats, "threads": args.threads, "quick": args.quick,
-                       "full_depth": args.full_depth, "dtype": "float32", "weights": "random (seeded)",
+                       "steps": args.steps, "overhead_steps": args.overhead_steps, "repeats": args.repeats, "threads": args.threads, "quick": args.quick,
+                       "scale": args.scale, "dtype": "float32", "weights": "random (seeded)",
                        "knobs": KNOBS, "never_skip": NEVER_SKIP, "seconds": round(time.perf_counter() - started, 1),
                        "peak_rss_mb": round(peak_rss_mb(), 0),
                        "command": "python bench/real_shapes.py " + " ".join(argv)},

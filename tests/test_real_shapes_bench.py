@@ -42,11 +42,12 @@ def test_quick_run_measures_each_method_against_its_bound_and_overhead(real_shap
     # 4 steps: FORA at interval 3 computes steps 0 and 3 and reuses 1 and 2, so its MAC bound is near 2
     data = _run(real_shapes, tmp_path, "--steps", "4", "--model", "pixart-sigma", "--method", "fora",
                 "--method", "l2c", "--method", "deepcache", "--no-cfg-parallel")
-    assert data["meta"]["steps"] == 4 and data["meta"]["quick"] and data["cfg_parallel"] == []
+    assert data["meta"]["steps"] == 4 and data["meta"]["overhead_steps"] == 2 and data["meta"]["quick"]
+    assert data["cfg_parallel"] == []
     (model,) = data["models"]
     assert model["class"] == "PixArtTransformer2DModel" and model["batch"] == 2
     base = model["baseline"]
-    assert base["wall_s"] > 0 and base["macs"] > 0 and base["step_ms"] > 0
+    assert base["wall_s"] > 0 and base["macs"] > 0 and base["step_ms"] > 0 and base["overhead_wall_s"] > 0
     rows = {r["method"]: r for r in model["methods"]}
     assert set(rows) == {"fora", "l2c", "deepcache"}
     assert rows["deepcache"]["status"].startswith("does not install")   # a UNet method, on a transformer
@@ -56,9 +57,10 @@ def test_quick_run_measures_each_method_against_its_bound_and_overhead(real_shap
         assert r["speedup"] > 0 and r["wall_s"] > 0 and r["never_skip_wall_s"] > 0
         assert r["bound"] == pytest.approx(base["macs"] / r["macs"], rel=1e-3)
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["bound"], rel=1e-2)
-        assert r["overhead_ms_per_step"] == pytest.approx(
-            (r["never_skip_wall_s"] - base["wall_s"]) / 4 * 1e3, abs=0.02)
-        assert r["never_skip_macs"] == base["macs"]   # the never-skip knob really computes everything
+        assert r["overhead_ms_per_step"] == pytest.approx(   # at half the steps, against no hooks there
+            (r["never_skip_wall_s"] - base["overhead_wall_s"]) / 2 * 1e3, abs=0.02)
+        # the never-skip knob computes everything: per step the uncached MACs (its runs have 2 steps, not 4)
+        assert r["never_skip_macs"] * 4 == base["macs"] * 2
     assert 1.5 < rows["fora"]["bound"] < 2.0
     assert rows["l2c"]["bound"] > 1 and rows["l2c"]["random_router"]
     table = report.real_shapes_table(data)
@@ -75,11 +77,27 @@ def test_quick_run_on_a_unet_with_a_calibrated_cache(real_shapes, tmp_path):
     assert rows["deepcache"]["bound"] >= 1 and rows["teacache"]["bound"] > 0.9   # 2 steps: both computed
 
 
-def test_unknown_method_is_named(real_shapes):
+def test_bad_arguments_are_named(real_shapes):
     from sdinfer.errors import UserError
 
     with pytest.raises(UserError, match="no-such-cache"):
         real_shapes.main(["--quick", "--method", "no-such-cache"])
+    with pytest.raises(UserError, match="--scale full"):
+        real_shapes.main(["--quick", "--scale", "full"])
+    with pytest.raises(UserError, match="overhead-steps"):
+        real_shapes.main(["--quick", "--overhead-steps", "1"])
+
+
+def test_scales_name_what_they_leave_out(real_shapes):
+    for shape in real_shapes.SHAPES.values():
+        assert real_shapes.model_config(shape, "quick") != shape.config
+        title = real_shapes.model_title(shape, "fast")
+        assert "real widths" in title and shape.scales["fast"][1] in title   # every fast shape is cut, and says how
+        for key, value in shape.scales["fast"][0].items():
+            assert real_shapes.model_config(shape, "fast")[key] == value != shape.config[key]
+    assert real_shapes.model_config(real_shapes.SHAPES["sdxl"], "full") == real_shapes.SDXL_UNET
+    assert "published config" in real_shapes.model_title(real_shapes.SHAPES["sd15"], "full")
+    assert "2 double + 4 single" in real_shapes.model_title(real_shapes.SHAPES["flux"], "full")
 
 
 @pytest.mark.slow
