@@ -58,7 +58,7 @@ def test_quick_run_measures_each_method_against_its_bound_and_overhead(real_shap
         assert r["bound"] == pytest.approx(base["macs"] / r["macs"], rel=1e-3)
         assert r["efficiency"] == pytest.approx(r["speedup"] / r["bound"], rel=1e-2)
         assert r["overhead_ms_per_step"] == pytest.approx(   # at half the steps, against no hooks there
-            (r["never_skip_wall_s"] - base["overhead_wall_s"]) / 2 * 1e3, abs=0.02)
+            (r["never_skip_wall_s"] - base["overhead_wall_s"]) / 2 * 1e3, abs=0.1)   # walls kept to 0.1 ms
         # the never-skip knob computes everything: per step the uncached MACs (its runs have 2 steps, not 4)
         assert r["never_skip_macs"] * 4 == base["macs"] * 2
     assert 1.5 < rows["fora"]["bound"] < 2.0
