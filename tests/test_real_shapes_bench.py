@@ -110,3 +110,11 @@ def test_quick_cfg_parallel_on_two_ranks_is_exact(real_shapes, report, tmp_path)
     assert rows["sd15"]["speedup_vs_1_thread"] > 0 and rows["sd15"]["speedup_vs_2_threads"] > 0
     assert "guidance" in rows["flux"]["status"]   # FLUX.1-dev runs one branch: nothing to split
     assert "SD 1.5 UNet" in report.real_shapes_cfg_table(data)
+
+
+def test_mac_counter_counts_as_the_project_does(real_shapes):
+    from sdinfer.eval.cost import count_macs
+
+    runner = real_shapes.Runner(real_shapes.SHAPES["flux"], "quick")
+    macs = real_shapes.MacCounter().count(lambda: runner.generate(2))
+    assert macs == count_macs(lambda: runner.generate(2)) > 0
