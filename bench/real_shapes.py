@@ -12,48 +12,63 @@ PixArt-Sigma's and FLUX.1-dev's ``transformer/config.json``), seeded random weig
 and run through sdinfer's own path: ``sdinfer.accelerate(model, SPEC)`` on the bare diffusers
 model and ``sdinfer.sample`` (DDIM; on FLUX's flow schedule DDIM is Euler) on a seeded noise
 latent with seeded random text states of the model's widths (``call_denoiser``, the adapters'
-declared call signatures; SDXL's pooled text and size ids passed as its pipeline does).
+declared call signatures; SDXL's pooled text and size ids passed as its pipeline passes them).
 Random weights make every image noise, so only speed is measured: no quality column.
 
 Per model, every cache method of the registry (``sdinfer.cache.METHODS``) that installs on the
 model's class, at one fixed knob (``KNOBS``), and the same hooks at a knob that never skips
-(``NEVER_SKIP``: interval 1, threshold 0, budget 1, a gate at the last step), against no hooks:
+(``NEVER_SKIP``: interval 1, threshold 0, budget 1, the gate at the last step), against no hooks:
 
-- wall_s: one generation (one prompt, ``steps`` DDIM steps, guidance on: a batch of 2, except
-  FLUX.1-dev, guidance-distilled, whose pipeline runs one branch), median of ``--repeats`` timed
-  runs.  The timed runs are interleaved as ``sdinfer.eval.bench.measure_all`` does: every
-  configuration once per round, the order reversed every other round; each configuration is
-  installed around each of its runs and first runs once untimed (its warm-up), under the MAC
-  counter.
-- speedup: the uncached wall time over the method's.  macs: ``sdinfer.eval.cost.count_macs``
-  (torch's FLOP counter / 2) over that same whole generation, so bound = MACs uncached / MACs
-  cached is the compute bound of exactly the run that was timed (the adaptive methods decide
-  per run), and efficiency = speedup / bound.
-- overhead: (never-skip wall - uncached wall) / steps, in ms per step and in % of an uncached
-  step.  The baseline's own spread (``noise``: (max - min) / median of its timed runs) says what
-  size of overhead the run resolves.
+- wall_s: one generation (one prompt, ``--steps`` DDIM steps, default 8; guidance on: a batch of
+  2, except FLUX.1-dev, guidance-distilled, whose pipeline runs one branch), median of
+  ``--repeats`` timed runs (default 2).  The timed runs are interleaved as
+  ``sdinfer.eval.bench.measure_all`` does: every configuration once per round, the order reversed
+  every other round; each configuration is installed around each of its runs.  Before the rounds:
+  one plain 2-step generation (the process's first run pays for the kernels' set-up), then each
+  measured configuration once under the MAC counter (its warm-up).
+- speedup: the uncached wall time over the method's.  macs: multiply-accumulates of that whole
+  generation counted as ``sdinfer.eval.cost.count_macs`` counts them (torch's FLOP formulas / 2;
+  ``MacCounter``, without FlopCounterMode's module bookkeeping, same totals), so bound = MACs
+  uncached / MACs cached is the compute bound of the very run that was timed (the adaptive
+  methods decide per run), and efficiency = speedup / bound.
+- overhead: the never-skip knob against no hooks, both at ``--overhead-steps`` (default 2), per
+  step: ms and % of an uncached step.  The baseline's spread (``noise``: (max - min) / median of
+  its timed runs) says what size of difference the run resolves.
 - Calibrated methods (TeaCache, MagCache, Block Caching) are calibrated on the random model
-  first by their own calibrators (one generation each, another seed).  Learning-to-Cache's
+  first by their own calibrators (one 8-step generation each, another seed).  Learning-to-Cache's
   router is trained through the model (about 150 forward and backward passes), too slow here: its
-  router logits are seeded random instead, so its row measures the speed of a random plan at the
-  budget (labelled in the table).
+  router logits are seeded random instead, so its row is the speed of a random plan at its
+  budget (labelled "random router" in the table).
 
 CFG parallel (``src/sdinfer/parallel/cfg_parallel.py``) on one UNet and one DiT shape
 (``--cfg-model``; default SD 1.5 and PixArt-Sigma): 2 gloo ranks of one thread each
 (``launch_local``, as ``bench/parallel.py``), against one process with 2 threads and against one
-process with 1 thread (rank 0 alone, rank 1 waiting in a barrier), median of ``--repeats``; the
-largest difference from the one-process output is recorded (exact up to float rounding).
+process with 1 thread (rank 0 alone while rank 1 waits in a barrier), median of ``--repeats``
+after a 2-step warm-up; the largest difference from the one-process output is recorded (exact up
+to float rounding).
 
-Sizes (``SHAPES``): reduced resolution so that a step takes about a second on 2 cores (latent
-16x16: 128 px for the UNets, 64 image tokens for the DiTs); SD 1.5 and PixArt-Sigma at full depth;
-SDXL and FLUX.1 at their real widths with fewer layers (SDXL's transformer depth 1/2/2 of 1/2/10,
-FLUX 2 double + 4 single blocks of 19 + 38), each named in the table's model column; ``--full-depth``
-builds them whole (SDXL 2.6 B parameters, 10.3 GB in float32, about 2.5x the time; FLUX.1 12 B,
-48 GB: does not fit this machine).  Text: 77 CLIP tokens for the UNets, 64 T5 tokens for the DiTs
-(PixArt-Sigma takes up to 300, FLUX.1-dev 512: at 64 image tokens so many text tokens would
-dominate the cost, which they do not at the real 1024 px).
+Sizes (``SHAPES``, ``--scale``).  Every shape keeps its published widths, heads, block types and
+conditioning; the latent is 16x16 (128 px for the UNets; 64 image tokens for PixArt-Sigma and,
+2x2-packed, FLUX), the text 77 CLIP tokens (UNets) or 64 T5 tokens (PixArt-Sigma takes up to 300,
+FLUX.1-dev 512: at 64 image tokens so many text tokens would dominate the cost, which they do not
+at 1024 px).  ``fast`` (default) cuts the depth to about half so that the run fits in about a
+quarter of an hour: SD 1.5 and SDXL 1 layer per block (of 2), SDXL's transformer depth 1/2/2
+(of 1/2/10), PixArt-Sigma 14 of 28 blocks, FLUX 1 double + 2 single blocks (of 19 + 38); every
+cut is in the table's model column.  ``full``: SD 1.5, SDXL and PixArt-Sigma whole (SDXL: 2.6 B
+parameters, 10.3 GB in float32), FLUX 2 + 4 blocks (the whole of FLUX.1 is 12 B parameters, 48 GB
+in float32: more than this machine's 24 GB).  ``quick``: tiny widths, 2 steps, 1 repeat.
 
-Expected on this 2-core CPU, nothing else running (``--repeats 2``, 8 steps): TIME_AND_MEMORY.
+Expected time and memory on this 2-core CPU with nothing else running, default settings: about
+15-17 minutes (estimated, not timed whole), a peak of about 3 GB in the main process and about
+6 GB across the two CFG ranks.  The estimate: the run is 26 + 8 (1 + n) + 2 (1 + n) (8 + 2) steps
+for a model with n methods (calibrations, warm-up, MAC-counted runs, 2 timed rounds; n = 7 on the
+UNets, 9 on the DiTs: about 1,110 steps) plus about 170 step-equivalents of CFG parallel, at
+0.6-0.8 s a step (MAC counts and per-call probes of the four shapes).  The one timing of a piece
+(``--model sd15 --method deepcache --repeats 1 --no-cfg-parallel``, 2026-12-07, other processes
+sharing the machine, load average 3) gave 0.9 s an uncached step and 3.1 s for DeepCache's 8-step
+generation, peak RSS 2.9 GB; a second, under load 6, ran ten times slower.  The JSON records the
+run's own ``seconds`` and ``peak_rss_mb``.  ``--scale full`` takes about 3x the time and peaks
+near 12 GB (SDXL).
 """
 
 from __future__ import annotations
@@ -462,22 +477,23 @@ def cfg_rank_main(args) -> int:
         single: dict[int, list[float]] = {1: [], 2: []}
         reference = None
         for threads in (1, 2):     # rank 0 alone, rank 1 waiting at the barrier after each generation
-            for k in range(1 + args.repeats):
+            for k in range(1 + args.repeats):   # k = 0: a 2-step warm-up
                 if info.rank == 0:
                     torch.set_num_threads(threads)
                     start = time.perf_counter()
-                    reference = runner.generate(args.steps)
+                    out = runner.generate(args.steps if k else 2)
                     if k:
                         single[threads].append(time.perf_counter() - start)
+                        reference = out
                 dist.barrier()
         torch.set_num_threads(1)
         handle = apply(runner.model, "cfg")
         times = []
         try:
-            for k in range(1 + args.repeats):
+            for k in range(1 + args.repeats):   # k = 0: a 2-step warm-up
                 dist.barrier()
                 start = time.perf_counter()
-                out = runner.generate(args.steps)
+                out = runner.generate(args.steps if k else 2)
                 if k:
                     times.append(time.perf_counter() - start)
             sent = sum(handle.comm.bytes_sent.values())
@@ -489,7 +505,7 @@ def cfg_rank_main(args) -> int:
                          "ranks_s": round(two, 4), "ranks_s_runs": [round(t, 4) for t in times],
                          "one_process_2_threads_s": round(one2, 4), "one_process_1_thread_s": round(one1, 4),
                          "speedup_vs_2_threads": round(one2 / two, 3), "speedup_vs_1_thread": round(one1 / two, 3),
-                         "bytes_per_generation": int(sent / (1 + args.repeats)),
+                         "bytes_per_step": int(sent / (2 + args.repeats * args.steps)),
                          "max_abs_diff": float((out - reference).abs().max())})
             print(f"cfg parallel {name}: {rows[-1]}", flush=True)
         del runner
