@@ -364,8 +364,9 @@ class Config:
     count_macs: bool     # run once under the MAC counter first (its warm-up)
 
 
-def timed_rounds(runner: Runner, configs: list[Config], repeats: int) -> tuple[list[list[float]], list[int | None]]:
-    """Per configuration: its timed runs and its MACs (None where not counted).  After a plain 2-step
+def timed_rounds(runner: Runner, configs: list[Config], repeats: int) -> tuple[list[list[float]], list]:
+    """Per configuration: its timed runs and its MACs (None where not counted, the exception where its
+    first run failed).  After a plain 2-step
     warm-up, those counted run once under the MAC counter (their warm-up); then rounds of every configuration, the order reversed
     every other round, each installed around each of its runs."""
     import sdinfer
@@ -380,8 +381,12 @@ def timed_rounds(runner: Runner, configs: list[Config], repeats: int) -> tuple[l
 
     runner.generate(2)   # the first plain run of the process pays for the kernels' set-up
     counter = MacCounter()
-    macs = [run(c, lambda c=c: counter.count(lambda: runner.generate(c.steps))) if c.count_macs else None
-            for c in configs]
+    macs: list = []
+    for c in configs:   # a configuration that fails here is left out of the rounds, its error kept
+        try:
+            macs.append(run(c, lambda c=c: counter.count(lambda: runner.generate(c.steps))) if c.count_macs else None)
+        except Exception as err:   # noqa: BLE001 - the row says why
+            macs.append(err)
     walls: list[list[float]] = [[] for _ in configs]
 
     def timed(steps: int) -> float:
@@ -392,7 +397,8 @@ def timed_rounds(runner: Runner, configs: list[Config], repeats: int) -> tuple[l
     for r in range(repeats):
         order = range(len(configs)) if r % 2 == 0 else range(len(configs) - 1, -1, -1)
         for i in order:
-            walls[i].append(run(configs[i], lambda i=i: timed(configs[i].steps)))
+            if not isinstance(macs[i], Exception):
+                walls[i].append(run(configs[i], lambda i=i: timed(configs[i].steps)))
     return walls, macs
 
 
@@ -434,10 +440,16 @@ def measure_model(runner: Runner, methods: list[str], steps: int, overhead_steps
         configs += [Config(cached, steps, True), Config(never, overhead_steps, count_never_skip)]
     log(f"  {len(configs)} configurations, {len(plan)} methods: {', '.join(plan)}")
     walls, macs = timed_rounds(runner, configs, repeats)
+    if isinstance(macs[0], Exception):
+        raise macs[0]
     base_wall, base_macs = statistics.median(walls[0]), macs[0]
     over_wall = statistics.median(walls[base_overhead])
     noise = (max(walls[0]) - min(walls[0])) / base_wall if len(walls[0]) > 1 else None
     for method, i in plan.items():
+        failed = next((m for m in macs[i:i + 2] if isinstance(m, Exception)), None)
+        if failed is not None:
+            rows.append({"method": method, "status": f"failed: {type(failed).__name__}: {failed}"})
+            continue
         wall, never_wall = statistics.median(walls[i]), statistics.median(walls[i + 1])
         speedup, bound = base_wall / wall, base_macs / macs[i]
         rows.append({
@@ -468,7 +480,7 @@ def cfg_rank_main(args) -> int:
 
     from sdinfer.parallel import apply, launch
 
-    info = launch.init_process_group("gloo")
+    info = launch.init_process_group("gloo", timeout_s=1800)   # rank 1 waits out rank 0's single-process runs
     rows = []
     for name in guided_only(args.cfg_model):
         shape = SHAPES[name]
@@ -506,7 +518,8 @@ def cfg_rank_main(args) -> int:
                          "one_process_2_threads_s": round(one2, 4), "one_process_1_thread_s": round(one1, 4),
                          "speedup_vs_2_threads": round(one2 / two, 3), "speedup_vs_1_thread": round(one1 / two, 3),
                          "bytes_per_step": int(sent / (2 + args.repeats * args.steps)),
-                         "max_abs_diff": float((out - reference).abs().max())})
+                         "max_abs_diff": float((out - reference).abs().max()),
+                         "rank0_peak_rss_mb": round(peak_rss_mb(), 0)})
             print(f"cfg parallel {name}: {rows[-1]}", flush=True)
         del runner
     if info.rank == 0:

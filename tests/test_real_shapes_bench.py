@@ -118,3 +118,13 @@ def test_mac_counter_counts_as_the_project_does(real_shapes):
     runner = real_shapes.Runner(real_shapes.SHAPES["flux"], "quick")
     macs = real_shapes.MacCounter().count(lambda: runner.generate(2))
     assert macs == count_macs(lambda: runner.generate(2)) > 0
+
+
+def test_a_configuration_that_fails_is_a_row_not_the_end_of_the_run(real_shapes, tmp_path, monkeypatch):
+    router = real_shapes.random_router
+    # a router for one step more than the run: l2c installs, then refuses the run's step count
+    monkeypatch.setattr(real_shapes, "random_router", lambda runner, steps, folder: router(runner, steps + 1, folder))
+    data = _run(real_shapes, tmp_path, "--model", "flux", "--method", "l2c", "--method", "fora", "--no-cfg-parallel")
+    rows = {r["method"]: r for r in data["models"][0]["methods"]}
+    assert rows["l2c"]["status"].startswith("failed: UserError: the l2c router was learned for 3 steps")
+    assert rows["fora"]["status"] == "ok" and data["models"][0]["batch"] == 1   # FLUX: one branch
