@@ -144,9 +144,7 @@ class Shape:
     # leave out, for the table); a scale not listed builds the published config whole
     scales: dict
     quick: dict                  # overrides of --scale quick (tiny widths)
-    text_dim: int                # the text states' width (the encoder's)
-    pooled_dim: int = 0          # the pooled text vector's width (0: none)
-    text_tokens: int = 77
+    text_tokens: int = 77        # the text states' tokens (their width and the pooled width: the config's)
     latent: int = 16             # the latent's side
     channels: int = 4            # the latent's channels
     guidance: float = 5.0        # 1: one branch (no CFG batch)
@@ -160,24 +158,23 @@ class Shape:
 
 SHAPES = {s.name: s for s in [
     Shape("sd15", "SD 1.5 UNet", "UNet2DConditionModel", SD15_UNET,
-          {"fast": (dict(layers_per_block=1), "1 layer per block of 2")}, text_dim=768, quick=dict(
+          {"fast": (dict(layers_per_block=1), "1 layer per block of 2")}, quick=dict(
         block_out_channels=(32, 64, 64, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
         attention_head_dim=4)),
     Shape("sdxl", "SDXL UNet", "UNet2DConditionModel", SDXL_UNET,
           {"fast": (dict(layers_per_block=1, transformer_layers_per_block=(1, 2, 2)),
-                    "1 layer per block of 2, transformer depth 1/2/2 of 1/2/10")}, text_dim=2048, pooled_dim=1280, quick=dict(
+                    "1 layer per block of 2, transformer depth 1/2/2 of 1/2/10")}, quick=dict(
               block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
               transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), addition_time_embed_dim=8,
               projection_class_embeddings_input_dim=16 + 6 * 8)),
     Shape("pixart-sigma", "PixArt-Sigma transformer", "PixArtTransformer2DModel", PIXART_SIGMA,
-          {"fast": (dict(num_layers=14), "14 of 28 blocks")}, text_dim=4096, text_tokens=64, quick=dict(
+          {"fast": (dict(num_layers=14), "14 of 28 blocks")}, text_tokens=64, quick=dict(
               num_layers=3, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, caption_channels=32)),
     Shape("flux", "FLUX.1-dev transformer", "FluxTransformer2DModel", FLUX_DEV,
           {"fast": (dict(num_layers=1, num_single_layers=2), "1 double + 2 single blocks of 19 + 38"),
            # the whole of FLUX.1 is 12 B parameters, 48 GB in float32: more than this machine's 24 GB
            "full": (dict(num_layers=2, num_single_layers=4), "2 double + 4 single blocks of 19 + 38")},
-          text_dim=4096,
-          pooled_dim=768, text_tokens=64, guidance=1.0, prediction="flow", channels=16, schedule=FLOW_SCHEDULE,
+          text_tokens=64, guidance=1.0, prediction="flow", channels=16, schedule=FLOW_SCHEDULE,
           quick=dict(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
                      joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))),
 ]}
