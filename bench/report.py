@@ -388,6 +388,7 @@ def real_shapes_table(data: dict | None = None) -> str:
                  f"batch {m['batch']}")
         rows.append([model, "none", fixed(b["wall_s"], 2), "1.00", "1.00", "-",
                      f"step {b['step_ms']:,.0f} ms ({noise})", "-"])
+        model = m["title"].partition(" (")[0]   # the method rows name the model only
         for r in m["methods"]:
             if r["status"].startswith("does not install"):
                 continue
