@@ -18,6 +18,8 @@ where its rows come from:
 - ``tune``: each default model's tuned preset (``bench/results/tune-M/preset.json``) and its held-out
   check (``bench/results/tune-M.json``), and the search against the exhaustive grid
   (``bench/results/tune-vs-exhaustive-*.json``), from ``bench/tune.sh``;
+- ``real-shapes`` / ``real-shapes-cfg``: the caches / CFG parallel on SD 1.5, SDXL, PixArt-Sigma and FLUX.1
+  shapes with random weights, from ``bench/results/real-shapes.json`` (``bench/real_shapes.py``);
 - any other name: ``bench/results/tables/NAME.json`` (``columns`` and ``rows``, cells as printed),
   tables whose figures came from scripts that print markdown, converted once.
 
@@ -365,6 +367,60 @@ def mixture_samplers_table() -> str:
                      "ratio", "ratio by all-trajectory RMS"], rows)
 
 
+REAL_SHAPES = "real-shapes.json"
+
+
+def real_shapes_data(data: dict | None) -> dict:
+    if data is not None:
+        return data
+    if not (RESULTS / REAL_SHAPES).exists():
+        raise SystemExit(f"BENCHMARKS.md names a real-shapes table, but there is no bench/results/{REAL_SHAPES}: "
+                         "run python bench/real_shapes.py")
+    return load(REAL_SHAPES)
+
+
+def real_shapes_table(data: dict | None = None) -> str:
+    """Per model (random weights) and cache method: wall time, speed-up against no hooks, the MAC bound
+    of the same run, their ratio, and the per-step cost of the same hooks when they never skip."""
+    data = real_shapes_data(data)
+    rows = []
+    for m in data["models"]:
+        b = m["baseline"]
+        noise = "-" if b["noise"] is None else f"noise {b['noise']:.0%}"
+        model = (f"{m['title']}, {m['params'] / 1e6:,.1f} M params, latent {m['latent']}x{m['latent']}, "
+                 f"batch {m['batch']}")
+        rows.append([model, "none", fixed(b["wall_s"], 2), "1.00", "1.00", "-",
+                     f"step {b['step_ms']:,.0f} ms ({noise})", "-"])
+        model = m["title"].partition(" (")[0]   # the method rows name the model only
+        for r in m["methods"]:
+            if r["status"].startswith("does not install"):
+                continue
+            if r["status"] != "ok":
+                rows.append([model, r["method"], r["status"], "-", "-", "-", "-", "-"])
+                continue
+            label = f"`{r['spec']}`" + (" (random router)" if r.get("random_router") else "")
+            rows.append([model, label, fixed(r["wall_s"], 2), fixed(r["speedup"], 2), fixed(r["bound"], 2),
+                         fixed(r["efficiency"], 2), fixed(r["overhead_ms_per_step"], 1),
+                         f"{r['overhead_pct']:.1f}%"])
+    return markdown(["model", "cache", "wall (s)", "speed-up", "MAC bound", "speed-up / bound",
+                     "hook overhead (ms / step)", "overhead (% of a step)"], rows)
+
+
+def real_shapes_cfg_table(data: dict | None = None) -> str:
+    """CFG parallel on 2 gloo ranks (one thread each) against one process with 2 threads and with 1."""
+    data = real_shapes_data(data)
+    rows = []
+    for r in data["cfg_parallel"]:
+        if r["status"] != "ok":
+            rows.append([r["model"], r["status"], "-", "-", "-", "-", "-"])
+            continue
+        rows.append([r["title"], fixed(r["ranks_s"], 2), fixed(r["one_process_2_threads_s"], 2),
+                     fixed(r["one_process_1_thread_s"], 2), f"{r['speedup_vs_2_threads']:.2f}x",
+                     f"{r['speedup_vs_1_thread']:.2f}x", f"{r['max_abs_diff']:.1e}"])
+    return markdown(["model", "2 ranks x 1 thread (s)", "1 process, 2 threads (s)", "1 process, 1 thread (s)",
+                     "speed-up vs 2 threads", "speed-up vs 1 thread", "max abs diff vs 1 process"], rows)
+
+
 def table(name: str) -> str:
     if name == "mixture-samplers":
         return mixture_samplers_table()
@@ -376,6 +432,10 @@ def table(name: str) -> str:
         return fronts_table()
     if name == "tune":
         return tune_table()
+    if name == "real-shapes":
+        return real_shapes_table()
+    if name == "real-shapes-cfg":
+        return real_shapes_cfg_table()
     if name in BENCH_TABLES:
         return bench_table(*BENCH_TABLES[name])
     if name in PARALLEL_TABLES:
