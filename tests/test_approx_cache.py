@@ -257,3 +257,20 @@ def test_calibrated_defaults(unet_pipe, tmp_path):
     assert info["skipped_steps"] <= 1
     assert choose_step(0.2, 50, cache.config, {5, 10, 15, 20, 25}) == 0
     cache.close()
+
+
+@pytest.mark.parametrize("model,spec", [("unet", "taylorseer"), ("unet", "teacache"), ("unet", "tgate"),
+                                        ("dit", "fora"), ("dit", "dbcache")])
+def test_caches_keyed_by_step_follow_a_resumed_run(unet_pipe, dit_pipe, model, spec):
+    """Caches whose schedules read the step index (warm-up, interval, gate step) see the whole
+    grid's indices K .. N-1 and a new generation: the resumed run stays near the plain one."""
+    pipe = unet_pipe if model == "unet" else dit_pipe
+    _, x = latents_at(pipe, BASE, 4, steps=12, seed=3)
+    plain = pipe(BASE, steps=12, seed=3, start=(4, x))
+    handle = sdinfer.accelerate(pipe, spec)
+    try:
+        cached = pipe(BASE, steps=12, seed=3, start=(4, x))
+    finally:
+        handle.remove()
+    assert cached.nfe == 8
+    assert 20 < psnr(cached.pixels, plain.pixels)
