@@ -245,7 +245,8 @@ class Pipeline:
                  size: int | None = None, seeds: list[int] | None = None, progress: bool = False,
                  predictor=None, spacing=None, analytic_first_step: bool = False,
                  final: str = "zero", config: GenerationConfig | None = None,
-                 callback: Callable[[int, torch.Tensor], None] | None = None) -> GenerationResult:
+                 callback: Callable[[int, torch.Tensor], None] | None = None,
+                 start: tuple[int, torch.Tensor] | None = None) -> GenerationResult:
         """``steps="auto"``: StepSaver's predictor (``predictor``: a path or a StepPredictor;
         default the one beside the model) picks the count, the largest over the prompts.
         ``spacing``: a grid name (None: the sampler's own), ``"gits"`` (the grid the model
@@ -260,7 +261,12 @@ class Pipeline:
         auto-sampler table (``sdinfer calibrate auto``) chose at this guidance scale; ``dpm-solver-12`` / ``-23`` choose their own steps (``steps`` does
         not apply), ``paradigms`` / ``parataa`` batch several steps per model call; ``nfe`` in the
         result counts every step evaluated, ``model_calls`` the forward passes.  ``callback(i, x)``: called after step ``i`` (0-based) with the latents
-        it produced (progress reports, intermediate latents)."""
+        it produced (progress reports, intermediate latents).
+        ``start=(k, latents)``: resume at step ``k`` (0 to steps - 1) of this run's grid from
+        ``latents`` (what ``callback(k - 1, x)`` gave, of one prompt or of each), under these
+        prompts: the first ``k`` steps are not run and the seeds' noise is not used (the seeds
+        still drive a stochastic sampler); step-by-step samplers only (NIRVANA's approximate
+        caching, ``sdinfer.serve.approx_cache``)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise UserError("no prompt given; pass at least one prompt")
@@ -273,6 +279,9 @@ class Pipeline:
                 predictor = predictor_for(self, predictor)
             counts = predictor.predict(prompt_features(self, prompts))
             if len(set(counts)) > 1:
+                if start is not None:
+                    raise UserError("start= resumes one grid; the step predictor chose several step counts "
+                                    "here: pass steps=N")
                 if callback is not None:
                     raise UserError("a step callback needs one step count for all prompts; the step predictor "
                                     "chose several here: generate the prompts one at a time, or pass steps=N")
@@ -291,6 +300,7 @@ class Pipeline:
         if final != "zero":
             self._check_final(final, spacing, solver, steps)
         size = self.check_size(size)
+        start_step, start_latents = self._check_start(start, steps, solver, len(prompts), size)
         check_fits(self.model, size, len(prompts), guidance_scale != 1.0 and self.model.text_encoder is not None,
                    self.model.device, self.model.dtype)
         seeds = seeds if seeds is not None else [seed + i for i in range(len(prompts))]
@@ -299,18 +309,18 @@ class Pipeline:
         use_cfg = guidance_scale != 1.0 and cond is not None
         uncond = self.encode([""] * len(prompts)) if use_cfg else None
         den = self.denoiser(guidance_scale if use_cfg else 1.0, size)
-        x = self.noise(seeds, size)
+        x = self.noise(seeds, size) if start_latents is None else start_latents
         bar = None
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=None if getattr(solver, "chooses_steps", False) else steps,
+            bar = tqdm(total=None if getattr(solver, "chooses_steps", False) else steps - start_step,
                        desc="denoising", unit="step", leave=False)
         noise_generator = torch.Generator().manual_seed(seeds[0] + 10**6)  # stochastic samplers
         try:
             x = sample_loop(den, solver, x, steps, cond, uncond, generator=noise_generator, spacing=spacing,
                             analytic_first_step=analytic_first_step, final=final,
                             generation=next(_generation_counter),
-                            callback=_step_callback(bar, callback))
+                            callback=_step_callback(bar, callback), start=start_step)
         except FloatingPointError as err:
             raise UserError(str(err)) from None
         finally:
@@ -329,7 +339,41 @@ class Pipeline:
             params["auto"] = auto_choice
         if final != "zero":
             params["final"] = final
+        if start_step:
+            params["start_step"] = start_step
         return GenerationResult(images, pixels, den.nfe, den.model_calls, seconds, params)
+
+    def _check_start(self, start, steps: int, solver, batch: int, size: int) -> tuple[int, torch.Tensor | None]:
+        """``start=(k, latents)`` checked: k an integer step from 0 to steps - 1, the latents of
+        one image or of each prompt at this size, a step-by-step sampler; returns k and the
+        latents as the loop's float32 batch on the model's device."""
+        if start is None:
+            return 0, None
+        try:
+            k, latents = start
+        except (TypeError, ValueError):
+            raise UserError("start must be a pair (step_index, latents); e.g. start=(10, x) with x from "
+                            "callback(9, x)") from None
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= int(k) < steps:
+            raise UserError(f"start step {k!r} is outside this run of {steps} steps; give an integer from 0 "
+                            f"to {steps - 1} (the latents after step k - 1)")
+        if not torch.is_tensor(latents):
+            raise UserError(f"start latents must be a torch tensor, not {type(latents).__name__}")
+        side = size // self.model.vae_factor
+        shape = (self.model.sample_channels, side, side)
+        if latents.dim() == 3:
+            latents = latents.unsqueeze(0)
+        if latents.dim() != 4 or tuple(latents.shape[1:]) != shape or latents.shape[0] not in (1, batch):
+            raise UserError(f"start latents have shape {tuple(latents.shape)}; model {self.model.name} at "
+                            f"size {size} with {batch} prompt(s) needs {(batch, *shape)} (or {(1, *shape)}); "
+                            "resume with latents of the same model, size and batch")
+        if not torch.isfinite(latents).all():
+            raise UserError("start latents hold NaN or infinite values; pass the latents a run produced")
+        if int(k) and (not steps_one_by_one(solver) or not getattr(solver, "resumable", True)):
+            raise UserError(f"sampler {solver.name!r} cannot resume at step {int(k)} (it runs its own loop over "
+                            "the steps); use a step-by-step sampler such as ddim or dpm-solver++")
+        latents = latents.to(device=self.model.device, dtype=torch.float32).expand(batch, *shape).clone()
+        return int(k), latents
 
 
     def _per_prompt_steps(self, prompts: list[str], counts: list[int], config: GenerationConfig,

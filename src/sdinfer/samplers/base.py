@@ -123,11 +123,13 @@ class Sampler(Protocol):
 
 
 def run_steps(sampler, model: BoundModel, x: torch.Tensor, times: list[float], state: SamplerState,
-              callback: Callback | None = None) -> torch.Tensor:
+              callback: Callback | None = None, start: int = 0) -> torch.Tensor:
     """One ``sampler.step(model, x, t, t_next, state)`` per step of the grid, each in its step
-    context."""
+    context; ``start``: the first step taken (``x`` is then the state at ``times[start]``; the
+    step indices stay those of the whole grid, and a multistep sampler's history begins empty
+    there, as at step 0)."""
     steps = len(times) - 1
-    for i in range(steps):
+    for i in range(start, steps):
         t, t_next = times[i], times[i + 1]
         state.step_index, state.num_steps = i, steps
         with model.at_step(i, steps, t, t_next):
@@ -285,15 +287,24 @@ def sample_loop(denoiser: Denoiser, sampler: Sampler, x: torch.Tensor, steps: in
                 generator: torch.Generator | None = None, spacing: str | None = None,
                 generation: int = 0, callback: Callable[[int, torch.Tensor], None] | None = None,
                 timesteps: list[int] | None = None, final: str = "zero",
-                analytic_first_step: bool = False) -> torch.Tensor:
+                analytic_first_step: bool = False, start: int = 0) -> torch.Tensor:
     """Run ``sampler`` from the noise ``x`` over ``steps`` steps; returns the clean sample.
     ``analytic_first_step``: the first step takes the Gaussian-data prediction instead of
     calling the model (``analytic_first_step.py``), so ``steps`` steps cost ``steps - 1``.
     A sampler that chooses its own steps (``chooses_steps``, the adaptive DPM-Solver) takes
-    the grid's ends only and its own number of evaluations (``denoiser.nfe``)."""
+    the grid's ends only and its own number of evaluations (``denoiser.nfe``).
+    ``start``: resume at step ``start`` of the same grid, ``x`` being the latents there (the
+    steps before it are not run; step-by-step samplers only, their history restarting there)."""
     if steps < sampler.min_steps:
         raise ValueError(f"sampler {sampler.name!r} needs at least {sampler.min_steps} steps, "
                          f"got {steps}")
+    if start:
+        if not 0 <= start < steps:
+            raise ValueError(f"a run of {steps} steps resumes at a step from 0 to {steps - 1}, not {start}")
+        if not steps_one_by_one(sampler) or not getattr(sampler, "resumable", True):
+            raise ValueError(f"sampler {sampler.name!r} cannot resume mid-trajectory (it runs its own "
+                             "loop or keeps its own timesteps); use a step-by-step sampler such as ddim "
+                             "or dpm-solver++")
     schedule = denoiser.schedule
     if spacing is None:
         spacing = schedule.default_spacing if schedule.is_flow else \
@@ -307,6 +318,8 @@ def sample_loop(denoiser: Denoiser, sampler: Sampler, x: torch.Tensor, steps: in
         check_supports(sampler)
         model = AnalyticFirstStep(model, times[0])
     state = SamplerState(generator)
+    if start:
+        return run_steps(sampler, model, x, times, state, callback, start=start)
     if hasattr(sampler, "sample"):
         return sampler.sample(model, x, times, state, callback)
     return run_steps(sampler, model, x, times, state, callback)

@@ -146,6 +146,7 @@ class DiffusersSampler(StepSampler):
     scheduler: object
     name: str = "diffusers"
     min_steps: int = 1
+    resumable = False   # the scheduler sets its timesteps and latent at step 0 (``sample_loop(start=)``)
 
     def step(self, model, x, t, t_next, state):
         sched = self.scheduler

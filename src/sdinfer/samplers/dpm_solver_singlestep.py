@@ -72,7 +72,7 @@ class DPMSolverSinglestep(StepSampler):
             return pred.x0
         order = state["orders"][state.step_index]
         out = pred.x0 if data else pred.eps
-        if order == 1:
+        if order == 1 or "block" not in state:   # a block's first step (or a run resumed inside one)
             state["block"] = (x, t, float(sched.lam(t)), [])
         x_s, s, lam_s, outputs = state["block"]
         outputs.append((float(sched.lam(t)), out))

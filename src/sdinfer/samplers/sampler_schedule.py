@@ -88,8 +88,9 @@ class SamplerSchedule(StepSampler):
                              f"{steps} (or 100%)")
 
     def step(self, model, x, t, t_next, state):
-        if state.step_index == 0:
+        if "checked" not in state:   # the run's first step (step 0, or where a resumed run starts)
             self.check(state.num_steps)
+            state["checked"] = True
         for k, seg in enumerate(self.segments):
             start, end = seg.bounds(state.num_steps)
             if start <= state.step_index < end:
