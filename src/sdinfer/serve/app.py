@@ -82,6 +82,7 @@ def create_app(pipe, settings: ServeSettings, store, model_name: str | None = No
             yield
         finally:
             await asyncio.to_thread(batcher.stop)
+            runner.close()   # the worker has stopped: take off the feature cache it installed
 
     app = FastAPI(title="sdinfer", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.metrics, app.state.store, app.state.jobs, app.state.holder = metrics, store, jobs, holder
