@@ -105,7 +105,8 @@ def run(args) -> int:
           f"({store.count()} images{'; removed ' + fixed if fixed else ''}); "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                    timeout_graceful_shutdown=30)
     except OSError as err:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}; choose another --port") from None
     return 0

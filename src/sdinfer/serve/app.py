@@ -31,12 +31,13 @@ from .batching import Batcher, QueueFull
 from .jobs import ApproxCacheUnavailable, ServeSettings, resolve, supported_sizes
 from .metrics import CONTENT_TYPE, Metrics
 from .runner import Runner
-from .schemas import GenerationRequest
+from .schemas import ErrorResponse, GenerationRequest, GenerationResponse, JobCreated
 from .store import valid_id
 
 PAGE = Path(__file__).parent / "page"
 MAX_JOBS_KEPT = 1000
 MAX_LIST = 200
+ERRORS = {"model": ErrorResponse}
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -138,7 +139,8 @@ def create_app(pipe, settings: ServeSettings, store, model_name: str | None = No
             jobs.pop(oldest)
         return job
 
-    @app.post("/v1/images/generations")
+    @app.post("/v1/images/generations", responses={200: {"model": GenerationResponse}, 400: ERRORS,
+                                                   501: ERRORS, 503: ERRORS})
     async def generations(body: GenerationRequest, request: Request):
         job = _submit(body)
         outcomes = await asyncio.shield(job.future)
@@ -151,7 +153,8 @@ def create_app(pipe, settings: ServeSettings, store, model_name: str | None = No
                              "revised_prompt": None})
         return {"created": int(time.time()), "data": data, "sdinfer": [o.report for o in outcomes]}
 
-    @app.post("/v1/jobs", status_code=202)
+    @app.post("/v1/jobs", status_code=202, responses={202: {"model": JobCreated}, 400: ERRORS, 501: ERRORS,
+                                                        503: ERRORS})
     async def create_job(body: GenerationRequest):
         job = _submit(body)
         return {"job_id": job.id, "events": f"/v1/jobs/{job.id}/events", "status": f"/v1/jobs/{job.id}"}

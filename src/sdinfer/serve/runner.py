@@ -77,17 +77,29 @@ class Runner:
             extra["spacing"] = config.spacing
         if config.analytic_first_step:
             extra["analytic_first_step"] = True
+        if _takes(self.approx_cache.generate, "callback"):
+            extra["callback"] = self._progress([job], config.steps)
         rows = []
         for seed in job.seeds:
             result, info = self.approx_cache.generate(
                 prompt=job.prompt, seed=seed, steps=config.steps, sampler=config.sampler,
-                guidance_scale=config.guidance_scale, size=config.size,
-                callback=self._progress([job], config.steps), **extra)
+                guidance_scale=config.guidance_scale, size=config.size, **extra)
             skipped = int(info.get("skipped_steps") or 0)
             rows.append((result.images[0], result.params, int(result.params.get("steps", config.steps)) - skipped,
                          info, 1, result.seconds, result.nfe))
         return rows
 
+
+
+def _takes(fn, name: str) -> bool:
+    """Whether ``fn`` accepts the keyword ``name`` (by name or through ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 class Outcome:
