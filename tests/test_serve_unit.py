@@ -253,9 +253,25 @@ def test_serve_flags_parse_and_bad_ones_are_refused():
 
     args = build_parser().parse_args(["serve", "--model", "unet", "--port", "8123", "--steps", "8",
                                       "--batch-window-ms", "5", "--max-batch", "4", "--queue-size", "3"])
-    args.spacing, args.analytic_first_step = None, False
     s = settings_of(args)
     assert (s.steps, s.batch_window_ms, s.max_batch, s.queue_size) == (8, 5.0, 4, 3)
     assert main(["serve", "--max-batch", "0"]) == 2
     assert main(["serve", "--sampler", "nosuch"]) == 2
     assert main(["serve", "--accelerate", "nocache"]) == 2
+
+
+def test_a_preset_sets_the_server_defaults_and_a_flag_overrides_it(tmp_path):
+    from sdinfer.cli import build_parser
+    from sdinfer.cli.serve import settings_of
+    from sdinfer.tune.preset import Preset, save_preset
+
+    save_preset(Preset(model="unet", sampler="dpm-solver++", steps=6, guidance_scale=3.0, spacing="gits",
+                       analytic_first_step=True, accelerate="deepcache:interval=2"), tmp_path / "preset.json")
+    argv = ["serve", "--preset", str(tmp_path / "preset.json"), "--steps", "9"]
+    args = build_parser().parse_args(argv)
+    args.argv = argv[1:]
+    notes = []
+    s = settings_of(args, notes.append)
+    assert (s.model, s.sampler, s.steps, s.guidance_scale, s.spacing, s.analytic_first_step, s.accelerate) == \
+        ("unet", "dpm-solver++", 9, 3.0, "gits", True, "deepcache:interval=2")
+    assert len(notes) == 1 and "--steps 9 overrides" in notes[0]

@@ -54,16 +54,21 @@ def _serve_imports():
     return uvicorn
 
 
-def settings_of(args):
+def settings_of(args, say=lambda message: print(message, file=sys.stderr)):
+    """The server's defaults from the flags and ``--preset`` (an explicit flag wins), checked
+    before the model loads."""
     from ..generation_config import GenerationConfig
     from ..serve.jobs import ServeSettings
+    from .options import PRESET_FLAGS, apply_preset
+
+    args.spacing, args.analytic_first_step = None, False
+    apply_preset(args, list(PRESET_FLAGS), say)
 
     if args.max_batch < 1 or args.queue_size < 1 or args.max_n < 1 or args.batch_window_ms < 0:
         raise UserError("--max-batch, --queue-size and --max-n must be >= 1 and --batch-window-ms >= 0")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
-    spacing = getattr(args, "spacing", None)
-    afs = bool(getattr(args, "analytic_first_step", False))
+    spacing, afs = args.spacing, bool(args.analytic_first_step)
     GenerationConfig(steps=args.steps, sampler=args.sampler, guidance_scale=args.cfg, spacing=spacing,
                      analytic_first_step=afs)   # the defaults checked before the model loads
     if args.accelerate:
@@ -86,11 +91,9 @@ def make_approx_cache(pipe, folder, megabytes: float):
 
 
 def run(args) -> int:
-    from .options import PRESET_FLAGS, apply_preset, load_pipeline
+    from .options import load_pipeline
 
     uvicorn = _serve_imports()
-    args.spacing, args.analytic_first_step = None, False
-    apply_preset(args, [f for f in PRESET_FLAGS], lambda m: print(m, file=sys.stderr))
     settings = settings_of(args)
     from ..serve.app import create_app
     from ..serve.store import ImageStore, default_store_dir
