@@ -98,6 +98,8 @@ BAD = [
     ({"prompt": PROMPT, "model": "dit"}, "this server runs 'unet'"),
     ({"prompt": PROMPT, "colour": "red"}, "unknown field"),
     ({"prompt": PROMPT, "sampler": "ddim:eta=5"}, "eta must be a number in [0, 1]"),
+    ({"prompt": PROMPT, "sampler": "dpm-solver-v3:stats=/etc/passwd"}, "names a file, which a request may not"),
+    ({"prompt": PROMPT, "accelerate": "teacache:calibration=x.safetensors"}, "names a file"),
 ]
 
 

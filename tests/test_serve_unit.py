@@ -247,6 +247,17 @@ def test_cache_specs_are_checked_and_the_batch_safe_ones_are_known_methods():
             check_accelerate(bad)
 
 
+def test_a_request_spec_may_not_name_a_file():
+    from sdinfer.serve.jobs import check_no_files
+
+    for spec in ["dpm-solver-v3:stats=/etc/passwd", "dpm-solver-v3:stats=x.safetensors", "teacache:calibration=c",
+                 "ddim(stats=a/b):0-5,ddim:5-10", "fora:interval=../../x", "deepcache:interval=2+magcache:calibration=f"]:
+        with pytest.raises(UserError, match="names a file"):
+            check_no_files(spec, "sampler")
+    for spec in ["ddim:eta=0.5", "dpm-solver++:order=3", "deepcache:interval=3,branch=0+fora", "ddim:0-5,unipc:5-10"]:
+        check_no_files(spec, "sampler")
+
+
 def test_serve_flags_parse_and_bad_ones_are_refused():
     from sdinfer.cli import build_parser, main
     from sdinfer.cli.serve import settings_of

@@ -14,6 +14,7 @@ Jobs with equal ``key`` may share a call."""
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 import uuid
@@ -26,6 +27,21 @@ from .schemas import MAX_SEED, GenerationRequest
 # result does not depend on the others in its batch (the data-dependent ones, fbcache, dbcache,
 # teacache, magcache, blockcache, l2c, decide on the whole batch, and run alone)
 BATCH_SAFE_CACHES = frozenset({"deepcache", "fora", "taylorseer", "tgate"})
+
+
+# spec options that name a file (DPM-Solver-v3's statistics, the calibrated caches' calibrations):
+# a request never names a file on the server (the server's own flags may)
+FILE_OPTIONS = frozenset({"stats", "calibration", "path", "file", "predictor"})
+_OPTION = re.compile(r"([A-Za-z_][\w-]*)\s*=\s*([^,;+)]*)")
+
+
+def check_no_files(spec: str, field: str) -> None:
+    """Refuse a request's sampler or cache spec that names a file."""
+    for key, value in _OPTION.findall(spec):
+        if key.lower() in FILE_OPTIONS or "/" in value or "\\" in value:
+            raise UserError(f"{field} {spec!r}: option {key}={value} names a file, which a request may not; "
+                            f"leave it out (the server uses the files beside its model) or start the server "
+                            f"with that {field} as its default")
 
 
 class ApproxCacheUnavailable(Exception):
@@ -202,6 +218,9 @@ def resolve(request: GenerationRequest, settings: ServeSettings, pipe, model_nam
                         "rephrase without them (the default models know captions such as "
                         "'a small red circle in the top left on a black background')")
     own_sampler = request.sampler is None
+    for spec, name in ((request.sampler, "sampler"), (request.accelerate, "accelerate")):
+        if spec is not None:
+            check_no_files(spec, name)
     sampler = settings.sampler if own_sampler else request.sampler.strip()
     steps = settings.steps if request.steps is None else request.steps
     guidance = settings.guidance_scale if request.guidance_scale is None else request.guidance_scale
