@@ -69,14 +69,15 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         src = Path(__file__).parents[1] / "src"
         env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        self.log = tempfile.TemporaryFile()   # a file: a chatty server never blocks on a full pipe
         self.proc = subprocess.Popen([sys.executable, "-m", "sdinfer", "serve", "--port", str(self.port),
                                       "--store", str(self.store), *self.flags],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     env=env, stdout=subprocess.DEVNULL, stderr=self.log)
         end = time.monotonic() + self.start_timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited ({self.proc.returncode}): "
-                                   f"{self.proc.stderr.read().decode()[-2000:]}")
+                                   f"{self._tail()}")
             try:
                 if request(self.base, "/healthz", timeout=2)[0] == 200:
                     return
@@ -85,6 +86,10 @@ class Server:
             time.sleep(0.2)
         self.kill()
         raise TimeoutError(f"the server did not answer /healthz in {self.start_timeout} s")
+
+    def _tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-2000:]
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

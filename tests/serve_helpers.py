@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -39,11 +40,20 @@ def call(base: str, path: str, body=None, method=None, timeout: float = 120.0):
     return status, headers, json.loads(raw) if "json" in kind else raw
 
 
+def _tail(proc) -> str:
+    """The end of a server's stderr (a file, never a pipe that a chatty server could fill)."""
+    log = getattr(proc, "log", None)
+    if log is None:
+        return ""
+    log.seek(0)
+    return log.read().decode(errors="replace")[-2000:]
+
+
 def wait_healthy(base: str, timeout: float = 120.0, proc=None) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"the server exited with {proc.returncode}: {_tail(proc)}")
         try:
             if call(base, "/healthz", timeout=2)[0] == 200:
                 return
@@ -62,9 +72,11 @@ class ServerProcess:
         self.base = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen([sys.executable, "-m", "sdinfer", "serve", "--model", "unet",
                                       "--port", str(self.port), "--store", str(store), *flags],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     env=env, stdout=subprocess.DEVNULL, stderr=self.log)
+        self.proc.log = self.log
         try:
             wait_healthy(self.base, proc=self.proc)
         except BaseException:
