@@ -329,3 +329,26 @@ def test_the_approximate_cache_is_wired_through(unet_pipe, tmp_path):
     assert metric(text, "sdinfer_approx_cache_hits_total") == 2 and metric(text, "sdinfer_approx_cache_misses_total") == 1
     assert metric(text, "sdinfer_approx_cache_steps_saved_total") == 6
     assert metric(text, "sdinfer_approx_cache_bytes") == 3000
+
+
+def test_the_real_approximate_cache_skips_steps_on_a_repeat(unet_pipe, tmp_path):
+    """NIRVANA's cache (``sdinfer.serve.approx_cache``) behind the server: the first request fills
+    it, the same prompt again resumes from a cached latent and runs fewer steps."""
+    approx = pytest.importorskip("sdinfer.serve.approx_cache", reason="the approximate cache is not installed")
+    cache = approx.ApproxCache(approx.ApproxCacheConfig(directory=tmp_path / "approx", byte_budget=2**24), unet_pipe)
+    srv = _thread_server(unet_pipe, tmp_path / "store", approx_cache=cache, steps=20)
+    try:
+        first = call(srv.base, "/v1/images/generations", {"prompt": PROMPT, "approx_cache": True, "seed": 1})
+        again = call(srv.base, "/v1/images/generations", {"prompt": PROMPT, "approx_cache": True, "seed": 2})
+        text = call(srv.base, "/metrics")[2].decode()
+    finally:
+        srv.stop()
+        cache.close()
+    miss, hit = first[2]["sdinfer"][0], again[2]["sdinfer"][0]
+    assert first[0] == again[0] == 200
+    assert (miss["cache_hit"], miss["steps_skipped"], miss["steps"]) == (False, 0, 20)
+    assert hit["cache_hit"] and hit["similarity"] > 0.99 and hit["steps_skipped"] > 0
+    assert hit["steps"] + hit["steps_skipped"] == 20 and hit["source_id"]
+    assert metric(text, "sdinfer_approx_cache_hits_total") == 1 and metric(text, "sdinfer_approx_cache_misses_total") == 1
+    assert metric(text, "sdinfer_approx_cache_steps_saved_total") == hit["steps_skipped"]
+    assert metric(text, "sdinfer_approx_cache_bytes") > 0
