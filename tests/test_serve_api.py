@@ -113,8 +113,6 @@ def test_bad_input_is_a_400_naming_the_problem(server, body, says):
 def test_other_refusals(server):
     status, _, body = call(server.base, "/v1/images/generations", b"{not json")
     assert status == 400 and "not valid JSON" in body["error"]["message"]
-    status, _, body = call(server.base, "/v1/images/generations", {"prompt": PROMPT, "approx_cache": True})
-    assert status == 501 and "approx_cache" in body["error"]["message"]
     for path, code in [("/v1/images/..%2F..%2Fetc%2Fpasswd", 404), ("/v1/images/notanid", 400), ("/v1/images/" + "0" * 32, 404),
                        ("/v1/images?limit=0", 400), ("/v1/images?before=../x", 400), ("/v1/jobs/" + "0" * 32, 404),
                        ("/etc/passwd", 404), ("/page/../../store.py", 404)]:
@@ -263,6 +261,28 @@ def _thread_server(pipe, tmp_path, approx_cache=None, **settings):
 
     app = create_app(pipe, ServeSettings(model="unet", **settings), ImageStore(tmp_path), approx_cache=approx_cache)
     return ThreadServer(app)
+
+
+def test_approx_cache_follows_the_module(server):
+    """``sdinfer serve`` makes the approximate cache where ``sdinfer.serve.approx_cache`` is
+    installed (then a request may ask for it), and answers 501 where it is not."""
+    import importlib.util
+
+    status, _, body = call(server.base, "/v1/images/generations", {"prompt": PROMPT, "approx_cache": True, "steps": 4})
+    if importlib.util.find_spec("sdinfer.serve.approx_cache") is None:
+        assert status == 501 and "approx_cache" in body["error"]["message"]
+    else:
+        assert status == 200 and body["sdinfer"][0]["cache_hit"] is False and body["sdinfer"][0]["batch_size"] == 1
+
+
+def test_a_server_without_the_approximate_cache_answers_501(unet_pipe, tmp_path):
+    srv = _thread_server(unet_pipe, tmp_path, approx_cache=None, steps=4)
+    try:
+        status, _, body = call(srv.base, "/v1/images/generations", {"prompt": PROMPT, "approx_cache": True})
+        ok = call(srv.base, "/v1/images/generations", {"prompt": PROMPT, "approx_cache": False})[0]
+    finally:
+        srv.stop()
+    assert status == 501 and "approx_cache is not available" in body["error"]["message"] and ok == 200
 
 
 def test_a_full_queue_is_a_503_with_retry_after(unet_pipe, tmp_path):
