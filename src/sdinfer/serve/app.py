@@ -143,7 +143,12 @@ def create_app(pipe, settings: ServeSettings, store, model_name: str | None = No
                                                    501: ERRORS, 503: ERRORS})
     async def generations(body: GenerationRequest, request: Request):
         job = _submit(body)
-        outcomes = await asyncio.shield(job.future)
+        try:
+            outcomes = await asyncio.shield(job.future)
+        except UserError:
+            raise
+        except Exception as err:   # the model failed (out of memory, a bug): a JSON 500, counted
+            return error(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error")
         data = []
         for o in outcomes:
             if job.response_format == "b64_json":
