@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import bench, calibrate, generate, models, train, tune
+from . import bench, calibrate, generate, models, serve, train, tune
 from .options import quiet_libraries as _quiet_libraries  # noqa: F401  (bench/ scripts and tests use it)
 
 EXAMPLES = """\
@@ -28,6 +28,7 @@ examples:
   sdinfer train-default --arch unet
   sdinfer tune --model unet --budget adherence-drop=0.02 --out tuned-unet
   sdinfer generate "a red circle in the top left" --preset tuned-unet/preset.json
+  sdinfer serve --model unet --port 8000
 """
 
 
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.on_select["calibrate"] = calibrate.add_cache_procedures
     train.add_parser(sub)
     tune.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

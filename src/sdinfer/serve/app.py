@@ -1,0 +1,248 @@
+"""The FastAPI app of ``sdinfer serve``: ``create_app(pipe, settings, store)``.
+
+Routes: ``POST /v1/images/generations`` (the OpenAI Images API shape, synchronous),
+``POST /v1/jobs`` (the same body; answers 202 with a job id at once), ``GET /v1/jobs/{id}``
+(status, and the images once done), ``GET /v1/jobs/{id}/events`` (server-sent events:
+``queued``, ``running``, ``step`` i of n, then ``done`` with the image ids, or ``error``),
+``GET /v1/images`` (the gallery, newest first, ``limit`` and ``before``), ``GET /v1/images/{id}``
+(the PNG, by id only), ``GET /v1/config`` (the served model, defaults, sizes, samplers),
+``GET /healthz``, ``GET /metrics`` and ``GET /`` (the page in ``page/``).  Errors are OpenAI's
+error object, ``{"error": {"message", "type", "param"}}``, with 400 for bad input, 404 for an
+unknown id, 501 for ``approx_cache`` on a server without the approximate cache, and 503 with
+``Retry-After`` when the queue is full."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import UserError
+from .batching import Batcher, QueueFull
+from .jobs import ApproxCacheUnavailable, ServeSettings, resolve, supported_sizes
+from .metrics import CONTENT_TYPE, Metrics
+from .runner import Runner
+from .schemas import ErrorResponse, GenerationRequest, GenerationResponse, JobCreated
+from .store import valid_id
+
+PAGE = Path(__file__).parent / "page"
+MAX_JOBS_KEPT = 1000
+MAX_LIST = 200
+ERRORS = {"model": ErrorResponse}
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+          headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status, headers=headers)
+
+
+def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for e in err.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        field = ".".join(loc) or "body"
+        param = param or field
+        msg = e.get("msg", "invalid").removeprefix("Value error, ")
+        if e.get("type") == "extra_forbidden":
+            msg = (f"unknown field; the fields are {', '.join(GenerationRequest.model_fields)}")
+        elif e.get("type") == "json_invalid":
+            msg = "the body is not valid JSON; send a JSON object such as {\"prompt\": \"a red circle\"}"
+        elif e.get("type") == "missing":
+            msg = "required; add it"
+        parts.append(f"{field}: {msg}")
+    return "; ".join(parts), param
+
+
+def create_app(pipe, settings: ServeSettings, store, model_name: str | None = None, approx_cache=None) -> FastAPI:
+    """The app around a loaded pipeline; ``approx_cache``: an object with NIRVANA's interface
+    (``generate(...) -> (result, info)``, ``stats()``), or None (``approx_cache: true`` is 501)."""
+    model_name = model_name or settings.model
+    jobs: OrderedDict = OrderedDict()
+    holder = {}
+    metrics = Metrics(queue_depth=lambda: holder["batcher"].depth if "batcher" in holder else 0,
+                      images_stored=store.count,
+                      approx_stats=approx_cache.stats if approx_cache is not None else None)
+    runner = Runner(pipe, store, model_name, metrics, approx_cache)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher = Batcher(runner, settings.batch_window_ms / 1000.0, settings.max_batch, settings.queue_size)
+        holder["batcher"] = batcher
+        batcher.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(batcher.stop)
+            runner.close()   # the worker has stopped: take off the feature cache it installed
+
+    app = FastAPI(title="sdinfer", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.metrics, app.state.store, app.state.jobs, app.state.holder = metrics, store, jobs, holder
+
+    # ---- errors -------------------------------------------------------------------
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, err):
+        message, param = _validation_message(err)
+        return error(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, err):
+        if err.status_code == 404:
+            return error(404, f"no route {request.method} {request.url.path}; the API is under /v1 "
+                              "(see /docs)", kind="not_found")
+        return error(err.status_code, str(err.detail), kind="http_error", headers=getattr(err, "headers", None))
+
+    @app.exception_handler(UserError)
+    async def _user_error(request, err):
+        return error(400, str(err))
+
+    @app.exception_handler(ApproxCacheUnavailable)
+    async def _no_approx(request, err):
+        return error(501, "approx_cache is not available on this server: the approximate cache "
+                          "(sdinfer.serve.approx_cache) is not installed; send approx_cache: false",
+                     kind="not_implemented", param="approx_cache")
+
+    @app.exception_handler(QueueFull)
+    async def _full(request, err):
+        metrics.rejected.inc()
+        return error(503, f"the server is busy: {err}", kind="server_busy",
+                     headers={"Retry-After": str(err.retry_after)})
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.observe_request(request.method, getattr(route, "path", "unmatched"), response.status_code,
+                                time.perf_counter() - start)
+        return response
+
+    # ---- generation ---------------------------------------------------------------
+    def _submit(body: GenerationRequest):
+        job = resolve(body, settings, pipe, model_name, approx_cache is not None)
+        job.attach(asyncio.get_running_loop())
+        holder["batcher"].submit(job)
+        jobs[job.id] = job
+        while len(jobs) > MAX_JOBS_KEPT:
+            oldest = next(iter(jobs))
+            if not jobs[oldest].future.done():
+                break
+            jobs.pop(oldest)
+        return job
+
+    @app.post("/v1/images/generations", responses={200: {"model": GenerationResponse}, 400: ERRORS,
+                                                   501: ERRORS, 503: ERRORS})
+    async def generations(body: GenerationRequest, request: Request):
+        job = _submit(body)
+        try:
+            outcomes = await asyncio.shield(job.future)
+        except UserError:
+            raise
+        except Exception as err:   # the model failed (out of memory, a bug): a JSON 500, counted
+            return error(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error")
+        data = []
+        for o in outcomes:
+            if job.response_format == "b64_json":
+                data.append({"b64_json": o.b64(), "revised_prompt": None})
+            else:
+                data.append({"url": f"{str(request.base_url).rstrip('/')}/v1/images/{o.stored.id}",
+                             "revised_prompt": None})
+        return {"created": int(time.time()), "data": data, "sdinfer": [o.report for o in outcomes]}
+
+    @app.post("/v1/jobs", status_code=202, responses={202: {"model": JobCreated}, 400: ERRORS, 501: ERRORS,
+                                                        503: ERRORS})
+    async def create_job(body: GenerationRequest):
+        job = _submit(body)
+        return {"job_id": job.id, "events": f"/v1/jobs/{job.id}/events", "status": f"/v1/jobs/{job.id}"}
+
+    def _job(job_id: str):
+        job = jobs.get(job_id) if valid_id(job_id) else None
+        if job is None:
+            return None, error(404, f"no job {job_id!r} on this server (jobs are kept while the server runs); "
+                                    "create one with POST /v1/jobs", param="job_id")
+        return job, None
+
+    @app.get("/v1/jobs/{job_id}")
+    async def job_status(job_id: str):
+        job, missing = _job(job_id)
+        if missing:
+            return missing
+        out = {"job_id": job.id, "status": job.status, "n": job.n}
+        steps = [e for e in job.events if e["event"] == "step"]
+        if steps:
+            out["step"], out["steps"] = steps[-1]["step"], steps[-1]["steps"]
+        last = job.events[-1]
+        if last["event"] == "done":
+            out["images"] = last["images"]
+        elif last["event"] == "error":
+            out["error"] = {"message": last["message"], "status": last["status"]}
+        return out
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str):
+        job, missing = _job(job_id)
+        if missing:
+            return missing
+
+        async def stream():
+            async for event in job.follow():
+                yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---- the store ----------------------------------------------------------------
+    @app.get("/v1/images")
+    def list_images(limit: int = 50, before: str | None = None):
+        if not 1 <= limit <= MAX_LIST:
+            return error(400, f"limit must be between 1 and {MAX_LIST}, got {limit}", param="limit")
+        if before is not None and not valid_id(before):
+            return error(400, f"before {before!r} is not an image id (32 hex digits, as the list gives)",
+                         param="before")
+        rows = store.list(limit, before)
+        data = [{**r.as_dict(), "url": f"/v1/images/{r.id}"} for r in rows]
+        return {"data": data, "next_before": rows[-1].id if len(rows) == limit else None}
+
+    @app.get("/v1/images/{image_id}")
+    def get_image(image_id: str):
+        if not valid_id(image_id):
+            return error(400, f"{image_id!r} is not an image id (32 hex digits, as responses give)",
+                         param="image_id")
+        path = store.path(image_id)
+        if path is None:
+            return error(404, f"no image {image_id} in the store", param="image_id")
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "public, max-age=31536000, immutable"})
+
+    # ---- the server ---------------------------------------------------------------
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "model": model_name, "queue_depth": holder["batcher"].depth if "batcher" in holder else 0}
+
+    @app.get("/metrics")
+    def metrics_text():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/config")
+    def config():
+        from ..samplers import SAMPLERS
+
+        return {"model": model_name, "sizes": [f"{s}x{s}" for s in supported_sizes(pipe)],
+                "size": f"{pipe.model.native_size}x{pipe.model.native_size}",
+                "defaults": {"sampler": settings.sampler, "steps": settings.steps,
+                             "guidance_scale": settings.guidance_scale, "accelerate": settings.accelerate},
+                "samplers": sorted(SAMPLERS), "max_n": settings.max_n, "approx_cache": approx_cache is not None}
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(PAGE / "index.html", media_type="text/html")
+
+    app.mount("/page", StaticFiles(directory=PAGE), name="page")
+    return app
