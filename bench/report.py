@@ -20,6 +20,8 @@ where its rows come from:
   (``bench/results/tune-vs-exhaustive-*.json``), from ``bench/tune.sh``;
 - ``real-shapes`` / ``real-shapes-cfg``: the caches / CFG parallel on SD 1.5, SDXL, PixArt-Sigma and FLUX.1
   shapes with random weights, from ``bench/results/real-shapes.json`` (``bench/real_shapes.py``);
+- ``serve-workload``: ``sdinfer serve`` on a Zipf-like stream, the approximate cache and the batcher
+  off and on, from ``bench/results/serve-workload.json`` (``bench/serve_workload.py``);
 - any other name: ``bench/results/tables/NAME.json`` (``columns`` and ``rows``, cells as printed),
   tables whose figures came from scripts that print markdown, converted once.
 
@@ -421,6 +423,39 @@ def real_shapes_cfg_table(data: dict | None = None) -> str:
                      "speed-up vs 2 threads", "speed-up vs 1 thread", "max abs diff vs 1 process"], rows)
 
 
+SERVE_WORKLOAD = "serve-workload.json"
+
+
+def serve_workload_table(data: dict | None = None) -> str:
+    """``sdinfer serve`` on the Zipf-like stream (``bench/serve_workload.py``): per concurrency, the
+    approximate cache off and on (hits, steps and MACs saved, latency, throughput, the hits' adherence
+    and PSNR against the same requests' full images), then the batcher off and on."""
+    if data is None:
+        if not (RESULTS / SERVE_WORKLOAD).exists():
+            raise SystemExit(f"BENCHMARKS.md names table 'serve-workload', but there is no "
+                             f"bench/results/{SERVE_WORKLOAD}: run python bench/serve_workload.py")
+        data = load(SERVE_WORKLOAD)
+
+    def num(value, places=2):
+        return "-" if value is None else fixed(value, places)
+    rows = []
+    for r in data["runs"]:
+        q = r.get("quality") or {}
+        adherence = "-" if not q.get("compared") else \
+            f"{percent(q['adherence_cached'])} vs {percent(q['adherence_full'])} ({q['compared']})"
+        rows.append([str(r["concurrency"]), "approx cache on" if r["approx_cache"] else "approx cache off",
+                     percent(r["hit_rate"]), num(r["mean_steps_skipped"]), f"{r['macs_saved'] / 1e9:,.1f} G",
+                     percent(r["compute_saved"]), num(r["p50_s"]), num(r["p95_s"]), num(r["throughput_rps"], 3),
+                     adherence, "-" if not q.get("compared") else f"{q['psnr_db']:.1f} (min {q['psnr_min_db']:.1f})"])
+    for r in data.get("batching", []):
+        rows.append([str(r["concurrency"]), f"batching {'on' if r['batching'] else 'off'} (cache off, "
+                     f"mean batch {num(r['mean_batch_size'])})", "-", "-", "-", "-", num(r["p50_s"]),
+                     num(r["p95_s"]), num(r["throughput_rps"], 3), "-", "-"])
+    return markdown(["concurrency", "run", "hit rate", "mean steps skipped", "MACs saved", "compute saved",
+                     "p50 (s)", "p95 (s)", "throughput (req/s)", "hits' adherence vs full (hits)",
+                     "hits' PSNR vs full (dB)"], rows)
+
+
 def table(name: str) -> str:
     if name == "mixture-samplers":
         return mixture_samplers_table()
@@ -436,6 +471,8 @@ def table(name: str) -> str:
         return real_shapes_table()
     if name == "real-shapes-cfg":
         return real_shapes_cfg_table()
+    if name == "serve-workload":
+        return serve_workload_table()
     if name in BENCH_TABLES:
         return bench_table(*BENCH_TABLES[name])
     if name in PARALLEL_TABLES:

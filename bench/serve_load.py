@@ -137,7 +137,9 @@ def stored_ids(base: str, timeout: float) -> set[str]:
 
 def run(base_of, n: int, concurrency: int, body: dict, prompts: list[str], timeout: float,
         on_answer=None) -> list[dict]:
-    """Send ``n`` requests from ``concurrency`` threads; ``base_of()`` gives the current server."""
+    """Send ``n`` requests from ``concurrency`` threads; ``base_of()`` gives the current server.
+    Request i asks for ``prompts[i % len(prompts)]`` with seed i; an answered one's record holds
+    its image ids and the server's per-image reports (``reports``)."""
     records = []
     lock = threading.Lock()
 
@@ -150,6 +152,7 @@ def run(base_of, n: int, concurrency: int, body: dict, prompts: list[str], timeo
             if status == 200:
                 rec["ids"] = [r["id"] for r in answer["sdinfer"]]
                 rec["batch_size"] = answer["sdinfer"][0]["batch_size"]
+                rec["reports"] = answer["sdinfer"]
         except OSError as err:
             rec["status"], rec["error"] = None, f"{type(err).__name__}: {err}"
         rec["seconds"] = time.monotonic() - rec["start"]
