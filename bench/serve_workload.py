@@ -5,16 +5,17 @@ and off, and the batcher on and off.
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/serve_workload.py --model unet --requests 200 \\
         --steps 50 --concurrency 1,4,16 --json bench/results/serve-workload.json
 
-Estimated run time of that command on this machine (2 busy CPU cores): about 4 to 5 hours.  An
-*estimate*, not a measurement: a tiny run (12 requests, 4 steps, concurrency 1,2, unet, 2 cores
-shared with other jobs) took about 0.07 s per denoiser step of a request served alone plus about
-0.3 s of fixed cost per request (text encoder, decode, PNG, store, HTTP) and about 10 s per server
-start; at 50 steps a full request costs about 3.8 s, a cache hit (5 to 25 steps skipped) less.
-The command runs the 200-request stream 2 x 3 times (cache on / off at each concurrency) plus
-2 x 200 requests at concurrency 8 (batching on / off): 1600 requests, most of them full, about
-1.7 h of pure compute if batching gained nothing; batching at concurrency >= 4 and the hits cut
-that, while 200 x 2 PNG fetches, the MAC count and 8 server starts add little.  Measure a tiny run
-first (``--requests 12 --steps 4``) and scale its ``meta.wall_s`` by requests x steps.
+Estimated run time of that command on this machine (2 CPU cores shared with other jobs, unet,
+one torch thread): about 45 minutes, possibly up to 1.5 hours on a busy machine.  An *estimate*,
+not a measurement, derived from one tiny run (the slow test: 12 requests, 4 steps, concurrency
+1,2, batching at 2; 52 s in all): there a request took about 0.10-0.13 s at concurrency 1
+(throughput 7.6-10 req/s) and each of the 6 server starts, with its PNG fetches and the MAC
+count, about 7 s.  Scaling the request time linearly with the steps (an upper bound: the text
+encoder, decode, PNG and HTTP do not grow with them) gives about 1.6 s per 50-step request; the
+command sends the 200-request stream 8 times (cache off / on at 3 concurrencies, batcher off / on
+at 8): 1600 requests x 1.6 s = 43 min, less what the hits skip and what batching gains, plus 8
+server starts (about 1 min).  Run a tiny one first (``--requests 12 --steps 4``) and scale its
+``meta.wall_s`` by requests x steps to re-estimate on another machine.
 
 The stream (``build_stream``): a Zipf-like popularity over the base prompts (the held-out prompts
 in their own order; the base of rank r is drawn with probability proportional to r^-a,
@@ -120,7 +121,7 @@ def build_stream(prompts: list[str], requests: int, zipf: float = 1.0, near: flo
 def macs_per_step(model: str) -> int:
     """The MACs of one denoiser step (guidance's evaluations included): a 2-step generation's
     count less a 1-step one's (the text encoder and decoder cancel)."""
-    from sdinfer import Pipeline
+    from sdinfer.pipeline import Pipeline
     from sdinfer.eval.cost import count_macs
 
     pipe = Pipeline.from_pretrained(model)
