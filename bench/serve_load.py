@@ -11,7 +11,8 @@ connection errors, and the *lost* requests: answered 200 but their image is not 
 own server (``python -m sdinfer serve``) on a free port with a fresh store; with
 ``--kill-after K`` it SIGKILLs that server once K requests have been answered, restarts it on
 the same store, and sends the rest to the new one (requests in flight at the kill end as
-connection errors: not answered, so not lost).  Every loop is bounded by ``--requests`` and
+connection errors: not answered, so not lost; a request refused while the server is down is sent again
+until ``--timeout``).  Every loop is bounded by ``--requests`` and
 each request by ``--timeout``."""
 
 from __future__ import annotations
@@ -146,9 +147,18 @@ def run(base_of, n: int, concurrency: int, body: dict, prompts: list[str], timeo
     def one(i: int) -> None:
         rec = {"i": i, "start": time.monotonic()}
         try:
-            status, answer = request(base_of(), "/v1/images/generations",
-                                     {**body, "prompt": prompts[i % len(prompts)], "seed": i}, timeout=timeout)
+            while True:   # a refused connection (the server restarting) is retried until the timeout
+                try:
+                    status, answer = request(base_of(), "/v1/images/generations",
+                                             {**body, "prompt": prompts[i % len(prompts)], "seed": i}, timeout=timeout)
+                    break
+                except OSError as err:
+                    if not _refused(err) or time.monotonic() - rec["start"] > timeout:
+                        raise
+                    time.sleep(0.2)
             rec["status"] = status
+            if status != 200:
+                rec["error"] = (answer or {}).get("error", {}).get("message") if isinstance(answer, dict) else str(answer)
             if status == 200:
                 rec["ids"] = [r["id"] for r in answer["sdinfer"]]
                 rec["batch_size"] = answer["sdinfer"][0]["batch_size"]
@@ -167,6 +177,11 @@ def run(base_of, n: int, concurrency: int, body: dict, prompts: list[str], timeo
     return records
 
 
+def _refused(err: OSError) -> bool:
+    reason = getattr(err, "reason", err)
+    return isinstance(reason, ConnectionRefusedError)
+
+
 def report(records: list[dict], wall: float, in_store: set[str]) -> dict:
     ok = [r for r in records if r["status"] == 200]
     latencies = [r["seconds"] for r in ok]
@@ -178,6 +193,7 @@ def report(records: list[dict], wall: float, in_store: set[str]) -> dict:
     return {"requests": len(records), "answered": len(ok), "refused": refused,
             "connection_errors": sum(1 for r in records if r["status"] is None),
             "lost": len(lost), "lost_requests": lost[:20],
+            "errors": sorted({r["error"] for r in records if r["status"] != 200 and r.get("error")})[:10],
             "p50_s": percentile(latencies, 0.5), "p95_s": percentile(latencies, 0.95),
             "throughput_rps": len(ok) / wall if wall > 0 else None, "wall_s": wall,
             "mean_batch_size": sum(r["batch_size"] for r in ok) / len(ok) if ok else None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
@@ -35,6 +36,7 @@ from .schemas import ErrorResponse, GenerationRequest, GenerationResponse, JobCr
 from .store import valid_id
 
 PAGE = Path(__file__).parent / "page"
+LOG = logging.getLogger("sdinfer.serve")
 MAX_JOBS_KEPT = 1000
 MAX_LIST = 200
 ERRORS = {"model": ErrorResponse}
@@ -147,7 +149,8 @@ def create_app(pipe, settings: ServeSettings, store, model_name: str | None = No
             outcomes = await asyncio.shield(job.future)
         except UserError:
             raise
-        except Exception as err:   # the model failed (out of memory, a bug): a JSON 500, counted
+        except Exception as err:   # the model failed (out of memory, a bug): a JSON 500, counted, logged
+            LOG.error("request failed", exc_info=err)
             return error(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error")
         data = []
         for o in outcomes:
