@@ -60,8 +60,8 @@ def request(base: str, path: str, body: dict | None = None, timeout: float = 300
 class Server:
     """``python -m sdinfer serve`` on a free loopback port; ``kill()`` is SIGKILL."""
 
-    def __init__(self, store: Path, flags: list[str], start_timeout: float = 180.0):
-        self.store, self.flags, self.start_timeout = store, flags, start_timeout
+    def __init__(self, store: Path, flags: list[str], start_timeout: float = 180.0, env: dict | None = None):
+        self.store, self.flags, self.start_timeout, self.extra_env = store, flags, start_timeout, env or {}
         self.proc = None
         self.start()
 
@@ -69,7 +69,7 @@ class Server:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         src = Path(__file__).parents[1] / "src"
-        env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **self.extra_env}
         self.log = tempfile.TemporaryFile()   # a file: a chatty server never blocks on a full pipe
         self.proc = subprocess.Popen([sys.executable, "-m", "sdinfer", "serve", "--port", str(self.port),
                                       "--store", str(self.store), *self.flags],

@@ -6,24 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-SRC = Path(__file__).parents[1] / "src"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+from serve_load import Server, free_port  # noqa: E402  (the load generator's server process and port)
 
 
 def call(base: str, path: str, body=None, method=None, timeout: float = 120.0):
@@ -40,20 +31,9 @@ def call(base: str, path: str, body=None, method=None, timeout: float = 120.0):
     return status, headers, json.loads(raw) if "json" in kind else raw
 
 
-def _tail(proc) -> str:
-    """The end of a server's stderr (a file, never a pipe that a chatty server could fill)."""
-    log = getattr(proc, "log", None)
-    if log is None:
-        return ""
-    log.seek(0)
-    return log.read().decode(errors="replace")[-2000:]
-
-
-def wait_healthy(base: str, timeout: float = 120.0, proc=None) -> None:
+def wait_healthy(base: str, timeout: float = 120.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}: {_tail(proc)}")
         try:
             if call(base, "/healthz", timeout=2)[0] == 200:
                 return
@@ -63,39 +43,13 @@ def wait_healthy(base: str, timeout: float = 120.0, proc=None) -> None:
     raise TimeoutError(f"{base}/healthz did not answer in {timeout} s")
 
 
-class ServerProcess:
-    """``python -m sdinfer serve ...`` on a free port; ``stop()`` (SIGTERM) or ``kill()`` (SIGKILL)."""
+class ServerProcess(Server):
+    """``python -m sdinfer serve --model unet ...`` on a free port (bench/serve_load.py's ``Server``);
+    ``stop()`` (SIGTERM) or ``kill()`` (SIGKILL)."""
 
     def __init__(self, store: Path, *flags: str):
-        self.store, self.flags = store, flags
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "sdinfer", "serve", "--model", "unet",
-                                      "--port", str(self.port), "--store", str(store), *flags],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=self.log)
-        self.proc.log = self.log
-        try:
-            wait_healthy(self.base, proc=self.proc)
-        except BaseException:
-            self.kill()
-            raise
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        super().__init__(store, ["--model", "unet", *flags], start_timeout=120.0,
+                         env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
 
 
 class ThreadServer:
