@@ -289,9 +289,16 @@ def test_a_full_queue_is_a_503_with_retry_after(unet_pipe, tmp_path):
     srv = _thread_server(unet_pipe, tmp_path, steps=60, queue_size=1, max_batch=1, batch_window_ms=0)
     answers = []
     try:
+        # the first request running (not queued) before the others arrive: one of them fits the queue
+        status, _, job = call(srv.base, "/v1/jobs", {"prompt": PROMPT, "seed": 99})
+        assert status == 202
+        end = time.monotonic() + 60
+        while call(srv.base, job["status"])[2]["status"] != "running" and time.monotonic() < end:
+            time.sleep(0.01)
+
         def ask(seed):
             answers.append(call(srv.base, "/v1/images/generations", {"prompt": PROMPT, "seed": seed}))
-        threads = [threading.Thread(target=ask, args=(s,)) for s in range(5)]
+        threads = [threading.Thread(target=ask, args=(s,)) for s in range(4)]
         for t in threads:
             t.start()
         for t in threads:
@@ -299,7 +306,7 @@ def test_a_full_queue_is_a_503_with_retry_after(unet_pipe, tmp_path):
     finally:
         srv.stop()
     codes = sorted(a[0] for a in answers)
-    assert codes.count(200) >= 2 and 503 in codes and set(codes) <= {200, 503}, codes
+    assert codes.count(200) >= 1 and 503 in codes and set(codes) <= {200, 503}, codes
     refused = next(a for a in answers if a[0] == 503)
     assert int(refused[1]["retry-after"]) >= 1 and "busy" in refused[2]["error"]["message"]
 
