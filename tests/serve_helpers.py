@@ -47,9 +47,9 @@ class ServerProcess(Server):
     """``python -m sdinfer serve --model unet ...`` on a free port (bench/serve_load.py's ``Server``);
     ``stop()`` (SIGTERM) or ``kill()`` (SIGKILL)."""
 
-    def __init__(self, store: Path, *flags: str):
+    def __init__(self, store: Path, *flags: str, env: dict | None = None):
         super().__init__(store, ["--model", "unet", *flags], start_timeout=120.0,
-                         env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+                         env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})})
 
 
 class ThreadServer:

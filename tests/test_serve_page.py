@@ -102,3 +102,31 @@ def test_the_page_shows_a_refusal(browser, tmp_path):
         assert "error" in message.get_attribute("class")
     finally:
         server.stop()
+
+
+def test_the_page_asks_for_the_api_key_and_then_works(browser, tmp_path):
+    """A server with an API key: the page shows the key form, and once the key is typed the
+    settings load and a generation's progress and image arrive (the key travels as a same-site
+    cookie, which the event stream sends too)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    key = "page-test-key-0123456789"
+    server = ServerProcess(tmp_path, "--steps", "4", env={"SDINFER_API_KEY": key})
+    try:
+        wait = WebDriverWait(browser, 60)
+        browser.get(server.base + "/")
+        wait.until(lambda d: d.find_element(By.ID, "keyform").is_displayed())
+        assert "API key" in browser.find_element(By.ID, "message").text
+        assert call(server.base, "/v1/images")[0] == 401
+        browser.find_element(By.ID, "key").send_keys(key + "\n")
+        wait.until(lambda d: d.find_element(By.ID, "sampler").get_attribute("value") == "ddim")
+        assert not browser.find_element(By.ID, "keyform").is_displayed()
+        browser.find_element(By.ID, "prompt").send_keys(PROMPT)
+        browser.find_element(By.ID, "go").click()
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#result figure.image")))
+        assert browser.find_element(By.ID, "message").text.startswith("done")
+        assert browser.find_element(By.ID, "bar").get_attribute("max") == "4"
+    finally:
+        server.stop()

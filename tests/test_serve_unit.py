@@ -114,7 +114,10 @@ class FakeJob:
 
     def __init__(self, key, n=1, batchable=True):
         self.key, self.n, self.batchable, self.arrival = key, n, batchable, time.monotonic()
-        self.error = None
+        self.error = self.cancelled = None
+
+    def should_stop(self):
+        return self.cancelled
 
     def fail(self, err):
         self.error = err
@@ -286,3 +289,32 @@ def test_a_preset_sets_the_server_defaults_and_a_flag_overrides_it(tmp_path):
     assert (s.model, s.sampler, s.steps, s.guidance_scale, s.spacing, s.analytic_first_step, s.accelerate) == \
         ("unet", "dpm-solver++", 9, 3.0, "gits", True, "deepcache:interval=2")
     assert len(notes) == 1 and "--steps 9 overrides" in notes[0]
+
+
+def test_a_cancelled_waiting_job_is_failed_and_never_run():
+    hold, ran = threading.Event(), []
+    b = Batcher(lambda batch: (hold.wait(5), ran.append(batch)), window_s=0, max_batch=1, queue_size=4).start()
+    first, doomed, kept = FakeJob("a"), FakeJob("a"), FakeJob("a")
+    b.submit(first)
+    time.sleep(0.2)          # the worker holds the first; two wait
+    b.submit(doomed)
+    b.submit(kept)
+    doomed.cancelled = RuntimeError("the client disconnected")
+    b.discard(doomed)
+    assert b.depth == 1
+    hold.set()
+    deadline = time.monotonic() + 5
+    while len(ran) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    b.stop()
+    assert ran == [[first], [kept]]
+    late = FakeJob("a")      # cancelled without discard: dropped when its turn comes
+    late.cancelled = RuntimeError("timed out")
+    b = Batcher(lambda batch: ran.append(batch), window_s=0).start()
+    b.submit(late)
+    b.submit(FakeJob("b"))
+    deadline = time.monotonic() + 5
+    while len(ran) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    b.stop()
+    assert late not in [j for batch in ran for j in batch] and late.error is late.cancelled

@@ -40,6 +40,14 @@ def add_parser(sub) -> None:
     s.add_argument("--max-n", type=whole_number, default=8, help="most images one request may ask for (default: 8)")
     s.add_argument("--approx-cache-mb", type=float, default=512.0,
                    help="byte budget of the approximate cache, in MiB (default: 512)")
+    s.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a request still queued or running after this long is cancelled and answered 504 "
+                        "(default: 600)")
+    s.add_argument("--max-body-kb", type=float, default=64.0,
+                   help="largest request body accepted, in KiB; larger ones are answered 413 (default: 64)")
+    s.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="a file holding the API key that clients send as 'Authorization: Bearer KEY' "
+                        "(or set SDINFER_API_KEY); required when --host is not a loopback address")
     s.set_defaults(func=run)
 
 
@@ -68,6 +76,9 @@ def settings_of(args, say=lambda message: print(message, file=sys.stderr)):
         raise UserError("--max-batch, --queue-size and --max-n must be >= 1 and --batch-window-ms >= 0")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
+    if not args.request_timeout > 0 or not args.max_body_kb > 0:
+        raise UserError("--request-timeout and --max-body-kb must be positive")
+    api_key = api_key_of(args)
     spacing, afs = args.spacing, bool(args.analytic_first_step)
     GenerationConfig(steps=args.steps, sampler=args.sampler, guidance_scale=args.cfg, spacing=spacing,
                      analytic_first_step=afs)   # the defaults checked before the model loads
@@ -78,7 +89,46 @@ def settings_of(args, say=lambda message: print(message, file=sys.stderr)):
     return ServeSettings(model=args.model, sampler=args.sampler, steps=args.steps, guidance_scale=args.cfg,
                          accelerate=args.accelerate or None, spacing=spacing, analytic_first_step=afs,
                          batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
-                         queue_size=args.queue_size, max_n=args.max_n)
+                         queue_size=args.queue_size, max_n=args.max_n, request_timeout_s=args.request_timeout,
+                         max_body_bytes=int(args.max_body_kb * 1024), api_key=api_key)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key_of(args, environ=None) -> str | None:
+    """The API key from ``--api-key-file`` or ``SDINFER_API_KEY``; refuses a server that
+    listens beyond this machine without one."""
+    import os
+    from pathlib import Path
+
+    environ = os.environ if environ is None else environ
+    key = None
+    if args.api_key_file is not None:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise UserError(f"cannot read --api-key-file {args.api_key_file}: {err.strerror or err}") from None
+        if not key:
+            raise UserError(f"--api-key-file {args.api_key_file} is empty; write the key into it")
+    elif environ.get("SDINFER_API_KEY", "").strip():
+        key = environ["SDINFER_API_KEY"].strip()
+    if key is not None and (len(key) < 16 or any(c.isspace() for c in key)):
+        raise UserError("the API key must be at least 16 characters without spaces; make one with "
+                        "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    if key is None and not is_loopback(args.host):
+        raise UserError(f"--host {args.host} lets other machines reach the server; give it an API key "
+                        "(SDINFER_API_KEY=KEY or --api-key-file FILE; clients send Authorization: Bearer KEY) "
+                        "or listen on 127.0.0.1")
+    return key
 
 
 def make_approx_cache(pipe, folder, megabytes: float):

@@ -8,8 +8,11 @@ Routes: ``POST /v1/images/generations`` (the OpenAI Images API shape, synchronou
 (the PNG, by id only), ``GET /v1/config`` (the served model, defaults, sizes, samplers),
 ``GET /healthz``, ``GET /metrics`` and ``GET /`` (the page in ``page/``).  Errors are OpenAI's
 error object, ``{"error": {"message", "type", "param"}}``, with 400 for bad input, 404 for an
-unknown id, 501 for ``approx_cache`` on a server without the approximate cache, and 503 with
-``Retry-After`` when the queue is full."""
+unknown id, 401 without the server's API key, 413 for a body over the limit (``guard.py``), 501
+for ``approx_cache`` on a server without the approximate cache, 503 with ``Retry-After`` when
+the queue is full and 504 when a request outlives ``--request-timeout``.  A synchronous request
+whose client disconnects is cancelled (``Job.cancel``: dropped from the queue, or its batch
+stopped at the next step when no other job needs it); ``DELETE /v1/jobs/{id}`` cancels a job."""
 
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
 from .batching import Batcher, QueueFull
-from .jobs import ApproxCacheUnavailable, ServeSettings, resolve, supported_sizes
-from .metrics import CONTENT_TYPE, Metrics
+from .guard import Guard
+from .jobs import ApproxCacheUnavailable, JobCancelled, ServeSettings, resolve, supported_sizes
+from .metrics import CONTENT_TYPE, Metrics, RequestMetrics
 from .runner import Runner
 from .schemas import ErrorResponse, GenerationRequest, GenerationResponse, JobCreated
 from .store import valid_id
@@ -89,6 +93,8 @@ def create_app(pipe, settings: ServeSettings, store, model_name: str | None = No
 
     app = FastAPI(title="sdinfer", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.metrics, app.state.store, app.state.jobs, app.state.holder = metrics, store, jobs, holder
+    app.add_middleware(Guard, max_body_bytes=settings.max_body_bytes, api_key=settings.api_key)
+    app.add_middleware(RequestMetrics, metrics=metrics)   # outermost: counts the guard's refusals too
 
     # ---- errors -------------------------------------------------------------------
     @app.exception_handler(RequestValidationError)
@@ -119,15 +125,6 @@ def create_app(pipe, settings: ServeSettings, store, model_name: str | None = No
         return error(503, f"the server is busy: {err}", kind="server_busy",
                      headers={"Retry-After": str(err.retry_after)})
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.observe_request(request.method, getattr(route, "path", "unmatched"), response.status_code,
-                                time.perf_counter() - start)
-        return response
-
     # ---- generation ---------------------------------------------------------------
     def _submit(body: GenerationRequest):
         job = resolve(body, settings, pipe, model_name, approx_cache is not None)
@@ -146,9 +143,13 @@ def create_app(pipe, settings: ServeSettings, store, model_name: str | None = No
     async def generations(body: GenerationRequest, request: Request):
         job = _submit(body)
         try:
-            outcomes = await asyncio.shield(job.future)
+            outcomes = await _outcome(job, request)
         except UserError:
             raise
+        except JobCancelled as err:
+            if err.timed_out:
+                return error(504, str(err), kind="timeout")
+            return error(499, str(err), kind="cancelled")
         except Exception as err:   # the model failed (out of memory, a bug): a JSON 500, counted, logged
             LOG.error("request failed", exc_info=err)
             return error(500, f"generation failed: {type(err).__name__}: {err}", kind="server_error")
@@ -160,6 +161,26 @@ def create_app(pipe, settings: ServeSettings, store, model_name: str | None = No
                 data.append({"url": f"{str(request.base_url).rstrip('/')}/v1/images/{o.stored.id}",
                              "revised_prompt": None})
         return {"created": int(time.time()), "data": data, "sdinfer": [o.report for o in outcomes]}
+
+    async def _outcome(job, request: Request):
+        """The job's outcomes; a client that goes away (or a request the server's host cancels,
+        as Ray Serve does) cancels the job, and so does its deadline."""
+        try:
+            while True:
+                done, _ = await asyncio.wait({job.future}, timeout=0.25)
+                if done:
+                    return job.future.result()
+                if await request.is_disconnected():
+                    _cancel(job, "the client disconnected")
+                elif job.should_stop() is not None:
+                    _cancel(job, None)
+        except asyncio.CancelledError:
+            _cancel(job, "the request was cancelled")
+            raise
+
+    def _cancel(job, reason: str | None) -> None:
+        job.cancel(reason or str(job.should_stop()))
+        holder["batcher"].discard(job)
 
     @app.post("/v1/jobs", status_code=202, responses={202: {"model": JobCreated}, 400: ERRORS, 501: ERRORS,
                                                         503: ERRORS})
@@ -189,6 +210,15 @@ def create_app(pipe, settings: ServeSettings, store, model_name: str | None = No
         elif last["event"] == "error":
             out["error"] = {"message": last["message"], "status": last["status"]}
         return out
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel_job(job_id: str):
+        job, missing = _job(job_id)
+        if missing:
+            return missing
+        if not job.future.done():
+            _cancel(job, "cancelled by DELETE /v1/jobs/" + job.id)
+        return {"job_id": job.id, "status": job.status}
 
     @app.get("/v1/jobs/{job_id}/events")
     async def job_events(job_id: str):

@@ -8,7 +8,8 @@ longer) for more jobs with the same ``key``, and runs them all, up to ``max_batc
 ONE pipeline call with each job's own seeds (``Pipeline(prompts, seeds=...)``: each image's
 noise is drawn from its own seed, so a batched image equals the same request run alone).
 Other jobs wait in order; an unbatchable job runs alone.  When ``queue_size`` jobs wait,
-``submit`` raises ``QueueFull`` (the server answers 503 with Retry-After)."""
+``submit`` raises ``QueueFull`` (the server answers 503 with Retry-After).  A waiting job that
+was cancelled or ran past its deadline (``Job.should_stop``) is failed and dropped, never run."""
 
 from __future__ import annotations
 
@@ -71,31 +72,58 @@ class Batcher:
             self._waiting.append(job)
             self._cv.notify_all()
 
+    def discard(self, job) -> None:
+        """Take a cancelled job out of the queue now (the worker would drop it at its turn)."""
+        with self._cv:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._cv.notify_all()
+
     # ---- the worker thread ------------------------------------------------------------
     def take(self, now=time.monotonic) -> list:
         """The next batch (blocks until there is one; [] when stopped)."""
         with self._cv:
-            while not self._waiting and not self._stop:
-                self._cv.wait()
-            if self._stop:
-                return []
-            first = self._waiting[0]
-            if not first.batchable or first.n >= self.max_batch:
-                return [self._waiting.popleft()]
-            deadline = first.arrival + self.window_s
             while True:
-                chosen, images = [], 0
-                for job in self._waiting:
-                    if job.batchable and job.key == first.key and images + job.n <= self.max_batch:
-                        chosen.append(job)
-                        images += job.n
-                left = deadline - now()
-                if images >= self.max_batch or left <= 0 or self._stop:
-                    break
-                self._cv.wait(left)
-            for job in chosen:
+                batch = self._next(now)
+                if batch is None:
+                    return []
+                if batch:
+                    return batch
+
+    def _next(self, now) -> list | None:
+        """One try at a batch under the lock: None when stopped, [] when every job chosen was
+        cancelled while it waited."""
+        while not self._waiting and not self._stop:
+            self._cv.wait()
+        self._drop_stopped()
+        if self._stop:
+            return None
+        if not self._waiting:
+            return []
+        first = self._waiting[0]
+        if not first.batchable or first.n >= self.max_batch:
+            return [self._waiting.popleft()]
+        deadline = first.arrival + self.window_s
+        while True:
+            chosen, images = [], 0
+            for job in self._waiting:
+                if job.batchable and job.key == first.key and images + job.n <= self.max_batch:
+                    chosen.append(job)
+                    images += job.n
+            left = deadline - now()
+            if images >= self.max_batch or left <= 0 or self._stop:
+                break
+            self._cv.wait(left)
+            self._drop_stopped()
+        for job in chosen:
+            if job in self._waiting:
                 self._waiting.remove(job)
-            return chosen
+        return [job for job in chosen if job.should_stop() is None]
+
+    def _drop_stopped(self) -> None:
+        for job in [j for j in self._waiting if j.should_stop() is not None]:
+            self._waiting.remove(job)
+            job.fail(job.should_stop())
 
     def _work(self) -> None:
         while True:

@@ -48,6 +48,15 @@ class ApproxCacheUnavailable(Exception):
     """``approx_cache: true`` on a server without ``sdinfer.serve.approx_cache``."""
 
 
+class JobCancelled(Exception):
+    """A job stopped before its images: its client went away, asked to cancel, or its time ran
+    out (``timed_out``)."""
+
+    def __init__(self, reason: str, timed_out: bool = False):
+        super().__init__(reason)
+        self.timed_out = timed_out
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     """The server's defaults and limits (``sdinfer serve``'s flags)."""
@@ -63,6 +72,9 @@ class ServeSettings:
     max_batch: int = 8
     queue_size: int = 64
     max_n: int = 8
+    request_timeout_s: float = 600.0
+    max_body_bytes: int = 64 * 1024
+    api_key: str | None = None
 
 
 def supported_sizes(pipe) -> list[int]:
@@ -126,6 +138,8 @@ class Job:
     future: asyncio.Future | None = None
     events: list = field(default_factory=list)
     status: str = "queued"
+    deadline: float | None = None       # time.monotonic() after which the job is cancelled
+    cancelled: JobCancelled | None = None
     _changed: asyncio.Event | None = None
 
     @property
@@ -138,6 +152,23 @@ class Job:
         self.future = loop.create_future()
         self._changed = asyncio.Event()
         self._publish({"event": "queued", "job_id": self.id, "n": self.n})
+
+    # ---- from any thread -----------------------------------------------------------
+    def should_stop(self) -> JobCancelled | None:
+        """Why the job should stop now (cancelled, or past its deadline); None to go on."""
+        if self.cancelled is None and self.deadline is not None and time.monotonic() > self.deadline:
+            self.cancelled = JobCancelled("the request took longer than the server's timeout "
+                                          f"({self.deadline - self.arrival:g} s); ask for fewer steps or "
+                                          "images, or retry when the server is less busy", timed_out=True)
+        return self.cancelled
+
+    def cancel(self, reason: str) -> None:
+        """Stop the job: the worker drops it from the queue, or stops its batch at the next step
+        when every job of the batch is cancelled; its images, if any are made, are not stored."""
+        if self.cancelled is None:
+            self.cancelled = JobCancelled(reason)
+        if self.loop is not None:
+            self.fail(self.cancelled)
 
     # ---- from the worker thread --------------------------------------------------
     def publish(self, event: dict) -> None:
@@ -161,7 +192,7 @@ class Job:
         if self.future.done():
             return
         if error is not None:
-            self.status = "failed"
+            self.status = "cancelled" if isinstance(error, JobCancelled) else "failed"
             self.future.set_exception(error)
             self.future.exception()   # retrieved: the request that waited for it may be gone
             self._publish({"event": "error", "job_id": self.id, "message": _message(error),
@@ -186,10 +217,12 @@ class Job:
 
 
 def _message(error: BaseException) -> str:
-    return str(error) if isinstance(error, UserError) else f"generation failed: {type(error).__name__}: {error}"
+    return str(error) if isinstance(error, (UserError, JobCancelled)) else f"generation failed: {type(error).__name__}: {error}"
 
 
 def _status_of(error: BaseException) -> int:
+    if isinstance(error, JobCancelled):
+        return 504 if error.timed_out else 499
     return 400 if isinstance(error, UserError) else 500
 
 
@@ -239,7 +272,9 @@ def resolve(request: GenerationRequest, settings: ServeSettings, pipe, model_nam
     batchable = (steps != "auto" and sampler != "auto" and not request.approx_cache
                  and set(methods) <= BATCH_SAFE_CACHES and _batchable_sampler(config))
     key = (steps, sampler, float(guidance), size, config.spacing, config.analytic_first_step, accelerate)
+    now = time.monotonic()
     return Job(id=uuid.uuid4().hex, prompt=request.prompt, seeds=[seed + i for i in range(request.n)],
+               arrival=now, deadline=now + settings.request_timeout_s,
                config=config, accelerate=accelerate, approx_cache=request.approx_cache, batchable=batchable,
                key=key, size=size, response_format=request.response_format, user=request.user)
 

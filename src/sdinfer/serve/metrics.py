@@ -5,6 +5,8 @@ misses, steps saved and bytes held (read from ``ApproxCache.stats()`` at each sc
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -42,6 +44,32 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """A pure ASGI middleware that counts each HTTP request by method, route and status and
+    observes its latency to the response's start (pure ASGI rather than Starlette's
+    ``BaseHTTPMiddleware``, which hides a client's disconnect from the routes)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), {}
+
+        async def observed(message):
+            if message["type"] == "http.response.start" and not status:
+                status["code"], status["seconds"] = message["status"], time.perf_counter() - start
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.observe_request(scope.get("method", "GET"), route, status.get("code", 500),
+                                         status.get("seconds", time.perf_counter() - start))
 
 
 class _ApproxCacheCollector:

@@ -1,7 +1,9 @@
 """What the worker thread does with a batch: install the batch's feature cache (kept installed
 while the next batches ask for the same), run the pipeline once with every job's prompt and
 seeds (or, with the approximate cache, one image at a time through it), publish per-step
-progress, store each image with its parameters and hand each job its results."""
+progress, store each image with its parameters and hand each job its results.  At each step
+the batch stops (``JobCancelled`` out of the pipeline) when every job in it was cancelled or
+ran past its deadline; a cancelled job in a batch that goes on gets no image stored."""
 
 from __future__ import annotations
 
@@ -48,6 +50,10 @@ class Runner:
             self.metrics.batch_done(sum(j.n for j in jobs))
         at = 0
         for job in jobs:
+            if job.should_stop() is not None:   # cancelled while its batch ran: nothing kept
+                at += job.n
+                job.fail(job.should_stop())
+                continue
             outcomes = [Outcome.make(self, job, k, *rows[at + k]) for k in range(job.n)]
             at += job.n
             job.finish(outcomes, {"images": [o.public() for o in outcomes]})
@@ -56,6 +62,9 @@ class Runner:
         total = steps if isinstance(steps, int) else None
 
         def callback(i, x):
+            stops = [job.should_stop() for job in jobs]
+            if all(stops):
+                raise stops[0]
             for job in jobs:
                 job.publish({"event": "step", "job_id": job.id, "step": i + 1, "steps": total})
         return callback

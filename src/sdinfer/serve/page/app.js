@@ -28,7 +28,13 @@ function figure(item) {
 }
 
 async function loadConfig() {
-  const c = await (await fetch("/v1/config")).json();
+  const res = await fetch("/v1/config");
+  if (res.status === 401) {   // the server has an API key: ask for it, keep it as a same-site cookie
+    $("keyform").hidden = false;
+    throw new Error("enter the server's API key");
+  }
+  $("keyform").hidden = true;
+  const c = await res.json();
   $("model").textContent = `model ${c.model}`;
   $("steps").value = c.defaults.steps === "auto" ? "" : c.defaults.steps;
   $("sampler").value = c.defaults.sampler;
@@ -102,6 +108,19 @@ async function generate(event) {
   }
 }
 
+function useKey(event) {
+  event.preventDefault();
+  document.cookie = `sdinfer_key=${encodeURIComponent($("key").value.trim())}; path=/; SameSite=Strict`;
+  start();
+}
+
+function start() {
+  say("");
+  loadConfig().then(() => loadGallery(false))
+    .catch((err) => say($("keyform").hidden ? `cannot reach the server: ${err.message}` : err.message, true));
+}
+
+$("keyform").addEventListener("submit", useKey);
 $("form").addEventListener("submit", generate);
 $("more").addEventListener("click", () => loadGallery(true));
-loadConfig().then(() => loadGallery(false)).catch((err) => say(`cannot reach the server: ${err.message}`, true));
+start();
