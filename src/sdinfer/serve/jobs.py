@@ -127,6 +127,7 @@ class Job:
     events: list = field(default_factory=list)
     status: str = "queued"
     _changed: asyncio.Event | None = None
+    listener: object = None             # called with each event on the loop (a shared job board)
 
     @property
     def n(self) -> int:
@@ -154,6 +155,8 @@ class Job:
         if event.get("event") == "running":
             self.status = "running"
         self.events.append(event)
+        if self.listener is not None:
+            self.listener(event)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
