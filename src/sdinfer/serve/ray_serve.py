@@ -137,10 +137,11 @@ def run(args, settings, approx_budget: int | None, say=lambda m: print(m, file=s
         cpus = float(ray.cluster_resources().get("CPU", 1))
         per = cpus // replicas if cpus >= replicas else cpus / replicas
         leader = start_leader(folder, approx_budget)
-        serve.start(http_options={"host": args.host, "port": args.port})
+        quiet = {"log_level": "WARNING", "enable_access_log": False}
+        serve.start(http_options={"host": args.host, "port": args.port}, logging_config=quiet)
         deployment = serve.deployment(
             Replica, name="sdinfer", num_replicas=replicas, ray_actor_options={"num_cpus": per},
-            max_ongoing_requests=settings.queue_size + settings.max_batch + 32)
+            max_ongoing_requests=settings.queue_size + settings.max_batch + 32, logging_config=quiet)
         model = {"model": args.model, "device": args.device, "dtype": args.dtype}
         serve.run(deployment.bind(model, settings, int(per) or 1, approx_budget), name=APP, route_prefix="/",
                   blocking=False)
