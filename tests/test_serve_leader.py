@@ -164,3 +164,19 @@ def test_two_servers_share_one_leader(unet_pipe, tmp_path):
     finally:
         for s in servers:
             s.stop()
+
+
+def test_the_ray_flags_are_checked(monkeypatch, capsys):
+    import sys
+
+    from sdinfer.cli import main
+
+    assert main(["serve", "--replicas", "2"]) == 2
+    assert "add --ray" in capsys.readouterr().err
+    assert main(["serve", "--ray-address", "10.0.0.1:6379"]) == 2
+    assert main(["serve", "--ray", "--replicas", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)          # Ray not installed
+    monkeypatch.delitem(sys.modules, "sdinfer.serve.ray_serve", raising=False)
+    assert main(["serve", "--ray"]) == 2
+    assert "pip install 'sdinfer[ray]'" in capsys.readouterr().err
