@@ -166,17 +166,22 @@ def test_two_servers_share_one_leader(unet_pipe, tmp_path):
             s.stop()
 
 
-def test_the_ray_flags_are_checked(monkeypatch, capsys):
+def test_the_ray_flags_are_checked(monkeypatch, capsys, tmp_path):
     import sys
 
+    import sdinfer.serve
     from sdinfer.cli import main
 
-    assert main(["serve", "--replicas", "2"]) == 2
+    store = ["--store", str(tmp_path)]
+    assert main(["serve", "--replicas", "2", *store]) == 2
     assert "add --ray" in capsys.readouterr().err
-    assert main(["serve", "--ray-address", "10.0.0.1:6379"]) == 2
-    assert main(["serve", "--ray", "--replicas", "0"]) == 2
+    assert main(["serve", "--ray-address", "10.0.0.1:6379", *store]) == 2
+    assert main(["serve", "--ray", "--replicas", "0", *store]) == 2
     assert "at least 1" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--model", "nosuch", *store]) == 2   # before any Ray starts
+    assert "nosuch" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray", None)          # Ray not installed
     monkeypatch.delitem(sys.modules, "sdinfer.serve.ray_serve", raising=False)
-    assert main(["serve", "--ray"]) == 2
+    monkeypatch.delattr(sdinfer.serve, "ray_serve", raising=False)
+    assert main(["serve", "--ray", "--model", "nosuch", *store]) == 2
     assert "pip install 'sdinfer[ray]'" in capsys.readouterr().err

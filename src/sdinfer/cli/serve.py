@@ -106,9 +106,14 @@ def _run_ray(args, settings) -> int:
             raise
         raise UserError(f"sdinfer serve --ray needs Ray Serve ({err.name} is missing); install the ray extra: "
                         "pip install 'sdinfer[ray]'") from None
-    from .options import resolve_device_options
+    from ..devices import resolve_device, resolve_dtype
 
-    resolve_device_options(args)      # a bad --device or --dtype before Ray starts
+    resolve_dtype(args.dtype)         # a bad --dtype before Ray starts; --device too where the replicas run here
+    if args.ray_address is None:
+        from ..models.loading import resolve
+
+        resolve_device(args.device)
+        resolve(args.model)           # an unknown model before the replicas try to load it
     return ray_serve.run(args, settings, int(args.approx_cache_mb * 2**20))
 
 

@@ -111,6 +111,11 @@ def start_leader(folder: Path, approx_budget: int | None):
     return leader
 
 
+def _share(total: float, replicas: int) -> float:
+    """A replica's share of ``total`` units: whole units where there are enough, else a fraction."""
+    return total // replicas if total >= replicas else total / replicas
+
+
 def run(args, settings, approx_budget: int | None, say=lambda m: print(m, file=sys.stderr, flush=True)) -> int:
     """Serve ``settings`` on ``args.replicas`` replicas until SIGINT or SIGTERM."""
     from ..errors import UserError
@@ -134,17 +139,29 @@ def run(args, settings, approx_budget: int | None, say=lambda m: print(m, file=s
                         "--ray-address out for a local one") from None
     stop = threading.Event()
     try:
-        cpus = float(ray.cluster_resources().get("CPU", 1))
-        per = cpus // replicas if cpus >= replicas else cpus / replicas
+        resources = ray.cluster_resources()
+        per = _share(float(resources.get("CPU", 1)), replicas)
+        options, model = {"num_cpus": per}, {"model": args.model, "device": args.device, "dtype": args.dtype}
+        if str(args.device).startswith("cuda"):
+            gpus = float(resources.get("GPU", 0))
+            if gpus <= 0:
+                raise UserError(f"--device {args.device}: the Ray cluster has no GPU; start its nodes on GPU machines "
+                                "or serve on --device cpu")
+            # each replica reserves its share; Ray picks the GPUs and shows them to it as cuda:0...
+            options["num_gpus"], model["device"] = _share(gpus, replicas), "cuda"
         leader = start_leader(folder, approx_budget)
         quiet = {"log_level": "WARNING", "enable_access_log": False}
         serve.start(http_options={"host": args.host, "port": args.port}, logging_config=quiet)
         deployment = serve.deployment(
-            Replica, name="sdinfer", num_replicas=replicas, ray_actor_options={"num_cpus": per},
+            Replica, name="sdinfer", num_replicas=replicas, ray_actor_options=options,
             max_ongoing_requests=settings.queue_size + settings.max_batch + 32, logging_config=quiet)
-        model = {"model": args.model, "device": args.device, "dtype": args.dtype}
-        serve.run(deployment.bind(model, settings, int(per) or 1, approx_budget), name=APP, route_prefix="/",
-                  blocking=False)
+        try:
+            serve.run(deployment.bind(model, settings, int(per) or 1, approx_budget), name=APP, route_prefix="/",
+                      blocking=False)
+        except RuntimeError as err:   # a replica failed to start (its traceback is in the log above)
+            lines = [line for line in str(err).splitlines() if line.strip()]
+            raise UserError(f"the replicas did not start: {lines[-1] if lines else err}; see the replica's "
+                            "error above") from None
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         say(f"sdinfer serve --ray: model {args.model} on {args.device}, {replicas} replicas of {per:g} CPUs, "
