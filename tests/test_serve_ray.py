@@ -43,25 +43,42 @@ def events(base: str, path: str) -> tuple[str, list[str], dict]:
     return replica, names, last
 
 
-def ray_processes(ray_tmp: str) -> list[int]:
-    """The processes of this test's Ray cluster: the server and every process it started inherit
-    its environment, RAY_TMPDIR included (Ray's workers rename themselves, so their command
-    lines do not say)."""
-    mark = f"RAY_TMPDIR={ray_tmp}".encode()
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
+def _processes() -> dict[int, tuple[int, str, str]]:
+    """pid -> (parent pid, state, start time) of every process."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if mark in environ.read_bytes().split(b"\0"):
-                found.append(int(environ.parent.name))
-        except OSError:   # gone, or not ours to read
-            pass
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()   # after "pid (name) "
+        out[int(stat.parent.name)] = (int(fields[1]), fields[0], fields[19])
+    return out
+
+
+def descendants(root: int) -> dict[int, str]:
+    """pid -> start time of every process under ``root`` (Ray's GCS, raylet, agents, workers)."""
+    procs, found, todo = _processes(), {}, [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, _, start) in procs.items():
+            if ppid == parent and pid not in found:
+                found[pid] = start
+                todo.append(pid)
     return found
 
 
+def still_running(started: dict[int, str]) -> list[int]:
+    """Those of ``started`` still running (the same process: same start time; zombies are not)."""
+    procs = _processes()
+    return [pid for pid, start in started.items()
+            if pid in procs and procs[pid][2] == start and procs[pid][1] != "Z"]
+
+
 def test_two_replicas_share_the_store_the_jobs_and_the_cache(tmp_path):
-    ray_tmp = tempfile.mkdtemp(prefix="sdray", dir="/tmp")   # short: Ray's socket paths must fit 107 bytes
+    ray_tmp = tempfile.mkdtemp(prefix="sdray", dir="/tmp")   # Ray's own folder; short: socket paths fit 107 bytes
     env = {"RAY_TMPDIR": ray_tmp, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    server = None
+    server, started = None, {}
     try:
         server = Server(tmp_path / "store", ["--ray", "--replicas", "2", "--model", "unet", "--steps", "4",
                                              "--batch-window-ms", "0"], start_timeout=150, env=env)
@@ -123,17 +140,18 @@ def test_two_replicas_share_the_store_the_jobs_and_the_cache(tmp_path):
             pytest.fail("the replica that filled the cache answered every request")
 
         # SIGINT: Serve and the local cluster stop
-        assert len(ray_processes(ray_tmp)) >= 4     # the server, Ray's GCS and raylet, the replicas, the leader...
+        started = descendants(server.proc.pid)
+        assert len(started) >= 8     # Ray's GCS, raylet and agents, Serve's controller and proxy, the replicas, the leader
         server.proc.send_signal(signal.SIGINT)
         assert server.proc.wait(60) == 0, server._tail()
         end = time.monotonic() + 20
-        while ray_processes(ray_tmp) and time.monotonic() < end:
+        while still_running(started) and time.monotonic() < end:
             time.sleep(0.5)
-        assert ray_processes(ray_tmp) == [], "Ray processes left after the server stopped"
+        assert still_running(started) == [], "Ray processes left after the server stopped"
     finally:
         if server is not None:
             server.kill()
-        for pid in ray_processes(ray_tmp):   # only what this test's server started
+        for pid in still_running(started):   # only what this test's server started
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

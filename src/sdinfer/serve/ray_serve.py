@@ -134,9 +134,10 @@ def run(args, settings, approx_budget: int | None, say=lambda m: print(m, file=s
         else:
             ray.init(address=args.ray_address, namespace=NAMESPACE, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise UserError(f"cannot start or join a Ray cluster ({args.ray_address or 'local'}): {err}; "
-                        "start one with `ray start --head` and pass --ray-address HOST:6379, or leave "
-                        "--ray-address out for a local one") from None
+        hint = ("start one with `ray start --head` and pass --ray-address HOST:6379 (a cluster with token "
+                "authentication also needs RAY_AUTH_MODE=token here, its token in ~/.ray/auth_token or "
+                "RAY_AUTH_TOKEN), or leave --ray-address out for a local one")
+        raise UserError(f"cannot start or join a Ray cluster ({args.ray_address or 'local'}): {err}; {hint}") from None
     stop = threading.Event()
     try:
         resources = ray.cluster_resources()
