@@ -86,7 +86,7 @@ async def _board_stream(board, job_id: str, events: list, poll_s: float = 0.2):
     while True:
         for event in events:
             yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
-            if event["event"] in ("done", "error"):
+            if event["event"] in ("done", "error", "cancelled"):
                 return
         seen += len(events)
         await asyncio.sleep(poll_s)

@@ -9,9 +9,10 @@ store, the approximate cache's memory and the jobs' events shared through one le
   pinned to the node that runs ``sdinfer serve --ray`` (whose disk holds ``--store``), no CPU
   reserved, one call at a time.  It dies with this process.
 - The replicas: one Serve deployment of ``Replica``: each loads the pipeline, finds the leader
-  by name and builds ``create_app`` with proxies to it (``RemoteStore``, ``RemoteMemory``,
-  ``RemoteJobBoard``); Serve runs the app's lifespan (its batcher) on the replica.  Each gets
-  the cluster's CPUs / N (torch uses as many threads); each response says which replica
+  by name and builds ``create_app`` with proxies to it (``shared.py``: ``RemoteStore``,
+  ``RemoteMemory``, ``RemoteJobBoard`` over an ``ActorLink``); Serve runs the app's lifespan (its
+  batcher) on the replica.  Each reserves the cluster's CPUs / N (torch uses as many threads),
+  and with ``--device cuda`` its GPUs / N; each response says which replica
   answered in ``X-Sdinfer-Replica``.  Serve's HTTP proxy listens on ``--host``/``--port`` and
   routes each request to the replica with the fewer requests in flight of two.
 - Images and latents travel through Ray's object store: a replica encodes the PNG and sends its
@@ -150,7 +151,7 @@ def run(args, settings, approx_budget: int | None, say=lambda m: print(m, file=s
                                 "or serve on --device cpu")
             # each replica reserves its share; Ray picks the GPUs and shows them to it as cuda:0...
             options["num_gpus"], model["device"] = _share(gpus, replicas), "cuda"
-        leader = start_leader(folder, approx_budget)
+        leader = start_leader(folder, approx_budget)   # held until the end: the actor lives while a handle does
         quiet = {"log_level": "WARNING", "enable_access_log": False}
         serve.start(http_options={"host": args.host, "port": args.port}, logging_config=quiet)
         deployment = serve.deployment(
@@ -170,7 +171,6 @@ def run(args, settings, approx_budget: int | None, say=lambda m: print(m, file=s
             f"http://{args.host}:{args.port}/")
         while not stop.wait(0.5):
             pass
-        del leader
     finally:
         try:
             if local:
