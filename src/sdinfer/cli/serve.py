@@ -48,6 +48,14 @@ def add_parser(sub) -> None:
     s.add_argument("--api-key-file", default=None, metavar="FILE",
                    help="a file holding the API key that clients send as 'Authorization: Bearer KEY' "
                         "(or set SDINFER_API_KEY); required when --host is not a loopback address")
+    s.add_argument("--ray", action="store_true",
+                   help="run under Ray Serve: --replicas copies of the app, the store, the approximate cache and the "
+                        "jobs shared through one leader (needs the ray extra)")
+    s.add_argument("--replicas", type=whole_number, default=None,
+                   help="with --ray: how many replicas, each with its own copy of the model (default: 2)")
+    s.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --ray: join a running Ray cluster (e.g. HOST:6379 of `ray start --head`; default: "
+                        "start a local one on this machine)")
     s.set_defaults(func=run)
 
 
@@ -140,11 +148,38 @@ def make_approx_cache(pipe, folder, megabytes: float):
     return ApproxCache(ApproxCacheConfig(directory=folder, byte_budget=int(megabytes * 2**20)), pipe)
 
 
+def _run_ray(args, settings) -> int:
+    try:
+        from ..serve import ray_serve
+    except ImportError as err:
+        if not (err.name or "").startswith("ray"):
+            raise
+        raise UserError(f"sdinfer serve --ray needs Ray Serve ({err.name} is missing); install the ray extra: "
+                        "pip install 'sdinfer[ray]'") from None
+    from ..devices import resolve_device, resolve_dtype
+
+    resolve_dtype(args.dtype)         # a bad --dtype before Ray starts; --device too where the replicas run here
+    if args.ray_address is None:
+        from ..models.loading import resolve
+
+        resolve_device(args.device)
+        resolve(args.model)           # an unknown model before the replicas try to load it
+    return ray_serve.run(args, settings, int(args.approx_cache_mb * 2**20))
+
+
 def run(args) -> int:
     from .options import load_pipeline
 
     uvicorn = _serve_imports()
     settings = settings_of(args)
+    if not getattr(args, "ray", False):
+        if getattr(args, "replicas", None) is not None or getattr(args, "ray_address", None) is not None:
+            raise UserError("--replicas and --ray-address run under Ray Serve; add --ray")
+    else:
+        args.replicas = 2 if args.replicas is None else args.replicas
+        if args.replicas < 1:
+            raise UserError(f"--replicas must be at least 1, got {args.replicas}")
+        return _run_ray(args, settings)
     from ..serve.app import create_app
     from ..serve.store import ImageStore, default_store_dir
 

@@ -69,9 +69,45 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts), param
 
 
-def create_app(pipe, settings: ServeSettings, store, model_name: str | None = None, approx_cache=None) -> FastAPI:
+def _board_status(job_id: str, events: list) -> dict:
+    """``GET /v1/jobs/ID`` of a job another server runs, from its events on the job board."""
+    kinds = [e["event"] for e in events]
+    status = {"done": "done", "error": "failed"}.get(kinds[-1], "running" if "running" in kinds else "queued")
+    if kinds[-1] == "error" and events[-1].get("status") in (499, 504):
+        status = "cancelled"
+    out = {"job_id": job_id, "status": status, "n": events[0].get("n")}
+    steps = [e for e in events if e["event"] == "step"]
+    if steps:
+        out["step"], out["steps"] = steps[-1]["step"], steps[-1]["steps"]
+    if kinds[-1] == "done":
+        out["images"] = events[-1]["images"]
+    elif kinds[-1] == "error":
+        out["error"] = {"message": events[-1]["message"], "status": events[-1]["status"]}
+    return out
+
+
+async def _board_stream(board, job_id: str, events: list, poll_s: float = 0.2):
+    """The server-sent events of a job another server runs: the board's, polled, until done or error."""
+    seen = 0
+    while True:
+        for event in events:
+            yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
+            if event["event"] in ("done", "error"):
+                return
+        seen += len(events)
+        await asyncio.sleep(poll_s)
+        events = await board.events(job_id, seen)
+        if events is None:
+            return
+
+
+def create_app(pipe, settings: ServeSettings, store, model_name: str | None = None, approx_cache=None,
+               job_board=None) -> FastAPI:
     """The app around a loaded pipeline; ``approx_cache``: an object with NIRVANA's interface
-    (``generate(...) -> (result, info)``, ``stats()``), or None (``approx_cache: true`` is 501)."""
+    (``generate(...) -> (result, info)``, ``stats()``), or None (``approx_cache: true`` is 501);
+    ``job_board``: where several servers share their jobs' events (``publish(job_id, event)``,
+    not blocking; ``await events(job_id, since)``, a list or None), so a job made here can be
+    followed through another server and the other way round (``sdinfer serve --ray``)."""
     model_name = model_name or settings.model
     jobs: OrderedDict = OrderedDict()
     holder = {}
@@ -128,6 +164,8 @@ def create_app(pipe, settings: ServeSettings, store, model_name: str | None = No
     # ---- generation ---------------------------------------------------------------
     def _submit(body: GenerationRequest):
         job = resolve(body, settings, pipe, model_name, approx_cache is not None)
+        if job_board is not None:
+            job.listener = lambda event, job_id=job.id: job_board.publish(job_id, event)
         job.attach(asyncio.get_running_loop())
         holder["batcher"].submit(job)
         jobs[job.id] = job
@@ -195,8 +233,26 @@ def create_app(pipe, settings: ServeSettings, store, model_name: str | None = No
                                     "create one with POST /v1/jobs", param="job_id")
         return job, None
 
+    def _elsewhere(job_id: str) -> bool:
+        """A job this server does not hold, to ask the shared job board about."""
+        return job_board is not None and valid_id(job_id) and job_id not in jobs
+
+    async def _board_events(job_id: str, wait_s: float = 1.0) -> list | None:
+        """The job's events on the board; a job just made through another server may reach the
+        board a moment after its id reached the client, so a missing one is asked again for ``wait_s``."""
+        end = time.monotonic() + wait_s
+        while True:
+            events = await job_board.events(job_id, 0)
+            if events or time.monotonic() >= end:
+                return events
+            await asyncio.sleep(0.1)
+
     @app.get("/v1/jobs/{job_id}")
     async def job_status(job_id: str):
+        if _elsewhere(job_id):
+            events = await _board_events(job_id)
+            if events:
+                return _board_status(job_id, events)
         job, missing = _job(job_id)
         if missing:
             return missing
@@ -222,6 +278,11 @@ def create_app(pipe, settings: ServeSettings, store, model_name: str | None = No
 
     @app.get("/v1/jobs/{job_id}/events")
     async def job_events(job_id: str):
+        if _elsewhere(job_id):
+            first = await _board_events(job_id)
+            if first:
+                return StreamingResponse(_board_stream(job_board, job_id, first), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         job, missing = _job(job_id)
         if missing:
             return missing
@@ -249,10 +310,10 @@ def create_app(pipe, settings: ServeSettings, store, model_name: str | None = No
         if not valid_id(image_id):
             return error(400, f"{image_id!r} is not an image id (32 hex digits, as responses give)",
                          param="image_id")
-        path = store.path(image_id)
-        if path is None:
+        png = store.read(image_id)
+        if png is None:
             return error(404, f"no image {image_id} in the store", param="image_id")
-        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "public, max-age=31536000, immutable"})
+        return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
     # ---- the server ---------------------------------------------------------------
     @app.get("/healthz")

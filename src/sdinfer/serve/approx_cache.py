@@ -7,7 +7,9 @@ The algorithm:
    rounded), keyed by its prompt's text embedding in a vector index on disk
    (``vector_index.py``: faiss, exact cosine search) and by its generation settings (model,
    dtype, size, steps, sampler, grid, final time, analytic first step, guidance scale), with the
-   metadata in SQLite (WAL) and each latent in a safetensors file (``latent_store.py``).
+   metadata in SQLite (WAL) and each latent in a safetensors file (``latent_store.py``); that
+   memory, with the eviction below, is ``approx_memory.py``, in this process or shared by the
+   replicas of ``sdinfer serve --ray`` through their leader (``leader.py``).
 2. A new request retrieves the nearest cached prompt among those of the same settings
    (another setting is a miss).  Its similarity s chooses K: the largest candidate K whose
    threshold s reaches (the closer the prompts, the more steps skipped) and which the entry
@@ -44,9 +46,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .latent_store import LatentStore, settings_key
-from .lcbfu import Cached, victims
-from .vector_index import VectorIndex
+from .approx_memory import ApproxMemory
+from .latent_store import settings_key
 
 CANDIDATE_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5)   # the paper's K = 5 .. 25 of 50 steps
 
@@ -153,46 +154,28 @@ _CACHEABLE = {"spacing", "final", "analytic_first_step", "callback", "progress"}
 
 
 class ApproxCache:
-    """NIRVANA's approximate cache in front of one ``Pipeline`` (see the module docstring)."""
+    """NIRVANA's approximate cache in front of one ``Pipeline`` (see the module docstring).
+    ``memory``: where the latents and the index live (``approx_memory.ApproxMemory``, or a proxy
+    with its methods shared by several servers); by default an ``ApproxMemory`` of
+    ``config.directory`` in this process."""
 
-    def __init__(self, config: ApproxCacheConfig, pipe):
+    def __init__(self, config: ApproxCacheConfig, pipe, memory=None):
         self.config, self.pipe = config, pipe
-        self._lock = threading.Lock()        # the store, index and counters
+        self._lock = threading.Lock()        # the counters
         self._run_lock = threading.Lock()    # one generation at a time
         self._counters = _Counters()
-        config.directory.mkdir(parents=True, exist_ok=True)
-        self.store = LatentStore(config.directory)
-        self.index = self._open_index()
-        with self._lock:
-            self._evict_over_budget()
-            self._refresh_totals()
+        self.memory = ApproxMemory(config) if memory is None else memory
+        self._refresh_totals()
 
-    # ---- index -------------------------------------------------------------------
-    def _open_index(self) -> VectorIndex | None:
-        """The saved index if it holds exactly the store's entries, else rebuilt from the store."""
-        rows = self.store.embeddings()
-        dim = self.store.meta("dim")
-        if dim is None:
-            return None          # nothing inserted yet: made at the first insert
-        dim = int(dim)
-        path = self.config.directory / "index.faiss"
-        index = VectorIndex.load(path, dim)
-        if index is None or index.ids() != {i for i, _ in rows}:
-            index = VectorIndex(dim, path)
-            for i, v in rows:
-                index.add(i, v)
-            index.save()
-        return index
+    @property
+    def store(self):
+        """The latent store of an in-process memory."""
+        return self.memory.store
 
-    def _ensure_index(self, dim: int) -> VectorIndex:
-        if self.index is None:
-            self.store.set_meta("dim", str(dim))
-            self.index = VectorIndex(dim, self.config.directory / "index.faiss")
-        elif self.index.dim != dim:
-            raise UserError(f"the approximate cache at {self.config.directory} holds {self.index.dim}-dimensional "
-                            f"prompt embeddings and model {self.pipe.model.name} gives {dim}; use one "
-                            "directory per text encoder")
-        return self.index
+    @property
+    def index(self):
+        """The vector index of an in-process memory."""
+        return self.memory.index
 
     # ---- public ------------------------------------------------------------------
     def stats(self) -> dict:
@@ -202,10 +185,8 @@ class ApproxCache:
                     "bytes": c.bytes, "entries": c.entries}
 
     def close(self) -> None:
-        with self._run_lock, self._lock:
-            if self.index is not None:
-                self.index.save()
-            self.store.close()
+        with self._run_lock:
+            self.memory.close()
 
     def generate(self, prompt: str, seed: int = 0, steps: int = 50, sampler: str = "ddim",
                  guidance_scale: float = 4.0, size: int | None = None, **kwargs):
@@ -220,11 +201,10 @@ class ApproxCache:
             if embedding is None:
                 result = self.pipe(**run)
                 return result, self._count(False, None, 0, None)
-            with self._lock:
-                found = self._lookup(settings, embedding, steps)
-            if found is not None and found[2] > 0:
+            found = self.memory.lookup(settings, embedding, steps)
+            if found is not None and found[1] > 0:
                 return self._resume(run, found)
-            similarity = None if found is None else found[1]
+            similarity = None if found is None else found[0]
             return self._full(run, prompt, settings, embedding, steps, similarity)
 
     # ---- internals ---------------------------------------------------------------
@@ -254,27 +234,10 @@ class ApproxCache:
             "analytic_first_step": bool(kwargs.get("analytic_first_step", False)),
             "guidance_scale": float(guidance_scale)})
 
-    def _lookup(self, settings: str, embedding: np.ndarray, steps: int):
-        """(source, similarity, K, latent row) of the nearest compatible entry; None without one."""
-        if self.index is None or self.index.dim != embedding.shape[0]:
-            return None
-        near = self.index.nearest(embedding, self.store.sources_with(settings))
-        if near is None:
-            return None
-        source, similarity = near
-        held = self.store.latents_of(source)
-        k = choose_step(similarity, steps, self.config, set(held))
-        return source, similarity, k, held.get(k)
-
     def _resume(self, run: dict, found):
-        source, similarity, k, row = found
-        with self._lock:
-            latent = self.store.load(row)
-            uid = self.store.source_uid(source)
+        similarity, k, latent, uid = found
         result = self.pipe(**run, start=(k, latent))
         result.params["approx_cache"] = {"source_id": uid, "skipped_steps": k}
-        with self._lock:
-            self.store.used(row)
         return result, self._count(True, similarity, k, uid)
 
     def _full(self, run: dict, prompt: str, settings: str, embedding: np.ndarray, steps: int,
@@ -291,24 +254,13 @@ class ApproxCache:
 
         result = self.pipe(**run, callback=keep)
         if kept:
-            with self._lock:
-                index = self._ensure_index(embedding.shape[0])
-                source, _ = self.store.insert(prompt, settings, embedding, kept)
-                index.add(source, embedding)
-                self._evict_over_budget()   # saves the index
+            self.memory.insert(prompt, settings, embedding, kept)
         return result, self._count(False, similarity, 0, None)
 
-    def _evict_over_budget(self) -> None:
-        rows = self.store.all_latents()
-        chosen = victims([Cached(r.id, r.step, r.uses, r.id, r.nbytes) for r in rows], self.config.byte_budget)
-        gone = self.store.evict([c.key for c in chosen])
-        if self.index is not None:
-            self.index.remove(gone)
-            self.index.save()
-        self._refresh_totals()
-
     def _refresh_totals(self) -> None:
-        self._counters.bytes, self._counters.entries = self.store.totals()
+        totals = self.memory.totals()
+        with self._lock:
+            self._counters.bytes, self._counters.entries = totals
 
     def _count(self, hit: bool, similarity, k: int, uid) -> dict:
         with self._lock:
@@ -317,5 +269,5 @@ class ApproxCache:
                 self._counters.steps_saved += k
             else:
                 self._counters.misses += 1
-            self._refresh_totals()
+        self._refresh_totals()
         return {"hit": hit, "similarity": similarity, "skipped_steps": k, "source_id": uid}

@@ -141,6 +141,7 @@ class Job:
     deadline: float | None = None       # time.monotonic() after which the job is cancelled
     cancelled: JobCancelled | None = None
     _changed: asyncio.Event | None = None
+    listener: object = None             # called with each event on the loop (a shared job board)
 
     @property
     def n(self) -> int:
@@ -185,6 +186,8 @@ class Job:
         if event.get("event") == "running":
             self.status = "running"
         self.events.append(event)
+        if self.listener is not None:
+            self.listener(event)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 

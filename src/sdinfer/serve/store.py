@@ -107,22 +107,19 @@ class ImageStore:
             metadata: dict | None = None) -> StoredImage:
         """Store a PIL image with its parameters (JSON-able); ``metadata`` goes into the PNG's
         text chunks.  The file is durable on disk before its row exists."""
-        from PIL.PngImagePlugin import PngInfo
+        return self.add_png(encode_png(image, metadata), prompt, params, image_id)
 
+    def add_png(self, png: bytes, prompt: str, params: dict, image_id: str | None = None) -> StoredImage:
+        """Store a PNG's bytes (``encode_png``) with its parameters, atomically (the module docstring)."""
         image_id = image_id or new_id()
         if not valid_id(image_id):
             raise ValueError(f"image id {image_id!r} is not 32 hex digits")
-        info = PngInfo()
-        for key, value in (metadata or {}).items():
-            info.add_text(key, str(value))
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", pnginfo=info)
         final = self.images / f"{image_id}.png"
         tmp = self.images / f"{image_id}.png{TMP_MARK}{uuid.uuid4().hex[:8]}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "wb") as f:
-                f.write(buf.getvalue())
+                f.write(png)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
@@ -138,7 +135,7 @@ class ImageStore:
         except BaseException:
             final.unlink(missing_ok=True)
             raise
-        return StoredImage(image_id, created, prompt, params, buf.getvalue())
+        return StoredImage(image_id, created, prompt, params, png)
 
     # ---- reading ------------------------------------------------------------------
     def path(self, image_id: str) -> Path | None:
@@ -149,6 +146,16 @@ class ImageStore:
             row = self._db.execute("SELECT 1 FROM images WHERE id = ?", (image_id,)).fetchone()
         path = self.images / f"{image_id}.png"
         return path if row is not None and path.is_file() else None
+
+    def read(self, image_id: str) -> bytes | None:
+        """The PNG's bytes of a stored image; None for a malformed or unknown id."""
+        path = self.path(image_id)
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
 
     def get(self, image_id: str) -> StoredImage | None:
         if not valid_id(image_id):
@@ -178,6 +185,18 @@ class ImageStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def encode_png(image, metadata: dict | None = None) -> bytes:
+    """A PIL image as PNG bytes, ``metadata`` in its text chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(key, str(value))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
 
 
 def _fsync_dir(folder: Path) -> None:
