@@ -18,6 +18,7 @@ THRESHOLDS = (0.80, 0.85, 0.90, 0.95, 0.99)
 BASE = "a red circle in the top left"
 NEAR = "a red square in the top left"             # one attribute changed (kind)
 FAR = "a green square in the center"            # unrelated (as long as BASE: files of one size)
+SECOND_FAR = "a blue triangle in the bottom right"   # unrelated to all three
 
 
 def make_cache(pipe, directory, budget=10**7, thresholds=THRESHOLDS):
@@ -151,9 +152,40 @@ def test_near_duplicate_hits_and_equals_a_direct_resume(unet_pipe, tmp_path):
     _, stored = latents_at(unet_pipe, BASE, k, steps=STEPS, seed=1)
     direct = unet_pipe(NEAR, steps=STEPS, seed=7, start=(k, stored))
     assert torch.equal(result.pixels, direct.pixels)
+    # the hit kept its own latents after K (steps it ran under its own prompt): a repeat of it skips the most
     assert cache.stats() == {"hits": 1, "misses": 1, "steps_saved": k, "bytes": cache.stats()["bytes"],
-                             "entries": 5}
+                             "entries": 5 + (5 - k)}
+    _, again = cache.generate(NEAR, seed=8, steps=STEPS, sampler="ddim", guidance_scale=4.0, size=None)
+    assert again["hit"] and again["skipped_steps"] == 5 and again["source_id"] != info["source_id"]
     cache.close()
+
+
+def test_a_batch_runs_one_call_per_resume_step_and_equals_the_requests_alone(unet_pipe, tmp_path):
+    """generate_batch: a near-duplicate (a hit), an unrelated prompt and a second new prompt (two
+    misses, one call) give the images and reports each gives alone on a cache in the same state."""
+    calls = []
+    batch_cache = make_cache(unet_pipe, tmp_path / "batch")
+    alone_cache = make_cache(unet_pipe, tmp_path / "alone")
+    for cache in (batch_cache, alone_cache):
+        cache.generate(BASE, seed=1, steps=STEPS)
+    prompts, seeds = [NEAR, FAR, SECOND_FAR], [7, 8, 9]
+    out = batch_cache.generate_batch(prompts, seeds, steps=STEPS,
+                                     callback=lambda i, x, members: calls.append((i, tuple(members), x.shape[0])))
+    alone = [alone_cache.generate(p, seed=s, steps=STEPS) for p, s in zip(prompts, seeds)]
+    for (result, b, info), (single, single_info) in zip(out, alone):
+        # a batch of two against one: float32 kernels may round the last bits differently
+        assert (result.pixels[b] - single.pixels[0]).abs().max() < 1e-4
+        assert (info["hit"], info["skipped_steps"]) == (single_info["hit"], single_info["skipped_steps"])
+    assert [o[2]["hit"] for o in out] == [True, False, False] and out[1][0] is out[2][0]
+    assert out[0][2]["similarity"] == pytest.approx(alone[0][1]["similarity"], abs=1e-6)
+    k = out[0][2]["skipped_steps"]
+    assert {m for _, m, _ in calls} == {(0,), (1, 2)}
+    assert [i for i, m, _ in calls if m == (0,)] == list(range(k, STEPS))
+    assert all(n == len(m) for _, m, n in calls)
+    assert batch_cache.stats() == {**alone_cache.stats(), "bytes": batch_cache.stats()["bytes"]}
+    with pytest.raises(UserError, match="one seed per prompt"):
+        batch_cache.generate_batch([BASE, FAR], [1], steps=STEPS)
+    batch_cache.close(), alone_cache.close()
 
 
 def test_unrelated_prompt_and_other_settings_miss(unet_pipe, tmp_path):
@@ -184,16 +216,18 @@ def test_eviction_keeps_the_budget_in_lcbfu_order(unet_pipe, tmp_path):
     cache.generate(BASE, seed=1, steps=STEPS)                 # k1..k5 of BASE
     _, hit = cache.generate(NEAR, seed=1, steps=STEPS)       # uses BASE's latent at K
     assert hit["hit"]
-    cache.generate(FAR, seed=1, steps=STEPS)                  # 5 more: 10 files > 7
+    assert hit["skipped_steps"] == 3          # similarity 0.94: THRESHOLDS allow K = 3 of 10
+    assert cache.stats()["entries"] == 7      # NEAR's own k4, k5 joined BASE's five
+    cache.generate(FAR, seed=1, steps=STEPS)                  # 5 more: 12 files > 7
     s = cache.stats()
     assert s["bytes"] <= budget and s["entries"] == 7
     held = {(r.source, r.step) for r in cache.store.all_latents()}
-    base_id, far_id = sorted({source for source, _ in held})
-    assert hit["skipped_steps"] == 3          # similarity 0.94: THRESHOLDS allow K = 3 of 10
+    base_id, near_id, far_id = sorted({source for source, _ in held})
     # benefit = K x uses: BASE's k3 served once (3 x 2 = 6); the rest have K x 1.  The lowest go,
-    # ties oldest first: BASE k1 (1), FAR k1 (1, newer), BASE k2 (2, older than FAR k2)
-    everything = {(base_id, k) for k in range(1, 6)} | {(far_id, k) for k in range(1, 6)}
-    assert everything - held == {(base_id, 1), (far_id, 1), (base_id, 2)}
+    # ties oldest first: BASE k1 (1), FAR k1 (1), BASE k2 (2), FAR k2 (2), FAR k3 (3; BASE k3 has 6)
+    everything = ({(base_id, k) for k in range(1, 6)} | {(near_id, 4), (near_id, 5)}
+                  | {(far_id, k) for k in range(1, 6)})
+    assert everything - held == {(base_id, 1), (far_id, 1), (base_id, 2), (far_id, 2), (far_id, 3)}
     # a budget below every latent empties the cache and the index with it
     cache.close()
     cache = make_cache(unet_pipe, tmp_path / "cache", budget=0)

@@ -320,18 +320,21 @@ class FakeApproxCache:
         self.counts = {"hits": 0, "misses": 0, "steps_saved": 0, "bytes": 0}
         self.thread = None
 
-    def generate(self, prompt, seed, steps, sampler, guidance_scale, size, **kwargs):
+    def generate_batch(self, prompts, seeds, steps, sampler, guidance_scale, size, callback=None, **kwargs):
         self.thread = threading.current_thread().name
-        hit = prompt in self.seen
-        skipped = steps // 2 if hit else 0
-        result = self.pipe([prompt], steps=steps, seed=seed, sampler=sampler, guidance_scale=guidance_scale,
-                           size=size, **kwargs)
-        self.seen.add(prompt)
-        self.counts["hits" if hit else "misses"] += 1
-        self.counts["steps_saved"] += skipped
-        self.counts["bytes"] += 1000
-        return result, {"hit": hit, "similarity": 0.98 if hit else None, "skipped_steps": skipped,
-                        "source_id": "abc" if hit else None}
+        out = []
+        for b, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            hit = prompt in self.seen
+            skipped = steps // 2 if hit else 0
+            result = self.pipe([prompt], steps=steps, seed=seed, sampler=sampler, guidance_scale=guidance_scale,
+                               size=size, callback=lambda i, x, b=b: callback(i, x, [b]), **kwargs)
+            self.seen.add(prompt)
+            self.counts["hits" if hit else "misses"] += 1
+            self.counts["steps_saved"] += skipped
+            self.counts["bytes"] += 1000
+            out.append((result, 0, {"hit": hit, "similarity": 0.98 if hit else None, "skipped_steps": skipped,
+                                    "source_id": "abc" if hit else None}))
+        return out
 
     def stats(self):
         return dict(self.counts)
@@ -379,3 +382,32 @@ def test_the_real_approximate_cache_skips_steps_on_a_repeat(unet_pipe, tmp_path)
     assert metric(text, "sdinfer_approx_cache_hits_total") == 1 and metric(text, "sdinfer_approx_cache_misses_total") == 1
     assert metric(text, "sdinfer_approx_cache_steps_saved_total") == hit["steps_skipped"]
     assert metric(text, "sdinfer_approx_cache_bytes") > 0
+
+
+def test_approximate_cache_requests_arriving_together_share_calls(unet_pipe, tmp_path):
+    """Approximate-cache requests batch with each other: after one fills the cache, a repeat (a
+    hit) and two new prompts (misses) sent together run as two calls, the misses as one batch."""
+    approx = pytest.importorskip("sdinfer.serve.approx_cache", reason="the approximate cache is not installed")
+    cache = approx.ApproxCache(approx.ApproxCacheConfig(directory=tmp_path / "approx", byte_budget=2**24), unet_pipe)
+    srv = _thread_server(unet_pipe, tmp_path / "store", approx_cache=cache, steps=10, batch_window_ms=1500)
+    answers = {}
+    try:
+        call(srv.base, "/v1/images/generations", {"prompt": PROMPT, "approx_cache": True, "seed": 1})
+
+        def ask(prompt, seed):
+            answers[prompt] = call(srv.base, "/v1/images/generations", {"prompt": prompt, "approx_cache": True,
+                                                                         "seed": seed})
+        prompts = (PROMPT, "a blue triangle in the bottom right", "a green square in the center")
+        threads = [threading.Thread(target=ask, args=(p, 5 + i)) for i, p in enumerate(prompts)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        srv.stop()
+        cache.close()
+    reports = {p: a[2]["sdinfer"][0] for p, a in answers.items() if a[0] == 200}
+    assert len(reports) == 3, answers
+    assert reports[PROMPT]["cache_hit"] and reports[PROMPT]["batch_size"] == 1
+    assert [reports[p]["cache_hit"] for p in prompts[1:]] == [False, False]
+    assert [reports[p]["batch_size"] for p in prompts[1:]] == [2, 2]

@@ -18,7 +18,9 @@ The algorithm:
    prompt (``Pipeline(..., start=(K, latent))``): K denoiser steps are not run.  The request's
    seed then does not choose the noise (the cached trajectory's did); a stochastic sampler still
    draws its later noise from it.  Multistep samplers restart their history at K.
-4. Misses run in full and insert their latents.  The cache holds a byte budget (the latent
+4. Misses run in full and insert their latents; a hit at K inserts its own latents at the
+   candidate steps after K (steps it ran under its own prompt), so a later repeat of a prompt
+   that itself resumed can skip more.  The cache holds a byte budget (the latent
    files' bytes); over it, LCBFU (``lcbfu.py``: benefit = K x uses, lowest first, ties oldest
    first) evicts latents, and an entry whose latents are all gone leaves the index.
 
@@ -30,9 +32,11 @@ Composes with the feature caches of ``sdinfer.accelerate``: a resumed run is a n
 whose step indices are those of the whole grid (K .. N-1), and the caches keep their state per
 generation, so they start clean at K and compute the first step they see.  Samplers that run
 their own loop (adaptive DPM-Solver, ParaDiGMS, ParaTAA), ``sampler="auto"``, ``steps="auto"``,
-calibrated grid objects and batches of prompts bypass the cache (a plain generation, counted as
-a miss, nothing inserted).  Thread safety: ``generate`` calls are serialised; ``stats`` may be
-called from any thread at any time.
+and calibrated grid objects bypass the cache (a plain generation, counted as a miss, nothing
+inserted).  ``generate_batch`` serves several requests of the same settings at once: all are
+looked up first, then the ones that resume at the same K (the misses: K = 0) run as one
+pipeline call, each image from its own seed's noise or its own cached latent.  Thread safety:
+generations are serialised; ``stats`` may be called from any thread at any time.
 """
 
 from __future__ import annotations
@@ -150,7 +154,7 @@ class _Counters:
     entries: int = 0
 
 
-_CACHEABLE = {"spacing", "final", "analytic_first_step", "callback", "progress"}
+_CACHEABLE = {"spacing", "final", "analytic_first_step", "progress"}
 
 
 class ApproxCache:
@@ -193,27 +197,49 @@ class ApproxCache:
         """One image for ``prompt``; returns ``(GenerationResult, info)`` with info ``hit``,
         ``similarity`` (to the nearest compatible cached prompt; None without one), ``skipped_steps``
         and ``source_id`` (the cached entry resumed from)."""
-        run = dict(prompts=prompt, seed=seed, steps=steps, sampler=sampler,
-                   guidance_scale=guidance_scale, size=size, **kwargs)
+        (result, _, info), = self.generate_batch([prompt], [seed], steps, sampler, guidance_scale, size, **kwargs)
+        return result, info
+
+    def generate_batch(self, prompts: list[str], seeds: list[int], steps: int = 50, sampler: str = "ddim",
+                       guidance_scale: float = 4.0, size: int | None = None, callback: Callable | None = None,
+                       **kwargs) -> list[tuple]:
+        """One image per (prompt, seed), with the same settings: every prompt is looked up first,
+        then the requests that resume at the same step K run as one pipeline call (the misses,
+        K = 0, from their own seeds' noise).  Per request, in order: ``(GenerationResult of its
+        call, its index in that result, info)``.  ``callback(i, x, members)``: each call's steps,
+        with the indices (into ``prompts``) of the requests in that call."""
+        if len(prompts) != len(seeds) or not prompts:
+            raise UserError(f"{len(prompts)} prompts and {len(seeds)} seeds: give one seed per prompt")
+        run = dict(steps=steps, sampler=sampler, guidance_scale=guidance_scale, size=size, **kwargs)
         with self._run_lock:
-            settings = self._settings(prompt, steps, sampler, guidance_scale, size, kwargs)
-            embedding = None if settings is None else prompt_embedding(self.pipe, prompt)
-            if embedding is None:
-                result = self.pipe(**run)
-                return result, self._count(False, None, 0, None)
-            found = self.memory.lookup(settings, embedding, steps)
-            if found is not None and found[1] > 0:
-                return self._resume(run, found)
-            similarity = None if found is None else found[0]
-            return self._full(run, prompt, settings, embedding, steps, similarity)
+            settings = self._settings(prompts, steps, sampler, guidance_scale, size, kwargs)
+            embeddings = [] if settings is None else [prompt_embedding(self.pipe, p) for p in prompts]
+            if settings is None or any(e is None for e in embeddings):
+                everyone = list(range(len(prompts)))
+                step = None if callback is None else (lambda i, x: callback(i, x, everyone))
+                result = self.pipe(list(prompts), seeds=list(seeds), callback=step, **run)
+                return [(result, b, self._count(False, None, 0, None)) for b in range(len(prompts))]
+            found = [self.memory.lookup(settings, e, steps) for e in embeddings]
+            groups: dict[int, list[int]] = {}
+            for i, f in enumerate(found):
+                groups.setdefault(f[1] if f is not None else 0, []).append(i)
+            out: list = [None] * len(prompts)
+            for k, members in groups.items():
+                result, kept = self._run_group(k, members, prompts, seeds, found, steps, run, callback)
+                for b, i in enumerate(members):
+                    if kept[b]:
+                        self.memory.insert(prompts[i], settings, embeddings[i], kept[b])
+                    similarity = None if found[i] is None else found[i][0]
+                    out[i] = (result, b, self._count(k > 0, similarity, k, found[i][3] if k else None))
+            return out
 
     # ---- internals ---------------------------------------------------------------
-    def _settings(self, prompt, steps, sampler, guidance_scale, size, kwargs) -> str | None:
-        """The settings key of a cacheable request, or None where it bypasses the cache."""
+    def _settings(self, prompts, steps, sampler, guidance_scale, size, kwargs) -> str | None:
+        """The settings key of cacheable requests, or None where they bypass the cache."""
         from ..samplers import get_sampler
         from ..samplers.base import steps_one_by_one
 
-        if not isinstance(prompt, str) or set(kwargs) - _CACHEABLE:
+        if not all(isinstance(p, str) for p in prompts) or set(kwargs) - _CACHEABLE:
             return None
         if isinstance(steps, bool) or not isinstance(steps, int) or not isinstance(sampler, str) or sampler == "auto":
             return None
@@ -234,28 +260,28 @@ class ApproxCache:
             "analytic_first_step": bool(kwargs.get("analytic_first_step", False)),
             "guidance_scale": float(guidance_scale)})
 
-    def _resume(self, run: dict, found):
-        similarity, k, latent, uid = found
-        result = self.pipe(**run, start=(k, latent))
-        result.params["approx_cache"] = {"source_id": uid, "skipped_steps": k}
-        return result, self._count(True, similarity, k, uid)
-
-    def _full(self, run: dict, prompt: str, settings: str, embedding: np.ndarray, steps: int,
-              similarity: float | None):
-        wanted = {k for k in candidate_steps(steps, self.config.fractions) if k is not None}
-        kept: dict[int, torch.Tensor] = {}
-        user_callback: Callable | None = run.pop("callback", None)
+    def _run_group(self, k: int, members: list[int], prompts, seeds, found, steps: int, run: dict, callback):
+        """One pipeline call for the requests that resume at step ``k`` (0: from their noise),
+        keeping each image's latents at the candidate steps after ``k`` (its own steps, under its
+        own prompt: a later request for a prompt that itself resumed may skip more)."""
+        wanted = {c for c in candidate_steps(steps, self.config.fractions) if c is not None and c > k}
+        kept: list[dict[int, torch.Tensor]] = [{} for _ in members]
 
         def keep(i, x):
             if i + 1 in wanted:
-                kept[i + 1] = x[0].detach().to("cpu", torch.float32).clone()
-            if user_callback is not None:
-                user_callback(i, x)
+                for b in range(len(members)):
+                    kept[b][i + 1] = x[b].detach().to("cpu", torch.float32).clone()
+            if callback is not None:
+                callback(i, x, members)
 
-        result = self.pipe(**run, callback=keep)
-        if kept:
-            self.memory.insert(prompt, settings, embedding, kept)
-        return result, self._count(False, similarity, 0, None)
+        extra = {}
+        if k:
+            extra["start"] = (k, torch.stack([found[i][2].reshape(found[i][2].shape[-3:]) for i in members]))
+        result = self.pipe([prompts[i] for i in members], seeds=[seeds[i] for i in members], callback=keep,
+                           **run, **extra)
+        if k:
+            result.params["approx_cache"] = {"skipped_steps": k}
+        return result, kept
 
     def _refresh_totals(self) -> None:
         totals = self.memory.totals()

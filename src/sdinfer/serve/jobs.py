@@ -7,9 +7,9 @@ problem and the fix (unknown sampler, a size the model does not take, ``n`` out 
 words the model's tokenizer does not know, an unknown feature cache).  A job is *batchable*
 when running it inside a larger pipeline call gives the same images as running it alone: a
 step-by-step sampler that draws no noise of its own (the pipeline seeds a stochastic sampler's
-generator from the batch's first seed), a fixed step count and sampler, no approximate cache,
-and feature caches whose schedule does not depend on the batch's data (``BATCH_SAFE_CACHES``).
-Jobs with equal ``key`` may share a call."""
+generator from the batch's first seed), a fixed step count and sampler, and feature caches whose schedule does not depend on the batch's data (``BATCH_SAFE_CACHES``).
+Jobs with equal ``key`` may share a call (approximate-cache jobs only with each other: the
+cache runs them as one call per step they resume at)."""
 
 from __future__ import annotations
 
@@ -272,9 +272,10 @@ def resolve(request: GenerationRequest, settings: ServeSettings, pipe, model_nam
     methods = check_accelerate(accelerate) if accelerate else []
     if request.approx_cache and not approx_available:
         raise ApproxCacheUnavailable()
-    batchable = (steps != "auto" and sampler != "auto" and not request.approx_cache
-                 and set(methods) <= BATCH_SAFE_CACHES and _batchable_sampler(config))
-    key = (steps, sampler, float(guidance), size, config.spacing, config.analytic_first_step, accelerate)
+    batchable = (steps != "auto" and sampler != "auto" and set(methods) <= BATCH_SAFE_CACHES
+                 and _batchable_sampler(config))
+    key = (steps, sampler, float(guidance), size, config.spacing, config.analytic_first_step, accelerate,
+           request.approx_cache)
     now = time.monotonic()
     return Job(id=uuid.uuid4().hex, prompt=request.prompt, seeds=[seed + i for i in range(request.n)],
                arrival=now, deadline=now + settings.request_timeout_s,

@@ -43,7 +43,7 @@ class Runner:
         for job in jobs:
             job.publish({"event": "running", "job_id": job.id, "batch_size": sum(j.n for j in jobs)})
         if first.approx_cache:
-            rows = self._approx(first)
+            rows = self._approx(jobs)
         else:
             rows = self._batched(jobs)
         if self.metrics is not None:
@@ -79,25 +79,30 @@ class Runner:
         return [(result.images[k], result.params, steps[k] if isinstance(steps, list) else steps, info,
                  len(prompts), result.seconds, result.nfe) for k in range(len(prompts))]
 
-    def _approx(self, job) -> list:
-        config = job.config
+    def _approx(self, jobs) -> list:
+        """The batch through the approximate cache: its requests that resume at the same step run
+        as one pipeline call; each call's progress goes to the jobs in it."""
+        config = jobs[0].config
         extra = {}
         if config.spacing is not None:
             extra["spacing"] = config.spacing
         if config.analytic_first_step:
             extra["analytic_first_step"] = True
-        if _takes(self.approx_cache.generate, "callback"):
-            extra["callback"] = self._progress([job], config.steps)
-        rows = []
-        for seed in job.seeds:
-            result, info = self.approx_cache.generate(
-                prompt=job.prompt, seed=seed, steps=config.steps, sampler=config.sampler,
-                guidance_scale=config.guidance_scale, size=config.size, **extra)
-            skipped = int(info.get("skipped_steps") or 0)
-            rows.append((result.images[0], result.params, int(result.params.get("steps", config.steps)) - skipped,
-                         info, 1, result.seconds, result.nfe))
-        return rows
+        owners = [job for job in jobs for _ in job.seeds]
 
+        def progress(i, x, members):
+            in_call = {id(owners[m]): owners[m] for m in members}   # jobs are not hashable
+            self._progress(list(in_call.values()), config.steps)(i, x)
+
+        out = self.approx_cache.generate_batch(
+            [job.prompt for job in owners], [s for job in jobs for s in job.seeds], steps=config.steps,
+            sampler=config.sampler, guidance_scale=config.guidance_scale, size=config.size, callback=progress, **extra)
+        rows = []
+        for result, b, info in out:
+            skipped = int(info.get("skipped_steps") or 0)
+            rows.append((result.images[b], result.params, int(result.params.get("steps", config.steps)) - skipped,
+                         info, len(result.images), result.seconds, result.nfe))
+        return rows
 
 
 def _takes(fn, name: str) -> bool:
