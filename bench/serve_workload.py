@@ -178,7 +178,8 @@ def serve_run(stream: list[dict], model: str, steps: int, concurrency: int, appr
            "p50_s": serve_load.percentile(latencies, 0.5), "p95_s": serve_load.percentile(latencies, 0.95),
            "throughput_rps": len(ok) / wall if wall > 0 else None, "wall_s": wall,
            "mean_batch_size": sum(r["batch_size"] for r in ok) / len(ok) if ok else None,
-           "hit_requests": hits}
+           "hit_requests": hits,
+           "errors": sorted({f"{r['status']}: {r.get('error')}" for r in records if r["status"] != 200})}
     return out, images, reports
 
 

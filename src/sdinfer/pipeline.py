@@ -24,6 +24,7 @@ from .generation_config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig
 from .memory import check_fits
 from .models.calling import TextConditioning, call_denoiser
 from .models.loading import LoadedModel, load_model
+from .models.tokenizing import tokenizer_lock
 from .samplers import sample_loop
 from .samplers.base import check_final_fits, steps_one_by_one
 
@@ -61,11 +62,12 @@ class Pipeline:
         if tok is None or unk is None:
             return []
         out = []
-        for word in prompt.split():
-            ids = tok(word.lower() if getattr(tok, "do_lower_case", False) else word,
-                      add_special_tokens=False).input_ids
-            if unk in ids:
-                out.append(word)
+        with tokenizer_lock(tok):
+            for word in prompt.split():
+                ids = tok(word.lower() if getattr(tok, "do_lower_case", False) else word,
+                          add_special_tokens=False).input_ids
+                if unk in ids:
+                    out.append(word)
         return out
 
     @torch.no_grad()
@@ -80,12 +82,14 @@ class Pipeline:
                               f"{', '.join(unknown)}; they are read as <unk>", stacklevel=2)
         if self.model.text_encoder_2 is not None:   # FLUX, SD3: their own recipes
             from .models.text_encoding import encode_prompts
-            return encode_prompts(self.model, prompts)
+            with tokenizer_lock(tok):
+                return encode_prompts(self.model, prompts)
         max_len = min(int(tok.model_max_length),
                       int(getattr(te.config, "max_position_embeddings", 10**6)))
         texts = [p.lower() for p in prompts] if getattr(tok, "do_lower_case", False) else prompts
-        ids = tok(texts, padding="max_length", max_length=max_len, truncation=True,
-                  return_tensors="pt").input_ids
+        with tokenizer_lock(tok):
+            ids = tok(texts, padding="max_length", max_length=max_len, truncation=True,
+                      return_tensors="pt").input_ids
         out = te(ids.to(self.model.device))
         return TextConditioning(out[0], getattr(out, "pooler_output", None))
 

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..models.tokenizing import tokenizer_lock
 from .approx_memory import ApproxMemory
 from .latent_store import settings_key
 
@@ -134,7 +135,8 @@ def prompt_embedding(pipe, prompt: str) -> np.ndarray | None:
     count = states.shape[0]
     if tok is not None and pipe.model.text_encoder_2 is None:   # one encoder: its own padding
         text = prompt.lower() if getattr(tok, "do_lower_case", False) else prompt
-        ids = tok(text, truncation=True, max_length=states.shape[0]).input_ids
+        with tokenizer_lock(tok):
+            ids = tok(text, truncation=True, max_length=states.shape[0]).input_ids
         count = max(1, min(len(ids), states.shape[0]))
     v = states[:count].mean(0)
     v = v / v.norm().clamp_min(1e-12)
