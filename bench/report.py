@@ -456,7 +456,30 @@ def serve_workload_table(data: dict | None = None) -> str:
                      "hits' PSNR vs full (dB)"], rows)
 
 
+SERVE_LOADS = (("serve-load.json", "one server, torch on 1 thread"),
+               ("serve-load-2threads.json", "one server, torch on 2 threads (OMP_NUM_THREADS=2)"),
+               ("serve-load-kill.json", "SIGKILL after 200 answers, restarted on the same store"),
+               ("serve-load-ray.json", "--ray --replicas 2 (1 thread each, one leader)"))
+
+
+def serve_load_table() -> str:
+    """``bench/serve_load.py``'s load and fault runs, one row per JSON file."""
+    rows = []
+    for name, label in SERVE_LOADS:
+        if not (RESULTS / name).exists():
+            raise SystemExit(f"BENCHMARKS.md names table 'serve-load', but there is no bench/results/{name}: "
+                             "run python bench/serve_load.py (see BENCHMARKS.md)")
+        d = load(name)
+        rows.append([label, str(d["answered"]), str(sum(d["refused"].values())), str(d["connection_errors"]),
+                     str(d["lost"]), str(d["images_in_store"]), fixed(d["p50_s"], 2), fixed(d["p95_s"], 2),
+                     fixed(d["throughput_rps"], 2), fixed(d["mean_batch_size"], 2)])
+    return markdown(["run", "answered", "refused", "connection errors", "lost", "images in store", "p50 (s)",
+                     "p95 (s)", "requests/s", "mean batch"], rows)
+
+
 def table(name: str) -> str:
+    if name == "serve-load":
+        return serve_load_table()
     if name == "mixture-samplers":
         return mixture_samplers_table()
     if name == "summary":
