@@ -42,7 +42,7 @@ generations are serialised; ``stats`` may be called from any thread at any time.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -220,7 +220,9 @@ class ApproxCache:
                 everyone = list(range(len(prompts)))
                 step = None if callback is None else (lambda i, x: callback(i, x, everyone))
                 result = self.pipe(list(prompts), seeds=list(seeds), callback=step, **run)
-                return [(result, b, self._count(False, None, 0, None)) for b in range(len(prompts))]
+                out = [(result, b, self._count(False, None, 0, None)) for b in range(len(prompts))]
+                self._refresh_totals()
+                return out
             found = [self.memory.lookup(settings, e, steps) for e in embeddings]
             groups: dict[int, list[int]] = {}
             for i, f in enumerate(found):
@@ -233,6 +235,7 @@ class ApproxCache:
                         self.memory.insert(prompts[i], settings, embeddings[i], kept[b])
                     similarity = None if found[i] is None else found[i][0]
                     out[i] = (result, b, self._count(k > 0, similarity, k, found[i][3] if k else None))
+            self._refresh_totals()
             return out
 
     # ---- internals ---------------------------------------------------------------
@@ -281,8 +284,6 @@ class ApproxCache:
             extra["start"] = (k, torch.stack([found[i][2].reshape(found[i][2].shape[-3:]) for i in members]))
         result = self.pipe([prompts[i] for i in members], seeds=[seeds[i] for i in members], callback=keep,
                            **run, **extra)
-        if k:
-            result.params["approx_cache"] = {"skipped_steps": k}
         return result, kept
 
     def _refresh_totals(self) -> None:
@@ -297,5 +298,4 @@ class ApproxCache:
                 self._counters.steps_saved += k
             else:
                 self._counters.misses += 1
-        self._refresh_totals()
         return {"hit": hit, "similarity": similarity, "skipped_steps": k, "source_id": uid}

@@ -5,9 +5,9 @@ of their prompts' embeddings (``vector_index.py``) and LCBFU eviction within the
 
 ``ApproxCache`` (``approx_cache.py``) holds the generation logic and asks its memory two things:
 ``lookup`` (the nearest compatible cached prompt, the K its similarity allows, and that latent)
-and ``insert`` (a full generation's latents).  One process keeps its memory in-process; the
+and ``insert`` (a generation's latents at the candidate steps it ran).  One process keeps its memory in-process; the
 replicas of ``sdinfer serve --ray`` share one, kept by the leader actor (``leader.py``), through
-a proxy with these same methods (``ray_serve.RemoteMemory``).  Every method is safe to call from
+a proxy with these same methods (``shared.RemoteMemory``).  Every method is safe to call from
 any thread."""
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class ApproxMemory:
             return similarity, k, latent, self.store.source_uid(source)
 
     def insert(self, prompt: str, settings: str, embedding: np.ndarray, kept: dict[int, torch.Tensor]) -> None:
-        """A full generation's latents (step K -> latent), then eviction within the budget."""
+        """A generation's latents (step K -> latent), then eviction within the budget."""
         if not kept:
             return
         with self._lock:

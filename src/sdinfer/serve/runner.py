@@ -105,17 +105,6 @@ class Runner:
         return rows
 
 
-def _takes(fn, name: str) -> bool:
-    """Whether ``fn`` accepts the keyword ``name`` (by name or through ``**kwargs``)."""
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
 class Outcome:
     """One stored image and its report."""
 
