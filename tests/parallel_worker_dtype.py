@@ -31,4 +31,4 @@ def main(out_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(launch.run_rank(lambda: main(sys.argv[1])))
