@@ -95,6 +95,10 @@ class ModelAdapter:
     # (batch, tokens, width), the patch embedding and the final projection before unpatchifying;
     # between them every op but attention is token-local (what sequence parallelism shards)
     image_tokens: tuple[str, ...] = ()
+    # the temporal path: modules (fnmatch patterns on qualified names) whose outputs depend on the
+    # timestep (and, where the model adds a pooled text or class embedding to it, on that), not on
+    # the image: the time embedding and each block's projection of it (what TFM-PTQ treats apart)
+    temporal: tuple[str, ...] = ()
 
     def grouped(self, model: torch.nn.Module):
         """(group, qualified name, block) of every block, in forward order."""
@@ -146,28 +150,35 @@ UNET = ModelAdapter("unet", (BlockGroup("down_blocks", "hidden+skips", layers=UN
                                         role="down"),
                              BlockGroup("mid_block", layers=UNET_LAYERS, role="mid"),
                              BlockGroup("up_blocks", layers=UNET_LAYERS, role="up")),
-                    call=CallSignature(learned_variance=True))
+                    call=CallSignature(learned_variance=True),
+                    temporal=("time_embedding.*", "add_embedding.*", "*.time_emb_proj"))
 # diffusers' BasicTransformerBlock: self-attention, cross-attention (if any), feed-forward
 TRANSFORMER = ModelAdapter("dit", (BlockGroup("transformer_blocks", sublayers=("attn1", "attn2", "ff"),
                                                 modulation="basic"),), image_tokens=("pos_embed", "proj_out"),
                            call=CallSignature("keyword", learned_variance=True, constants=(
-                               ("added_cond_kwargs", {"resolution": None, "aspect_ratio": None}),)))
+                               ("added_cond_kwargs", {"resolution": None, "aspect_ratio": None}),)),
+                           temporal=("adaln_single.*",))
 DIT = ModelAdapter("dit", TRANSFORMER.groups, conditioning="class", image_tokens=("pos_embed", "proj_out_2"),
-                   call=CallSignature(learned_variance=True))
+                   call=CallSignature(learned_variance=True),
+                   temporal=("*.norm1.emb.*", "*.norm1.linear", "proj_out_1"))
+# the timestep (plus pooled text) embedding of MM-DiTs and the adaptive norms that project it
+ADALN_TEMPORAL = ("time_text_embed.*", "*.norm1.linear", "*.norm1_context.linear", "*.norm.linear",
+                  "norm_out.linear")
 # MM-DiT joint blocks: the text tokens' projections in the joint attention and their MLP
 JOINT_TEXT_STREAM = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context")
 MMDIT = ModelAdapter("dit", (BlockGroup("transformer_blocks", "encoder+hidden",
                                         sublayers=("attn", "attn2", "ff", "ff_context"),
                                         text_stream=JOINT_TEXT_STREAM, modulation="adaln-emb"),),
                     image_tokens=("pos_embed", "proj_out"),
-                    call=CallSignature("keyword", pooled="pooled_projections"))
+                    call=CallSignature("keyword", pooled="pooled_projections"), temporal=ADALN_TEMPORAL)
 FLUX = ModelAdapter("dit", (BlockGroup("transformer_blocks", "encoder+hidden",
                                        sublayers=("attn", "ff", "ff_context"), text_stream=JOINT_TEXT_STREAM,
                                        modulation="adaln-emb"),
                             BlockGroup("single_transformer_blocks", "encoder+hidden",
                                        sublayers=("attn", "proj_mlp", "proj_out"))),
                     call=CallSignature("keyword", timestep_scale=1e-3, pooled="pooled_projections", packing=2,
-                                       embedded_guidance=("guidance", 3.5)))
+                                       embedded_guidance=("guidance", 3.5)),
+                    temporal=ADALN_TEMPORAL)
 
 ADAPTERS: dict[str, ModelAdapter] = {
     "UNet2DConditionModel": UNET,

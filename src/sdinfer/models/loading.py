@@ -181,6 +181,10 @@ def _load_component(folder: Path, library: str, class_name: str, dtype: torch.dt
                         f"installed; install {library} or re-save the pipeline") from None
     if class_name.endswith("Tokenizer") or class_name.endswith("TokenizerFast"):
         return cls.from_pretrained(str(folder))
+    from ..quant.folder import is_quantized_folder, load_quantized
+
+    if library == "diffusers" and is_quantized_folder(folder):
+        return load_quantized(folder, cls, dtype)
     check_component_folder(folder)
     kwargs = {}
     if library == "diffusers":

@@ -1,0 +1,169 @@
+"""The quantized layer every method produces, and the activation quantizer it may carry.
+
+``QuantizedLayer`` replaces one ``nn.Linear`` or ``nn.Conv2d``.  Its weight is held as packed
+codes (``packing.py``) into a table of values: a scalar format's table (int or FP, one code per
+weight, times a per-output-channel scale) or a vector codebook (one code per sub-vector of
+``vector`` consecutive input weights of a row: VQ4DiT).  The forward dequantizes the weight
+(table look-up, times the scale) and runs the float layer: quantization here is *simulated*,
+with the memory of the packed codes but no low-bit kernel (the benchmark tables say so).
+``ActivationQuantizer`` rounds the layer's input to a format before the matmul, with one scale
+per calibrated timestep where a method calibrated them (TFM-PTQ's finite-set calibration): the
+scale of the step is chosen by the step context's model timestep (the nearest calibrated one).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..context import current_step
+from .formats import Format, table_format
+from .packing import pack, unpack
+
+KINDS = {torch.nn.Linear: "linear", torch.nn.Conv2d: "conv2d"}
+
+
+def kind_of(module: torch.nn.Module) -> str | None:
+    return KINDS.get(type(module))
+
+
+def conv_args(module: torch.nn.Module) -> dict:
+    """A Conv2d's stride, padding, dilation and groups ({} for a Linear)."""
+    if kind_of(module) != "conv2d":
+        return {}
+    if module.padding_mode != "zeros":
+        raise ValueError(f"a Conv2d with padding_mode={module.padding_mode!r} is not quantized")
+    padding = module.padding if isinstance(module.padding, str) else list(module.padding)
+    return {"stride": list(module.stride), "padding": padding, "dilation": list(module.dilation),
+            "groups": module.groups}
+
+
+class ActivationQuantizer(torch.nn.Module):
+    """Rounds a tensor to ``values`` times a scale: one scale, or one per calibrated timestep."""
+
+    def __init__(self, fmt: Format, scales: torch.Tensor, times: torch.Tensor | None = None):
+        super().__init__()
+        self.format_name = fmt.name
+        self.register_buffer("values", fmt.values.clone())
+        self.register_buffer("scales", scales.reshape(-1).float().clone())
+        times = torch.empty(0) if times is None else times.reshape(-1).float().clone()
+        if times.numel() and times.numel() != self.scales.numel():
+            raise ValueError("one activation scale per calibrated timestep")
+        self.register_buffer("times", times)
+
+    @property
+    def format(self) -> Format:
+        return table_format(self.format_name, self.values)
+
+    @property
+    def per_timestep(self) -> bool:
+        return self.times.numel() > 1
+
+    def index_at(self, model_t: float | None) -> int:
+        """The calibrated timestep nearest ``model_t`` (0 with one scale)."""
+        if not self.per_timestep:
+            return 0
+        if model_t is None:
+            raise RuntimeError("this layer's activation scales are per timestep and no step context is set; "
+                               "call the model inside a sampling loop or a pipeline")
+        return int(torch.argmin((self.times - float(model_t)).abs()))
+
+    def scale_now(self) -> torch.Tensor:
+        ctx = current_step()
+        return self.scales[self.index_at(ctx.model_t if ctx is not None else None)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale_now().to(x.device)
+        mids = ((self.values[1:] + self.values[:-1]) / 2).to(x.device)
+        scaled = (x.float() / scale).contiguous()
+        return (self.values.to(x.device)[torch.bucketize(scaled, mids)] * scale).to(x.dtype)
+
+
+class QuantizedLayer(torch.nn.Module):
+    """A Linear / Conv2d whose weight is packed codes into ``values`` times ``scale``."""
+
+    def __init__(self, kind: str, weight_shape: tuple[int, ...], format_name: str, code_bits: int,
+                 vector: int, values: torch.Tensor, scale: torch.Tensor, packed: torch.Tensor,
+                 bias: torch.Tensor | None, conv: dict | None = None, act: ActivationQuantizer | None = None):
+        super().__init__()
+        self.kind, self.weight_shape = kind, tuple(int(s) for s in weight_shape)
+        self.format_name, self.code_bits, self.vector = format_name, int(code_bits), int(vector)
+        self.conv = dict(conv or {})
+        self.register_buffer("packed", packed)
+        self.register_buffer("values", values.float())
+        self.register_buffer("scale", scale.float().reshape(self.weight_shape[0], 1))
+        self.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.act = act
+
+    @classmethod
+    def from_codes(cls, original: torch.nn.Module, codes: torch.Tensor, values: torch.Tensor,
+                   scale: torch.Tensor | None, format_name: str, vector: int = 1,
+                   act: ActivationQuantizer | None = None) -> "QuantizedLayer":
+        """The layer that replaces ``original`` (a Linear or Conv2d), ``codes`` indexing ``values``
+        (a (K,) table, or (K, vector) codewords)."""
+        kind = kind_of(original)
+        if kind is None:
+            raise ValueError(f"only Linear and Conv2d layers are quantized, not {type(original).__name__}")
+        shape = tuple(original.weight.shape)
+        code_bits = max(1, (int(values.shape[0]) - 1).bit_length())
+        conv = conv_args(original)
+        scale = torch.ones(shape[0]) if scale is None else scale
+        layer = cls(kind, shape, format_name, code_bits, vector, values, scale, pack(codes, code_bits),
+                    original.bias, conv, act)
+        return layer.to(original.weight.device)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.weight_shape:
+            n *= s
+        return n
+
+    @property
+    def format(self) -> Format:
+        return table_format(self.format_name, self.values)
+
+    def codes(self) -> torch.Tensor:
+        return unpack(self.packed, self.code_bits, self.numel // self.vector)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        table = self.values[self.codes()]                       # (n,) or (n / vector, vector)
+        w = table.reshape(self.weight_shape[0], -1) * self.scale
+        return w.reshape(self.weight_shape).to(dtype or self.values.dtype)
+
+    def storage_bits(self) -> int:
+        """Bits this layer's weight takes on disk: codes, table and scales (bias not counted)."""
+        return self.packed.numel() * 8 + (self.values.numel() + self.scale.numel()) * 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x)
+        w = self.dequantized_weight(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if self.kind == "linear":
+            return F.linear(x, w, bias)
+        c = self.conv
+        return F.conv2d(x, w, bias, tuple(c["stride"]), c["padding"] if isinstance(c["padding"], str)
+                        else tuple(c["padding"]), tuple(c["dilation"]), c["groups"])
+
+    def layout(self) -> dict:
+        """What rebuilds this layer from its tensors (the file's per-layer metadata)."""
+        out = {"kind": self.kind, "weight_shape": list(self.weight_shape), "format": self.format_name,
+               "code_bits": self.code_bits, "vector": self.vector, "conv": self.conv, "bias": self.bias is not None}
+        if self.act is not None:
+            out["act_format"] = self.act.format_name
+        return out
+
+    @classmethod
+    def from_layout(cls, layout: dict, tensors: dict[str, torch.Tensor]) -> "QuantizedLayer":
+        act = None
+        if "act_format" in layout:
+            act = ActivationQuantizer(table_format(layout["act_format"], tensors["act.values"]),
+                                      tensors["act.scales"], tensors["act.times"])
+        return cls(layout["kind"], tuple(layout["weight_shape"]), layout["format"], layout["code_bits"],
+                   layout["vector"], tensors["values"], tensors["scale"], tensors["packed"],
+                   tensors.get("bias"), layout.get("conv"), act)
+
+    def extra_repr(self) -> str:
+        act = f", act={self.act.format_name}" if self.act is not None else ""
+        return f"{self.kind}, weight={self.weight_shape}, format={self.format_name}{act}"
