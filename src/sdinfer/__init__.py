@@ -9,6 +9,9 @@ import types
 __version__ = "0.1.0"
 
 from .errors import UserError  # noqa: E402  (no torch behind it)
+from .import_noise import install as _drop_import_noise  # noqa: E402
+
+_drop_import_noise()
 
 _LAZY = {
     "accelerate": (".accelerate", "accelerate"),
@@ -18,10 +21,11 @@ _LAZY = {
     "sample": (".sampling", "sample"),
     "FlowMatchSchedule": (".schedules", "FlowMatchSchedule"),
     "NoiseSchedule": (".schedules", "NoiseSchedule"),
+    "quantize": (".quant", "quantize"),
 }
 
 __all__ = ["Denoiser", "accelerate", "FlowMatchSchedule", "NoiseSchedule", "StepContext", "UserError",
-           "current_step", "sample", "__version__"]
+           "current_step", "quantize", "sample", "__version__"]
 
 
 def __getattr__(name: str):

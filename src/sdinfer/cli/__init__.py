@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import bench, calibrate, generate, models, serve, train, tune
+from . import bench, calibrate, generate, models, quantize, serve, train, tune
 from .options import quiet_libraries as _quiet_libraries  # noqa: F401  (bench/ scripts and tests use it)
 
 EXAMPLES = """\
@@ -29,6 +29,8 @@ examples:
   sdinfer tune --model unet --budget adherence-drop=0.02 --out tuned-unet
   sdinfer generate "a red circle in the top left" --preset tuned-unet/preset.json
   sdinfer serve --model unet --port 8000
+  sdinfer quantize --model dit --method lbq:weights=fp4,activations=fp8 --out dit-lbq-w4
+  sdinfer generate "a red circle in the top left" --model dit-lbq-w4
 """
 
 
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     tune.add_parser(sub)
     serve.add_parser(sub)
+    quantize.add_parser(sub)
     return parser
 
 

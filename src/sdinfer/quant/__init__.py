@@ -14,6 +14,7 @@ baselines (``quant/torchao_baseline.py``): they make no folder of ours.
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from ..errors import UserError
@@ -83,18 +84,17 @@ def quantize(target, spec, calibration: CalibrationConfig | None = None,
     calib_config = calibration or CalibrationConfig()
     calib = None
     if getattr(config, "needs_calibration", True):
-        try:
-            calib = calibration_for(target, model, calib_config, prompts)
-        except UserError:
-            raise
+        calib = calibration_for(target, model, calib_config, prompts)
     job = QuantJob(model, targets, temporal_names(model) & set(targets), calib)
+    start = time.perf_counter()
     try:
         layers = METHODS[method][1](job, config)
     except ValueError as err:
         raise UserError(f"{method}: {err}") from None
     cost = calib.cost.as_dict() if calib is not None else {"seconds": 0.0, "passes": 0, "model_calls": 0}
     info = {"prompts": len(calib.prompts) if calib else 0, "steps": calib_config.steps,
-            "guidance_scale": calib_config.guidance_scale, "seed": calib_config.seed, "cost": cost}
+            "guidance_scale": calib_config.guidance_scale, "seed": calib_config.seed,
+            "trajectories": cost, "total_seconds": round(time.perf_counter() - start, 2)}
     return Quantized(model, method, _settings(config), layers, calibration=info).install()
 
 

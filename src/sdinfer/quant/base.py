@@ -108,8 +108,8 @@ class Quantized:
                 "bits_per_weight": round(self.bits_per_weight(), 3), "formats": formats,
                 "calibration": self.calibration}
 
-    def save(self, out, source=None):
+    def save(self, out, source=None, overwrite: bool = False):
         """Write the quantized pipeline folder (``quant/folder.py``)."""
         from .folder import save_quantized
 
-        return save_quantized(self, out, source)
+        return save_quantized(self, out, source, overwrite)

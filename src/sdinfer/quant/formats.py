@@ -40,7 +40,8 @@ class Format:
 
     @property
     def max(self) -> float:
-        return float(self.values.abs().max())
+        """The largest magnitude both signs reach (7 for int4, whose table runs -8 .. 7)."""
+        return float(min(-self.values[0], self.values[-1]))
 
     def _midpoints(self, like: torch.Tensor) -> torch.Tensor:
         v = self.values.to(like.device, torch.float32)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..context import current_step
 from .formats import Format, table_format
-from .packing import pack, unpack
+from .packing import pack, packed_bytes, unpack
 
 KINDS = {torch.nn.Linear: "linear", torch.nn.Conv2d: "conv2d"}
 
@@ -160,9 +160,19 @@ class QuantizedLayer(torch.nn.Module):
         if "act_format" in layout:
             act = ActivationQuantizer(table_format(layout["act_format"], tensors["act.values"]),
                                       tensors["act.scales"], tensors["act.times"])
-        return cls(layout["kind"], tuple(layout["weight_shape"]), layout["format"], layout["code_bits"],
-                   layout["vector"], tensors["values"], tensors["scale"], tensors["packed"],
-                   tensors.get("bias"), layout.get("conv"), act)
+        layer = cls(layout["kind"], tuple(layout["weight_shape"]), layout["format"], layout["code_bits"],
+                    layout["vector"], tensors["values"], tensors["scale"], tensors["packed"],
+                    tensors.get("bias"), layout.get("conv"), act)
+        layer.check()
+        return layer
+
+    def check(self) -> None:
+        """Refuse tensors that do not fit the layout (a damaged file): ``ValueError``."""
+        codes = self.numel // self.vector
+        if self.packed.dtype != torch.uint8 or self.packed.numel() != packed_bytes(codes, self.code_bits):
+            raise ValueError(f"{self.packed.numel()} packed bytes for {codes} codes of {self.code_bits} bits")
+        if self.values.shape[0] > 2 ** self.code_bits or (self.vector > 1 and self.values.shape[1:] != (self.vector,)):
+            raise ValueError(f"a value table of shape {tuple(self.values.shape)} for {self.code_bits}-bit codes")
 
     def extra_repr(self) -> str:
         act = f", act={self.act.format_name}" if self.act is not None else ""

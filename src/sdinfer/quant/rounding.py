@@ -40,8 +40,8 @@ def layer_output(module_kind: str, conv: dict, x: torch.Tensor, w: torch.Tensor)
 
 
 def learn_rounding(weight: torch.Tensor, fmt: Format, scale: torch.Tensor, inputs: list[torch.Tensor],
-                   kind: str, conv: dict | None = None, iters: int = 300, lr: float = 1e-2,
-                   reg: float = 0.01, batch: int = 4, seed: int = 0) -> torch.Tensor:
+                   kind: str, conv: dict | None = None, iters: int = 300, lr: float = 5e-2,
+                   reg: float = 0.5, batch: int = 4, seed: int = 0) -> torch.Tensor:
     """Codes (per weight, into ``fmt.values``) with the rounding learned against the output of
     the layer on ``inputs`` (its captured inputs: rows for a Linear, images for a Conv2d)."""
     conv = conv or {}
