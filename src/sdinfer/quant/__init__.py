@@ -66,11 +66,12 @@ def _settings(config) -> dict:
 
 
 def quantize(target, spec, calibration: CalibrationConfig | None = None,
-             prompts: list[str] | None = None) -> Quantized:
+             prompts: list[str] | None = None, pipeline_kwargs: dict | None = None) -> Quantized:
     """Quantize the denoiser of ``target`` (sdinfer's ``Pipeline``, a diffusers pipeline, or for
     methods that need no data a bare diffusers model) by ``spec`` (``"lbq:weights=fp4"`` or a
-    config), calibrating on its own trajectories over ``prompts`` (default: training captions);
-    returns the installed handle (``remove()``, ``save(folder)``)."""
+    config), calibrating on its own trajectories over ``prompts`` (default: training captions;
+    ``pipeline_kwargs`` go to a diffusers pipeline's calibration calls); returns the installed
+    handle (``remove()``, ``save(folder)``)."""
     from ..accelerate import denoiser_of
 
     config = parse_spec(spec) if isinstance(spec, str) else spec
@@ -84,7 +85,7 @@ def quantize(target, spec, calibration: CalibrationConfig | None = None,
     calib_config = calibration or CalibrationConfig()
     calib = None
     if getattr(config, "needs_calibration", True):
-        calib = calibration_for(target, model, calib_config, prompts)
+        calib = calibration_for(target, model, calib_config, prompts, pipeline_kwargs)
     job = QuantJob(model, targets, temporal_names(model) & set(targets), calib)
     start = time.perf_counter()
     try:

@@ -170,9 +170,10 @@ class Calibration:
 
 
 def calibration_for(target, model: torch.nn.Module, config: CalibrationConfig,
-                    prompts: list[str] | None = None) -> Calibration:
+                    prompts: list[str] | None = None, pipeline_kwargs: dict | None = None) -> Calibration:
     """The calibration runs of ``target``: sdinfer's ``Pipeline`` (DDIM ``steps``, guidance, seeded
-    noise) or a stock diffusers pipeline (its own scheduler, ``output_type="latent"``)."""
+    noise) or a stock diffusers pipeline (its own scheduler, ``output_type="latent"``, and
+    ``pipeline_kwargs`` such as ``height`` / ``width`` passed to its calls)."""
     from ..pipeline import Pipeline
 
     prompts = prompts or default_prompts(config.prompts, config.seed)
@@ -185,7 +186,7 @@ def calibration_for(target, model: torch.nn.Module, config: CalibrationConfig,
         def run():
             generator = torch.Generator().manual_seed(config.seed)
             target(prompt=prompts, num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-                   generator=generator, output_type="latent")
+                   generator=generator, output_type="latent", **(pipeline_kwargs or {}))
         return Calibration(model, run, config, prompts, track_steps=True)
     raise UserError(f"cannot calibrate on a bare {type(target).__name__}: pass the pipeline (sdinfer's or "
                     "a diffusers one), whose sampling trajectories are the calibration data")

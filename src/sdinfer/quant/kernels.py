@@ -18,6 +18,7 @@ quantizes no Conv2d) and returns a function that restores the full-precision wei
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -49,7 +50,9 @@ def apply_kernel(model: torch.nn.Module, name: str) -> Callable[[], None]:
         originals = dict(linears)
         for layer_name, layer in linears.items():
             holder = torch.nn.Sequential(layer)
-            torch.ao.quantization.quantize_dynamic(holder, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+            with warnings.catch_warnings():   # torch deprecates its quantized tensors in favour of torchao
+                warnings.simplefilter("ignore", UserWarning)
+                torch.ao.quantization.quantize_dynamic(holder, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
             model.set_submodule(layer_name, holder[0])
 
         def restore_modules():

@@ -31,7 +31,7 @@ from .base import QuantJob
 from .formats import FP_SPLITS, fp_candidates
 from .layers import ActivationQuantizer, QuantizedLayer, conv_args, kind_of
 from .rounding import layer_output, learn_rounding
-from .scalar import activation_scale, codes_of, search_clip
+from .scalar import ACTIVATION_SAMPLE, activation_scale, codes_of, search_clip
 
 ROUNDINGS = ("auto", "learned", "nearest")
 MAX_SEARCH_INPUTS = 16
@@ -80,9 +80,11 @@ def choose_format(module, kind: str, conv: dict, formats, inputs: list[torch.Ten
 def activation_quantizer(formats, samples: list[torch.Tensor]) -> ActivationQuantizer:
     """The FP split and per-tensor scale of least error on ``samples``."""
     best = None
+    flat = torch.cat([s.reshape(-1) for s in samples])
+    if flat.numel() > ACTIVATION_SAMPLE:
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:ACTIVATION_SAMPLE]]
     for fmt in formats:
         scale = activation_scale(samples, fmt)
-        flat = torch.cat([s.reshape(-1) for s in samples])
         err = float(((fmt.round(flat / scale) * scale - flat) ** 2).sum())
         if best is None or err < best[0]:
             best = (err, fmt, scale)

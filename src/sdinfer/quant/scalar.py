@@ -14,6 +14,7 @@ import torch
 from .formats import Format
 
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(17))   # 1.0 down to 0.6
+ACTIVATION_SAMPLE = 20_000
 
 
 def rows(weight: torch.Tensor) -> torch.Tensor:
@@ -55,9 +56,9 @@ def activation_scale(samples: list[torch.Tensor], fmt: Format, ratios=CLIP_RATIO
     """One scale for the activations in ``samples``: the clipping of their max with the least
     squared rounding error over all of them (max scaling where ``ratios`` is (1.0,))."""
     flat = torch.cat([s.reshape(-1).float() for s in samples])
-    if flat.numel() > 200_000:
-        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:200_000]]
     peak = float(flat.abs().max())
+    if flat.numel() > ACTIVATION_SAMPLE:   # the error is estimated on a seeded sample; the peak is exact
+        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:ACTIVATION_SAMPLE]]
     if peak == 0:
         return torch.tensor(1.0)
     best, best_err = peak / fmt.max, float("inf")
