@@ -168,14 +168,15 @@ def timing(args, prompts: list[str]) -> dict:
         return apply_kernel(pipe.model.denoiser, s.accelerate) if s.accelerate else (lambda: None)
 
     found = measure_all(pipe, specs, prompts, args.batch, SEED, args.repeats, install=install)
-    base = found[0].wall_s
-    rows = [{"config": s.accelerate or "fp32", "wall_s": round(m.wall_s, 3), "speedup": round(base / m.wall_s, 3)}
-            for s, m in zip(specs, found)]
+    base = found[0]
+    rows = [{"config": s.accelerate or "fp32", "wall_s": round(m.wall_s, 3), "speedup": round(base.wall_s / m.wall_s, 3),
+             "psnr": round(psnr(m.pixels, base.pixels), 2)} for s, m in zip(specs, found)]
     for name in (c for c in args.configs if c in HALF):   # a pipeline of its own, timed beside float32
         half = Pipeline.from_pretrained(args.model, dtype=HALF[name])
         pair = [measure_all(p, [spec], prompts, args.batch, SEED, args.repeats)[0] for p in (pipe, half)]
         rows.append({"config": name, "wall_s": round(pair[1].wall_s, 3), "fp32_wall_s": round(pair[0].wall_s, 3),
-                     "speedup": round(pair[0].wall_s / pair[1].wall_s, 3)})
+                     "speedup": round(pair[0].wall_s / pair[1].wall_s, 3),
+                     "psnr": round(psnr(pair[1].pixels, pair[0].pixels), 2)})
     return {"rows": rows}
 
 

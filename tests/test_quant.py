@@ -246,3 +246,39 @@ def test_cli_quantize_writes_a_folder_generate_loads(tmp_path):
                           "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         f"sdinfer: error: --out {out} exists and is not empty; give a new folder (or --overwrite to replace it)"]
+
+
+def _png(path):
+    import numpy as np
+    from PIL import Image
+
+    return torch.from_numpy(np.asarray(Image.open(path), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+@pytest.mark.slow
+def test_a_quantized_folder_runs_under_parallel_strategies_and_caches(unet_pipe, tmp_path):
+    """Weight-only, so that the exact strategies are exact: quantized activations round, and a
+    different batch composition (cfg's halves) can flip a rounding (max abs 0.14 in one call)."""
+    from sdinfer.eval.metrics import psnr
+
+    handle = quantize(unet_pipe, "rtn:weights=int4", TINY_CALIBRATION)
+    try:
+        folder = handle.save(tmp_path / "q", source=unet_pipe.model.path)
+    finally:
+        handle.remove()
+    common = ["a red circle in the top left", "--model", str(folder), "--steps", "4", "--seed", "3"]
+
+    def generate(name, *extra):
+        out = tmp_path / f"{name}.png"
+        run = subprocess.run([sys.executable, "-m", "sdinfer", "generate", *common, *extra, "-o", str(out)],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        return _png(out)
+
+    one = generate("one", "--accelerate", "deepcache:interval=2")
+    cfg = generate("cfg", "--accelerate", "deepcache:interval=2", "--parallel", "cfg", "--world-size", "2")
+    assert psnr(cfg, one) > 40                      # exact strategy, exact cache: one device's image
+    plain = generate("plain")
+    # DistriFusion with every step a warm-up step is exact too: its halo convs run the quantized convs
+    patches = generate("distrifusion", "--parallel", "distrifusion:warmup_steps=4", "--world-size", "2")
+    assert psnr(patches, plain) > 40

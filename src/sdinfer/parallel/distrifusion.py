@@ -73,6 +73,7 @@ from ..cache.base import BranchStates, CacheHandle, hidden_states_of, hook_name,
 from ..context import StepContext, current_step
 from ..errors import UserError
 from ..models.adapters import adapter_for, supported
+from ..quant.layers import is_conv2d
 from .attention import forward_with_attention
 from .comm import Communicator, Pending
 
@@ -318,7 +319,7 @@ def apply_distrifusion(model: torch.nn.Module, config: DistriFusionConfig, handl
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ConvTranspose2d):
             raise ValueError(f"distrifusion does not split transposed convolutions ({name})")
-        if isinstance(module, torch.nn.Conv2d) and (pad := _height_padding(name, module)):
+        if is_conv2d(module) and (pad := _height_padding(name, module)):
             convs.append((name, module, pad))
     norms = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.GroupNorm)]
     attentions = [(name, m) for name, m, cross in adapter.attentions(model) if not cross]

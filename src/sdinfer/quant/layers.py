@@ -23,6 +23,15 @@ from .packing import pack, packed_bytes, unpack
 KINDS = {torch.nn.Linear: "linear", torch.nn.Conv2d: "conv2d"}
 
 
+def is_conv2d(module: torch.nn.Module) -> bool:
+    """A Conv2d, full precision or quantized (both have its attributes and ``weight``)."""
+    return isinstance(module, torch.nn.Conv2d) or getattr(module, "kind", None) == "conv2d"
+
+
+def _quantize_input(module, args):
+    return (module.act(args[0]), *args[1:])
+
+
 def kind_of(module: torch.nn.Module) -> str | None:
     return KINDS.get(type(module))
 
@@ -94,6 +103,8 @@ class QuantizedLayer(torch.nn.Module):
         self.register_buffer("scale", scale.float().reshape(self.weight_shape[0], 1))
         self.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.act = act
+        if act is not None:   # a pre-hook, so that a hook replacing forward (DistriFusion's halo conv) keeps it
+            self.register_forward_pre_hook(_quantize_input)
 
     @classmethod
     def from_codes(cls, original: torch.nn.Module, codes: torch.Tensor, values: torch.Tensor,
@@ -135,16 +146,22 @@ class QuantizedLayer(torch.nn.Module):
         """Bits this layer's weight takes on disk: codes, table and scales (bias not counted)."""
         return self.packed.numel() * 8 + (self.values.numel() + self.scale.numel()) * 16
 
+    # a Conv2d's attributes, for code that computes the convolution itself (DistriFusion's halos)
+    weight = property(lambda self: self.dequantized_weight())
+    stride = property(lambda self: tuple(self.conv["stride"]))
+    padding = property(lambda self: self.conv["padding"] if isinstance(self.conv["padding"], str)
+                       else tuple(self.conv["padding"]))
+    dilation = property(lambda self: tuple(self.conv["dilation"]))
+    groups = property(lambda self: self.conv["groups"])
+    kernel_size = property(lambda self: tuple(self.weight_shape[2:]))
+    padding_mode = "zeros"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is not None:
-            x = self.act(x)
         w = self.dequantized_weight(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         if self.kind == "linear":
             return F.linear(x, w, bias)
-        c = self.conv
-        return F.conv2d(x, w, bias, tuple(c["stride"]), c["padding"] if isinstance(c["padding"], str)
-                        else tuple(c["padding"]), tuple(c["dilation"]), c["groups"])
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def layout(self) -> dict:
         """What rebuilds this layer from its tensors (the file's per-layer metadata)."""
