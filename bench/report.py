@@ -22,6 +22,9 @@ where its rows come from:
   shapes with random weights, from ``bench/results/real-shapes.json`` (``bench/real_shapes.py``);
 - ``serve-workload``: ``sdinfer serve`` on a Zipf-like stream, the approximate cache and the batcher
   off and on, from ``bench/results/serve-workload.json`` (``bench/serve_workload.py``);
+- ``quant-MODEL`` / ``quant-stacks-MODEL`` / ``quant-timing``: ``bench/quantize.py``'s quality rows
+  of every ``bench/results/quant-MODEL.*.json`` (the float32 row once), its stacks, and its timing
+  runs ``bench/results/quant-timing.*.json``;
 - any other name: ``bench/results/tables/NAME.json`` (``columns`` and ``rows``, cells as printed),
   tables whose figures came from scripts that print markdown, converted once.
 
@@ -477,7 +480,59 @@ def serve_load_table() -> str:
                      "p95 (s)", "requests/s", "mean batch"], rows)
 
 
+def _quant_files(pattern: str) -> list[dict]:
+    files = sorted(RESULTS.glob(pattern))
+    if not files:
+        raise SystemExit(f"BENCHMARKS.md names a quantization table, but no bench/results/{pattern} exists: "
+                         "run python bench/quantize.py (see BENCHMARKS.md)")
+    return [json.loads(f.read_text()) for f in files]
+
+
+def _quant_label(config: str) -> str:
+    return config if config in ("fp32", "bf16", "fp16") or ":" not in config else f"`{config}`"
+
+
+def quant_table(model: str) -> str:
+    """Per configuration: bits per weight, size on disk, memory, speed, quality and quantization cost."""
+    rows, seen = [], set()
+    for data in _quant_files(f"quant-{model}.*.json"):
+        for r in data["rows"]:
+            if r["config"] in seen:
+                continue
+            seen.add(r["config"])
+            cost = r.get("quantize_s")
+            calib = (r.get("calibration") or {}).get("trajectories", {}).get("seconds")
+            rows.append([_quant_label(r["config"]), fixed(r["bits_per_weight"], 2),
+                         "-" if r.get("file_mb") is None else fixed(r["file_mb"], 2), fixed(r["model_mb"], 2),
+                         r["speed"], fixed(r["psnr"], 1), fixed(r["ssim"], 3), percent(r["adherence"]),
+                         "-" if cost is None else f"{cost:.0f} ({calib:.0f})"])
+    return markdown(["config", "bits / weight", "file MiB", "denoiser MiB", "speed", "PSNR dB", "SSIM",
+                     "adherence", "quantize s (trajectories s)"], rows)
+
+
+def quant_stacks_table(model: str) -> str:
+    rows = []
+    for data in _quant_files(f"quant-{model}.*.json"):
+        rows += [[_quant_label(r["config"]), str(r["nfe"]), fixed(r["psnr"], 1), fixed(r["ssim"], 3),
+                  percent(r["adherence"])] for r in data.get("stacks", [])]
+    return markdown(["stack", "NFE", "PSNR dB vs DDIM 50 fp32", "SSIM", "adherence"], rows)
+
+
+def quant_timing_table() -> str:
+    rows = []
+    for data in _quant_files("quant-timing.*.json"):
+        rows += [[data["model"], _quant_label(r["config"]), fixed(r["wall_s"], 2), fixed(r["speedup"], 2),
+                  fixed(r["psnr"], 1)] for r in data["rows"]]
+    return markdown(["model", "config", "wall s (median)", "speed-up vs fp32", "PSNR dB vs fp32"], rows)
+
+
 def table(name: str) -> str:
+    if name == "quant-timing":
+        return quant_timing_table()
+    if name.startswith("quant-stacks-"):
+        return quant_stacks_table(name[len("quant-stacks-"):])
+    if name.startswith("quant-"):
+        return quant_table(name[len("quant-"):])
     if name == "serve-load":
         return serve_load_table()
     if name == "mixture-samplers":

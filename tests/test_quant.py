@@ -282,3 +282,30 @@ def test_a_quantized_folder_runs_under_parallel_strategies_and_caches(unet_pipe,
     # DistriFusion with every step a warm-up step is exact too: its halo convs run the quantized convs
     patches = generate("distrifusion", "--parallel", "distrifusion:warmup_steps=4", "--world-size", "2")
     assert psnr(patches, plain) > 40
+
+
+@pytest.mark.parametrize("kernel", ["torchao-int8-dynamic", "torchao-int8-weight", "torch-dynamic-int8"])
+def test_kernel_baselines_quantize_the_target_linears_and_restore(unet_pipe, kernel):
+    from sdinfer.eval.metrics import psnr
+    from sdinfer.quant.kernels import apply_kernel, linear_targets
+
+    reference = unet_pipe(PROMPTS, steps=2, seed=4).pixels
+    linears = linear_targets(unet_pipe.model.denoiser)
+    restore = apply_kernel(unet_pipe.model.denoiser, kernel)
+    try:
+        now = {name: unet_pipe.model.denoiser.get_submodule(name) for name in linears}
+        swapped = [name for name, m in now.items()
+                   if type(m) is not torch.nn.Linear or type(m.weight) is not torch.nn.Parameter]
+        assert len(swapped) == len(linears)
+        quantized = unet_pipe(PROMPTS, steps=2, seed=4).pixels
+        assert 25 < psnr(quantized, reference) < 90
+    finally:
+        restore()
+    assert torch.equal(unet_pipe(PROMPTS, steps=2, seed=4).pixels, reference)
+
+
+def test_an_unknown_kernel_baseline_is_refused(unet_pipe):
+    from sdinfer.quant.kernels import apply_kernel
+
+    with pytest.raises(UserError, match="unknown kernel baseline"):
+        apply_kernel(unet_pipe.model.denoiser, "int3-magic")

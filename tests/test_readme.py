@@ -122,12 +122,17 @@ def test_the_set_up_line_installs_what_the_commands_need():
     assert setup.index("pip install torch") < setup.index("pip install -e"), "torch goes in before sdinfer"
 
 
+QUANTIZED = {argv[argv.index("--out") + 1] for argv in COMMANDS if argv[:1] == ["quantize"]}
+
+
 def _cheap(argv: list[str]) -> bool:
     """generate on a shipped model on one process (no --parallel, no --size beyond the model's,
-    no learned grid, auto-sampler table or preset, which the minutes-long calibration or tune
-    before it makes), models, --help."""
+    no learned grid, auto-sampler table, preset or quantized folder, which the minutes-long
+    calibration, tune or quantization before it makes), models, --help."""
     if argv[:1] == ["models"] or argv == ["--help"]:
         return True
+    if "--model" in argv[:-1] and argv[argv.index("--model") + 1] in QUANTIZED:
+        return False
     sampler = argv[argv.index("--sampler") + 1] if "--sampler" in argv[:-1] else None
     return (argv[:1] == ["generate"] and "--parallel" not in argv and "--size" not in argv
             and "learned" not in argv and "--preset" not in argv and sampler != "auto")

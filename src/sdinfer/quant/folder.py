@@ -104,7 +104,10 @@ def load_quantized(folder: Path, cls, dtype: torch.dtype) -> torch.nn.Module:
     if meta.get("class") != cls.__name__:
         raise UserError(f"{folder / FILE} holds a quantized {meta.get('class')}, but the folder's config names "
                         f"{cls.__name__}; quantize the model again")
-    model = cls.from_config(cls.load_config(str(folder)))
+    from ..models.quiet import quiet_loading
+
+    with quiet_loading():
+        model = cls.from_config(cls.load_config(str(folder)))
     layers = {}
     try:
         for name, layout in meta["layers"].items():
