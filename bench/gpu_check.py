@@ -116,6 +116,57 @@ def bench_rows(args) -> int:
     return 0
 
 
+def quant_check(args) -> int:
+    """torchao's kernels on the device against the same pipeline unquantized: wall time of a
+    batch at ``--steps`` (median of 2 after a warm-up) and PSNR; FP8 where the GPU has FP8 GEMMs."""
+    import statistics
+    import time
+
+    import torch
+
+    from sdinfer.eval.metrics import psnr
+    from sdinfer.pipeline import Pipeline
+
+    device = torch.device(args.device)
+    pipe = Pipeline.from_pretrained(args.model, device=device, dtype=args.dtype)
+    prompts = (PROMPTS * args.prompts)[:args.prompts]
+
+    def timed():
+        pipe(prompts, steps=2, seed=0)
+        walls, out = [], None
+        for _ in range(2):
+            _sync(device)
+            start = time.perf_counter()
+            out = pipe(prompts, steps=args.steps, seed=0).pixels
+            _sync(device)
+            walls.append(time.perf_counter() - start)
+        return statistics.median(walls), out
+
+    base_s, base = timed()
+    append(args.out, check=f"quant {args.model}: unquantized", device=str(device), dtype=args.dtype, status="ok",
+           seconds=round(base_s, 3), note="reference")
+    configs = ["Int8DynamicActivationInt8WeightConfig", "Int8WeightOnlyConfig"]
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        configs.append("Float8DynamicActivationFloat8WeightConfig")
+    for name in configs:
+        saved = {n: m.weight for n, m in pipe.model.denoiser.named_modules() if type(m) is torch.nn.Linear}
+        try:
+            import torchao.quantization as tq
+
+            tq.quantize_(pipe.model.denoiser, getattr(tq, name)())
+            seconds, out = timed()
+            append(args.out, check=f"quant {args.model}: torchao {name}", device=str(device), dtype=args.dtype,
+                   status="ok", seconds=round(seconds, 3),
+                   note=f"speed-up {base_s / seconds:.2f}x, PSNR {psnr(out, base):.1f} dB vs unquantized")
+        except Exception as err:  # noqa: BLE001 - a row says what failed
+            append(args.out, check=f"quant {args.model}: torchao {name}", device=str(device), dtype=args.dtype,
+                   status="FAIL", seconds=None, note=f"{type(err).__name__}: {str(err)[:200]}")
+        finally:
+            for n, weight in saved.items():
+                pipe.model.denoiser.get_submodule(n).weight = weight
+    return 0
+
+
 def table(args) -> int:
     rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
     print("| check | device | dtype | status | seconds | note |")
@@ -155,10 +206,18 @@ def main(argv=None) -> int:
     b.add_argument("--device", default="cuda")
     b.add_argument("--dtype", default="float16")
     b.add_argument("--out", required=True)
+    q = sub.add_parser("quant")
+    q.add_argument("--model", default="dit")
+    q.add_argument("--device", default="cuda")
+    q.add_argument("--dtype", default="bfloat16")
+    q.add_argument("--steps", type=int, default=20)
+    q.add_argument("--prompts", type=int, default=16)
+    q.add_argument("--out", required=True)
     t = sub.add_parser("table")
     t.add_argument("results")
     args = ap.parse_args(argv)
-    return {"compile": compile_check, "compare": compare, "bench-rows": bench_rows, "table": table}[args.cmd](args)
+    return {"compile": compile_check, "compare": compare, "bench-rows": bench_rows, "quant": quant_check,
+            "table": table}[args.cmd](args)
 
 
 if __name__ == "__main__":

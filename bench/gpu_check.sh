@@ -115,5 +115,23 @@ for spec in "unet deepcache:interval=3" "dit fora:interval=3" "dit fbcache" "dit
         || row "compile $1 + $2" "$DTYPE1" FAIL "" "$(tail -n 2 "$LOG" | tr '\n|' '  ' | tail -c 240)"
 done
 
+# 5. quantization kernels (issue 22): torchao's int8 configs and, on Hopper / Ada, its FP8 one (the GEMMs
+#    our int8 / FP8 formats would run on), and a quantized folder of ours loaded on the device
+#    (simulated: dequantize then matmul). Needs torchao in WHEELS (or installed).
+if [ "$WHEELS" != - ]; then
+    "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" "torchao>=0.18" >>"$LOG" 2>&1 \
+        || echo "torchao not in $WHEELS: the kernel rows will say so" >>"$LOG"
+fi
+echo "== quant kernels" >>"$LOG"
+before=$(wc -l < "$RESULTS")
+"$PYTHON" bench/gpu_check.py quant --model dit --device "$DEVICE" --dtype "$DTYPE1" --steps "$STEPS" \
+    --prompts "$PROMPTS" --out "$RESULTS" >>"$LOG" 2>&1
+[ "$(wc -l < "$RESULTS")" -gt "$before" ] \
+    || row "quant kernels" "$DTYPE1" FAIL "" "$(tail -n 2 "$LOG" | tr '\n|' '  ' | tail -c 240)"
+timed "quantize dit rtn int8" "$DTYPE1" -- "${SDI[@]}" quantize --model dit --method rtn:weights=int8 \
+    --overwrite --out "$OUT/dit-rtn-int8"
+timed "generate quantized dit" "$DTYPE1" -- "${SDI[@]}" generate "$PROMPT" --model "$OUT/dit-rtn-int8" \
+    --steps "$STEPS" --device "$DEVICE" --dtype "$DTYPE1" --quiet --overwrite -o "$OUT/generate-dit-rtn-int8.png"
+
 echo
 "$PYTHON" bench/gpu_check.py table "$RESULTS" | tee "$OUT/table.md"
