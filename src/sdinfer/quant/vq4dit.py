@@ -21,9 +21,11 @@ Per weight matrix W (out x in; a Conv2d's weight as out x (in kh kw)):
        L = L_d + lambda(t) L_r,   L_d = sum_outputs ||B(x; W_fp) - B(x; W_vq)||^2 / ||B(x; W_fp)||^2,
                                   L_r = mean_i (1 - max_j r_ij),
 
-   with lambda ramped up linearly over the iterations so that the ratios end near one-hot.
-   The code of each sub-vector is then its candidate of largest ratio (argmax), and the learned
-   codebook is kept.
+   with lambda ramped up linearly (to ``REG_MAX``) so that the ratios end near one-hot; each
+   step takes one captured call, ``BATCH`` of its samples.  The code of each sub-vector is then
+   its candidate of largest ratio (argmax).  Addition to the paper: the last ``HARD_SHARE`` of the
+   steps fine-tune the codebooks alone with those codes fixed (L_d of the hard weights), which
+   closes the small gap between the soft and the argmax reconstruction; the codebook is kept.
 4. Deviation (data): the paper feeds Gaussian noise latents at each timestep; the calibration
    here runs the full-precision model's own DDIM trajectories from Gaussian noise on training
    captions (the pipeline's text conditioning, no images), so blocks see noise at the first step
@@ -57,7 +59,7 @@ DEFAULTS = {2: (4, 256), 3: (2, 64)}      # bits -> (dim, codebook)
 KMEANS_ITERS = 25
 MAX_CALLS = 16                            # captured block calls kept (evenly spaced)
 LAYER_BATCH = 4                           # captured inputs per layer-wise step
-REG_MAX = 0.5                             # lambda at the end of the soft phase (L_d is relative)
+REG_MAX = 1.0                             # lambda at the end of the soft phase (L_d is relative)
 HARD_SHARE = 0.2                          # last steps: codebooks alone, codes fixed at the argmax
 BATCH = 2                                 # samples of a captured block call per step
 
@@ -267,18 +269,48 @@ def calibrate_block(block: torch.nn.Module, vqs: dict[str, VQWeight], calls: lis
             p.requires_grad_(True)
 
 
+def input_gram(module: torch.nn.Module, samples: list[torch.Tensor]) -> torch.Tensor | None:
+    """H = mean over rows of x x^T of the layer's inputs as it multiplies them by its weight rows
+    (a Conv2d's unfolded patches), so that ||(W - W') X||^2 = tr((W - W') H (W - W')^T); None for
+    a grouped convolution."""
+    conv = conv_args(module)
+    if conv.get("groups", 1) != 1 or isinstance(conv.get("padding"), str):
+        return None
+    width = rows(module.weight).shape[1]
+    gram, count = torch.zeros(width, width), 0
+    for x in samples:
+        if kind_of(module) == "conv2d":
+            x = F.unfold(x.float(), module.kernel_size, dilation=tuple(conv["dilation"]),
+                         padding=tuple(conv["padding"]), stride=tuple(conv["stride"]))
+            x = x.transpose(1, 2).reshape(-1, width)
+        x = x.float().reshape(-1, width)
+        gram += x.T @ x
+        count += x.shape[0]
+    return gram / max(count, 1)
+
+
 def calibrate_layer(module: torch.nn.Module, vq: VQWeight, samples: list[torch.Tensor], iters: int,
                     gen: torch.Generator) -> None:
-    """Learn one layer's codebook and ratios against its full-precision output on ``samples``."""
+    """Learn one layer's codebook and ratios against its full-precision output on ``samples``: the
+    output error on all of them at once through their Gram matrix (exact for a Linear and an
+    ungrouped Conv2d, the bias cancelling), else on ``LAYER_BATCH`` of them per step."""
     kind, conv = kind_of(module), conv_args(module)
     w = module.weight.detach().float()
+    gram = input_gram(module, samples)
+    if gram is not None:
+        w_rows = rows(w)
+        energy = ((w_rows @ gram) * w_rows).sum().clamp(min=1e-12)
 
-    def loss_of(g, hard):
-        picks = torch.randint(len(samples), (min(LAYER_BATCH, len(samples)),), generator=g).tolist()
-        x = torch.cat([samples[i] for i in picks])
-        with torch.no_grad():
-            target = layer_output(kind, conv, x, w)
-        return relative_error(layer_output(kind, conv, x, vq.weight(hard)), target)
+        def loss_of(g, hard):
+            delta = vq.weight(hard).reshape(w_rows.shape) - w_rows
+            return ((delta @ gram) * delta).sum() / energy
+    else:
+        def loss_of(g, hard):
+            picks = torch.randint(len(samples), (min(LAYER_BATCH, len(samples)),), generator=g).tolist()
+            x = torch.cat([samples[i] for i in picks])
+            with torch.no_grad():
+                target = layer_output(kind, conv, x, w)
+            return relative_error(layer_output(kind, conv, x, vq.weight(hard)), target)
     _optimize([vq], loss_of, iters, gen)
 
 
