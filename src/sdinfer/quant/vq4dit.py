@@ -144,7 +144,7 @@ class VQWeight(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, dim: int, codebook: int, candidates: int, gen: torch.Generator):
         super().__init__()
         self.shape = tuple(weight.shape)
-        w = rows(weight)
+        w = rows(weight).cpu()          # k-means with the CPU generator; moved to the weight's device below
         self.dim = layer_dim(w.shape[1], dim)
         if self.dim != dim:
             codebook = max(2, 2 ** round(math.log2(codebook) * self.dim / dim))
@@ -156,6 +156,7 @@ class VQWeight(torch.nn.Module):
         self.register_buffer("candidates", idx)
         temperature = near[:, 0].mean().clamp(min=1e-12) if n > 1 else torch.tensor(1.0)
         self.logits = torch.nn.Parameter(-(near - near[:, :1]) / temperature)
+        self.to(weight.device)
 
     def ratios(self) -> torch.Tensor:
         return self.logits.softmax(dim=1)
@@ -277,13 +278,13 @@ def input_gram(module: torch.nn.Module, samples: list[torch.Tensor]) -> torch.Te
     if conv.get("groups", 1) != 1 or isinstance(conv.get("padding"), str):
         return None
     width = rows(module.weight).shape[1]
-    gram, count = torch.zeros(width, width), 0
+    gram, count = torch.zeros(width, width, device=module.weight.device), 0
     for x in samples:
         if kind_of(module) == "conv2d":
             x = F.unfold(x.float(), module.kernel_size, dilation=tuple(conv["dilation"]),
                          padding=tuple(conv["padding"]), stride=tuple(conv["stride"]))
             x = x.transpose(1, 2).reshape(-1, width)
-        x = x.float().reshape(-1, width)
+        x = x.to(gram.device).float().reshape(-1, width)
         gram += x.T @ x
         count += x.shape[0]
     return gram / max(count, 1)
