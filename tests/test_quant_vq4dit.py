@@ -43,9 +43,9 @@ def _block_calls(block, n=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
     calls = []
     for _ in range(n):
-        kwargs = {"hidden_states": torch.randn(4, 64, 96, generator=gen),
-                  "encoder_hidden_states": torch.randn(4, 16, 96, generator=gen),
-                  "temb": torch.randn(4, 96, generator=gen)}
+        kwargs = {"hidden_states": torch.randn(2, 32, 96, generator=gen),
+                  "encoder_hidden_states": torch.randn(2, 8, 96, generator=gen),
+                  "temb": torch.randn(2, 96, generator=gen)}
         with torch.no_grad():
             calls.append(Captured(0.0, kwargs["hidden_states"], (), kwargs, block(**kwargs)))
     return calls
@@ -64,13 +64,13 @@ def test_learned_assignment_reconstructs_the_block_better(dit_pipe):
     block = model.transformer_blocks[1]
     calls = _block_calls(block)
     gen = torch.Generator().manual_seed(0)
-    names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    names = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.2"]   # a few, to keep it fast
     vqs = {n: VQWeight(block.get_submodule(n).weight, 4, 64, 3, gen) for n in names}
 
     def hard():
         return {f"{n}.weight": vq.hard_weight().detach() for n, vq in vqs.items()}
     kmeans_err = _block_error(block, hard(), calls)
-    calibrate_block(block, vqs, calls, iters=60, gen=gen)
+    calibrate_block(block, vqs, calls, iters=40, gen=gen)
     learned_err = _block_error(block, hard(), calls)
     random = {f"{n}.weight": vq.codebook.detach()[torch.randint(vq.codebook.shape[0], vq.codes().shape,
                                                                 generator=gen)].reshape(vq.shape)
