@@ -140,7 +140,9 @@ def test_bad_configs_name_the_fix():
         parse_spec("vq4dit:bits=3,dim=8")
 
 
-def test_vq4dit_dit_generates_finite_images(dit_pipe):
+def test_vq4dit_dit_generates_finite_images(dit_pipe, tmp_path):
+    from sdinfer.quant.folder import read_metadata
+
     pipe = dit_pipe
     handle = quantize(pipe, "vq4dit:bits=2,codebook=16,iters=3", TINY_CALIB)
     try:
@@ -149,5 +151,11 @@ def test_vq4dit_dit_generates_finite_images(dit_pipe):
         assert 1.0 < handle.bits_per_weight() < 1.5      # 4-bit codes per 4 weights, plus codebooks
         images = pipe(["a red circle"], steps=2, seed=0).pixels
         assert torch.isfinite(images).all()
+        saved = handle.save(tmp_path / "q")                     # the codebooks and codes on disk
+        tensors, meta = read_metadata(next(saved.rglob("sdinfer_quantized.safetensors")).parent)
+        name, layer = next(iter(handle.layers.items()))
+        own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
+        loaded = QuantizedLayer.from_layout(meta["layers"][name], own)
+        assert loaded.vector == 4 and torch.equal(loaded.dequantized_weight(), layer.dequantized_weight())
     finally:
         handle.remove()
