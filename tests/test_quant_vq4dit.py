@@ -12,7 +12,7 @@ from sdinfer.quant.calibration import Captured
 from sdinfer.quant.vq4dit import (VQ4DiTConfig, VQWeight, calibrate_block, calibrate_layer, kmeans, layer_dim,
                                   relative_error)
 
-TINY_CALIB = CalibrationConfig(prompts=1, steps=2, rows=64)
+TINY_CALIB = CalibrationConfig(prompts=1, steps=1, rows=64)
 
 
 def _layer(out_features=48, in_features=96, seed=0):
@@ -144,7 +144,7 @@ def test_vq4dit_dit_generates_finite_images(dit_pipe, tmp_path):
     from sdinfer.quant.folder import read_metadata
 
     pipe = dit_pipe
-    handle = quantize(pipe, "vq4dit:bits=2,codebook=16,iters=3", TINY_CALIB)
+    handle = quantize(pipe, "vq4dit:bits=2,codebook=16,iters=2", TINY_CALIB)
     try:
         layers = handle.layers.values()
         assert len(handle.layers) > 10 and all(layer.vector == 4 and layer.code_bits == 4 for layer in layers)

@@ -115,8 +115,8 @@ class VQ4DiTConfig:
 
 
 def kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = KMEANS_ITERS) -> torch.Tensor:
-    """(k, d) centroids of the rows of ``x`` (n, d): k-means++ seeding, then Lloyd iterations;
-    an empty cluster is re-seeded at the point farthest from its centroid."""
+    """(k, d) centroids of the rows of ``x`` (n, d): k-means++ seeding, then Lloyd iterations (at
+    most ``iters``, until no point changes cluster); an empty cluster is re-seeded at the point farthest from its centroid."""
     n = x.shape[0]
     k = min(k, n)
     centers = x[torch.randint(n, (1,), generator=gen)]
@@ -126,15 +126,19 @@ def kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = KMEANS_IT
         pick = torch.multinomial(probs, 1, generator=gen)
         centers = torch.cat([centers, x[pick]])
         nearest = torch.minimum(nearest, (x - x[pick]).pow(2).sum(1))
+    previous, x_sq = None, x.pow(2).sum(1)
     for _ in range(iters):
-        dist = torch.cdist(x, centers)
-        assign = dist.argmin(1)
+        scores = centers.pow(2).sum(1) - 2 * x @ centers.T         # ||x - c||^2 - ||x||^2
+        assign = scores.argmin(1)
+        if previous is not None and torch.equal(assign, previous):
+            break                                            # converged: no point changed cluster
+        previous = assign
         sums = torch.zeros_like(centers).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=k).unsqueeze(1).to(x.dtype)
         empty = counts.squeeze(1) == 0
         centers = torch.where(empty.unsqueeze(1), centers, sums / counts.clamp(min=1))
         if bool(empty.any()):
-            far = dist.gather(1, assign.unsqueeze(1)).squeeze(1).topk(int(empty.sum())).indices
+            far = (x_sq + scores.gather(1, assign.unsqueeze(1)).squeeze(1)).topk(int(empty.sum())).indices
             centers[empty] = x[far]
     return centers
 
