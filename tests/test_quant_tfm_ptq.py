@@ -72,10 +72,13 @@ def test_bad_config_names_the_allowed_values():
 
 
 @pytest.mark.slow
-def test_w4a8_is_closer_to_full_precision_than_rtn(unet_pipe):
+def test_w4a8_is_closer_to_full_precision_than_rtn():
+    """A pipeline of its own: the shared one carries this module's quantized fixture."""
     from sdinfer.eval.metrics import psnr
     from sdinfer.eval.prompts import validation_prompts
+    from sdinfer.pipeline import Pipeline
 
+    unet_pipe = Pipeline.from_pretrained("unet")
     prompts = validation_prompts(6)
     ref = unet_pipe(prompts, steps=10, seed=1).pixels
     calib = CalibrationConfig(prompts=4, steps=10)
