@@ -72,6 +72,9 @@ def quantized_file_mb(handle, pipe: Pipeline) -> float:
         return sum(f.stat().st_size for f in out.glob("*/sdinfer_quantized.safetensors")) / 2**20
 
 
+_SAVE = None   # writes the rows so far (a long run cut short keeps what it measured)
+
+
 def quality_row(label: str, pixels, reference, prompts, extra: dict) -> dict:
     images = [(p.permute(1, 2, 0).numpy() * 255).round() for p in pixels]
     adherence = adherence_rate(images, prompts)
@@ -79,6 +82,8 @@ def quality_row(label: str, pixels, reference, prompts, extra: dict) -> dict:
            "adherence": None if adherence is None else round(adherence, 4)}
     row.update(extra)
     print(f"{label}: {row['psnr']} dB, adherence {row['adherence']}", file=sys.stderr, flush=True)
+    if _SAVE is not None:
+        _SAVE(row)
     return row
 
 
@@ -203,6 +208,18 @@ def main(argv=None) -> int:
     prompts = load_prompts(args.prompts)
     prompts = prompts[:args.limit] if args.limit else prompts
     start = time.time()
+    header = {"model": args.model, "steps": args.steps, "cfg": args.cfg, "prompts": args.prompts,
+              "n_prompts": len(prompts), "machine": machine_description(), "date": time.strftime("%Y-%m-%d"),
+              "command": "PYTHONPATH=src python bench/quantize.py " + " ".join(
+                  f"'{a}'" if (" " in a or ";" in a) else a for a in (argv or sys.argv[1:]))}
+    partial = {"rows": [], "stacks": []}
+
+    def save(row):
+        partial["stacks" if "nfe" in row else "rows"].append(row)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**partial, **header, "partial": True}, indent=1))
+    global _SAVE
+    _SAVE = None if args.timing else save
     result = timing(args, prompts) if args.timing else quality(args, prompts)
     result.update({"model": args.model, "steps": args.steps, "cfg": args.cfg, "prompts": args.prompts,
                    "n_prompts": len(prompts), "machine": machine_description(),
