@@ -503,7 +503,9 @@ def quant_table(model: str) -> str:
             cost = r.get("quantize_s")
             calib = (r.get("calibration") or {}).get("trajectories", {}).get("seconds")
             rows.append([_quant_label(r["config"]), fixed(r["bits_per_weight"], 2),
-                         "-" if r.get("file_mb") is None else fixed(r["file_mb"], 2), fixed(r["model_mb"], 2),
+                         "-" if r.get("file_mb") is None else fixed(r["file_mb"], 2),
+                         # torchao's tensor subclasses report their float size: not shown
+                         "-" if r["config"].startswith("torchao") else fixed(r["model_mb"], 2),
                          r["speed"], fixed(r["psnr"], 1), fixed(r["ssim"], 3), percent(r["adherence"]),
                          "-" if cost is None else f"{cost:.0f} ({calib:.0f})"])
     return markdown(["config", "bits / weight", "file MiB", "denoiser MiB", "speed", "PSNR dB", "SSIM",
