@@ -54,6 +54,8 @@ class ActivationQuantizer(torch.nn.Module):
         super().__init__()
         self.format_name = fmt.name
         self.register_buffer("values", fmt.values.clone())
+        # the rounding thresholds, derived once (not stored: the file keeps the table)
+        self.register_buffer("mids", (fmt.values[1:] + fmt.values[:-1]) / 2, persistent=False)
         self.register_buffer("scales", scales.reshape(-1).float().clone())
         times = torch.empty(0) if times is None else times.reshape(-1).float().clone()
         if times.numel() and times.numel() != self.scales.numel():
@@ -83,9 +85,8 @@ class ActivationQuantizer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.scale_now().to(x.device)
-        mids = ((self.values[1:] + self.values[:-1]) / 2).to(x.device)
         scaled = (x.float() / scale).contiguous()
-        return (self.values.to(x.device)[torch.bucketize(scaled, mids)] * scale).to(x.dtype)
+        return (self.values[torch.bucketize(scaled, self.mids.to(scaled.dtype))] * scale).to(x.dtype)
 
 
 class QuantizedLayer(torch.nn.Module):
