@@ -106,7 +106,8 @@ def test_quick_cfg_parallel_on_two_ranks_is_exact(real_shapes, report, tmp_path)
                 "--cfg-model", "flux")
     rows = {r["model"]: r for r in data["cfg_parallel"]}
     assert rows["sd15"]["status"] == "ok", rows
-    assert rows["sd15"]["max_abs_diff"] < 1e-4
+    # 1 vs 2 threads sum in another order: CI measured 1.5e-4; a wrong split is O(1) off
+    assert rows["sd15"]["max_abs_diff"] < 1e-3
     assert rows["sd15"]["speedup_vs_1_thread"] > 0 and rows["sd15"]["speedup_vs_2_threads"] > 0
     assert "guidance" in rows["flux"]["status"]   # FLUX.1-dev runs one branch: nothing to split
     assert "SD 1.5 UNet" in report.real_shapes_cfg_table(data)

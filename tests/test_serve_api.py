@@ -43,7 +43,7 @@ def assert_same_image(served: np.ndarray, local: np.ndarray) -> None:
     """The server's image against the test process's own run of the pipeline.  Across two
     processes float32 convolutions may round differently in the last bit (measured: a batch of 2,
     dpm-solver++ 5 steps, 1 value of 3,072 one level of 255 apart; batches of 1 equal), which
-    moves a pixel by at most one level; within one process batched and alone are equal bytes
+    moves a pixel by at most one level; so may a batch against a batch of 1 on some CPUs
     (test_concurrent_requests_...)."""
     diff = np.abs(served - local)
     assert diff.max() <= 1 and (diff > 0).mean() <= 0.01, \
@@ -138,12 +138,12 @@ def test_concurrent_requests_run_as_one_batch_with_the_images_each_gives_alone(s
     for seed in seeds:   # the same requests one at a time, on the same server
         alone = generate(server, seed=seed, response_format="b64_json", prompt=prompt)
         assert alone["sdinfer"][0]["batch_size"] == 1
-        got = base64.b64decode(batched[seed]["data"][0]["b64_json"])
-        # equal PNG bytes: on the CPU in float32 a batch of 4 gives each image bit for bit what
-        # a batch of 1 gives (measured in one process: 0 levels apart)
-        assert got == base64.b64decode(alone["data"][0]["b64_json"]), f"seed {seed}: batched differs from alone"
+        # a batch of 4 and a batch of 1 may take float32 kernels that round apart (CI's CPU: one pixel
+        # one level off); a mixed-up batch would be tens of levels off everywhere
+        got = pixels(base64.b64decode(batched[seed]["data"][0]["b64_json"]))
+        assert_same_image(got, pixels(base64.b64decode(alone["data"][0]["b64_json"])))
         local = np.asarray(unet_pipe([prompt], steps=STEPS, seeds=[seed]).images[0]).astype(int)
-        assert_same_image(pixels(got), local)
+        assert_same_image(got, local)
 
 
 def read_events(base: str, path: str) -> list[tuple[str, dict]]:
