@@ -15,6 +15,7 @@ from .base import CacheConfig, CacheHandle
 from .block_caching import BlockCachingConfig, apply_block_caching
 from .dbcache import DBCacheConfig, apply_dbcache
 from .deepcache import DeepCacheConfig, apply_deepcache
+from .ditfastattn import DiTFastAttnConfig, apply_ditfastattn
 from .first_block_cache import FirstBlockCacheConfig, apply_first_block_cache
 from .fora import FORAConfig, apply_fora
 from .learning_to_cache import LearningToCacheConfig, apply_learning_to_cache
@@ -34,6 +35,7 @@ METHODS: dict[str, tuple[type, Callable]] = {
     "l2c": (LearningToCacheConfig, apply_learning_to_cache),
     "teacache": (TeaCacheConfig, apply_teacache),
     "magcache": (MagCacheConfig, apply_magcache),
+    "ditfastattn": (DiTFastAttnConfig, apply_ditfastattn),
 }
 
 
@@ -73,4 +75,4 @@ def apply(model: torch.nn.Module, config, num_steps: Callable[[], int] | None = 
 
 __all__ = ["CacheConfig", "CacheHandle", "METHODS", "apply", "exact_parallel_methods", "parse_spec", "DeepCacheConfig", "FORAConfig", "FirstBlockCacheConfig",
            "DBCacheConfig", "TaylorSeerConfig", "TGateConfig",
-           "BlockCachingConfig", "LearningToCacheConfig", "TeaCacheConfig", "MagCacheConfig"]
+           "BlockCachingConfig", "LearningToCacheConfig", "TeaCacheConfig", "MagCacheConfig", "DiTFastAttnConfig"]

@@ -64,6 +64,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     _add_gits(procs)
     _add_learned_grid(procs)
     _add_auto(procs)
+    _add_ditfastattn(procs)
     return c
 
 
@@ -170,6 +171,56 @@ def _add_auto(procs) -> None:
     p.add_argument("--reference-steps", type=int, default=400,
                    help="DPM-Solver++(3M) log-SNR steps of the reference solution (default: 400)")
     p.set_defaults(func=calibrate_auto)
+
+
+def _add_ditfastattn(procs) -> None:
+    p = procs.add_parser("ditfastattn", help="cache: DiTFastAttn's per-layer, per-step attention plan",
+                         description="DiTFastAttn (Yuan et al., NeurIPS 2024): for each self-attention layer and "
+                                     "step the cheapest of output sharing, window attention with residual sharing "
+                                     "and CFG sharing whose relative output error stays under the threshold, "
+                                     "chosen greedily on --samples training-like prompts (one generation per "
+                                     "window size and threshold), written by default to "
+                                     "MODEL/sdinfer_calibration/ditfastattn.safetensors (use with --accelerate "
+                                     "ditfastattn:threshold=T,window_size=W).")
+    _add_common(p, samples=8)
+    p.add_argument("--steps", type=int, default=50, help="sampling steps the plans are for (default: 50)")
+    p.add_argument("--sampler", default="ddim", help="sampler (default: ddim)")
+    p.add_argument("--thresholds", default="0.01,0.025,0.05,0.075,0.1",
+                   help="relative output errors, one plan each (default: 0.01,0.025,0.05,0.075,0.1)")
+    p.add_argument("--window-sizes", default="128", help="window sizes in tokens, one plan each (default: 128)")
+    p.set_defaults(func=calibrate_ditfastattn)
+
+
+def _numbers(flag: str, text: str, kind: type) -> tuple:
+    try:
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{flag} takes {'whole ' if kind is int else ''}numbers separated by commas; got {text!r}") from None
+    if not values:
+        raise UserError(f"{flag} needs at least one value")
+    return values
+
+
+def calibrate_ditfastattn(args) -> int:
+    """``sdinfer calibrate ditfastattn``: DiTFastAttn's plans for the given windows and thresholds."""
+    from ..cache import ditfastattn
+    from ..models import artifacts
+
+    settings = ditfastattn.CalibrationSettings(
+        _numbers("--thresholds", args.thresholds, float), _numbers("--window-sizes", args.window_sizes, int),
+        steps=args.steps, sampler=args.sampler, guidance_scale=args.cfg, seed=args.seed)
+    if not 1 <= args.samples <= 64:
+        raise UserError(f"--samples runs as one batch; give 1-64 prompts (the paper: 4-8), got {args.samples}")
+    pipe, out = _calibration_target(args, "plans",
+                                    lambda pipe: artifacts.writable_path(pipe.model.path, ditfastattn.METHOD))
+    start = time.perf_counter()
+    plans = ditfastattn.calibrate_pipeline(pipe, calibration_prompts(args.prompts, args.samples, args.seed),
+                                           settings, log=lambda line: print(line, flush=True))
+    ditfastattn.save_plans(out, plans, {"sampler": args.sampler, "guidance_scale": args.cfg,
+                                        "prompts": args.samples, "seed": args.seed})
+    print(f"wrote {len(plans)} ditfastattn plans of {pipe.model.name} ({args.samples} prompts, {args.sampler} "
+          f"{args.steps} steps, cfg {args.cfg:g}) to {out} in {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 def _nfes(text: str) -> list[int]:

@@ -99,6 +99,9 @@ class ModelAdapter:
     # timestep (and, where the model adds a pooled text or class embedding to it, on that), not on
     # the image: the time embedding and each block's projection of it (what TFM-PTQ treats apart)
     temporal: tuple[str, ...] = ()
+    # where a joint attention puts the text tokens it appends to the image tokens of its call:
+    # "last" (SD3's processors: image, then text) or "first" (FLUX: text, then image)
+    joint_text: str = "last"
 
     def grouped(self, model: torch.nn.Module):
         """(group, qualified name, block) of every block, in forward order."""
@@ -178,7 +181,7 @@ FLUX = ModelAdapter("dit", (BlockGroup("transformer_blocks", "encoder+hidden",
                                        sublayers=("attn", "proj_mlp", "proj_out"))),
                     call=CallSignature("keyword", timestep_scale=1e-3, pooled="pooled_projections", packing=2,
                                        embedded_guidance=("guidance", 3.5)),
-                    temporal=ADALN_TEMPORAL)
+                    temporal=ADALN_TEMPORAL, joint_text="first")
 
 ADAPTERS: dict[str, ModelAdapter] = {
     "UNet2DConditionModel": UNET,
