@@ -13,9 +13,9 @@ import torch
 from sdinfer.errors import UserError
 from sdinfer.quant import CalibrationConfig, quantize
 from sdinfer.quant.formats import fp_candidates, fp_format, int_format, named_format
-from sdinfer.quant.layers import QuantizedLayer
+from sdinfer.quant.layers import ActivationQuantizer, QuantizedLayer
 from sdinfer.quant.packing import pack, packed_bytes, unpack
-from sdinfer.quant.scalar import codes_of, max_scale
+from sdinfer.quant.scalar import affine_params, codes_of, max_scale, search_affine
 
 TINY_CALIBRATION = CalibrationConfig(prompts=2, steps=3)
 PROMPTS = ["a red circle in the top left", "a blue square in the bottom right"]
@@ -66,6 +66,29 @@ def test_quantized_layer_within_its_formats_error_bound(fmt_name, layer):
         else:
             out_bound = torch.nn.functional.conv2d(x.abs(), bound, padding=1)
     assert ((y - y_q).abs() <= out_bound + 1e-5).all()
+
+
+def test_affine_quantization_keeps_zero_and_uses_every_level_of_a_skewed_range():
+    fmt = int_format(4)
+    torch.manual_seed(0)
+    module = torch.nn.Linear(32, 8)
+    with torch.no_grad():
+        module.weight.copy_(torch.rand(8, 32) * 3 - 0.2)         # nearly all positive rows
+    scale, offset = search_affine(module.weight, fmt)
+    assert torch.equal(offset / scale, torch.round(offset / scale))   # zero is a table value
+    codes = fmt.nearest((module.weight.detach() - offset[:, None]) / scale[:, None])
+    affine = QuantizedLayer.from_codes(module, codes, fmt.values, scale, fmt.name, offset=offset)
+    assert affine.layout()["offset"] and affine.storage_bits() == 8 * 32 * 4 + (16 + 2 * 8) * 16
+    sym = max_scale(module.weight, fmt)
+    symmetric = QuantizedLayer.from_codes(module, codes_of(module.weight, fmt, sym), fmt.values, sym, fmt.name)
+    w = module.weight.detach()
+    err = (affine.dequantized_weight() - w).pow(2).mean()
+    assert err < 0.5 * (symmetric.dequantized_weight() - w).pow(2).mean()
+    assert len(codes.unique()) > len(codes_of(module.weight, fmt, sym).unique())
+    x = torch.rand(4, 10) * 5 - 0.1                                # an input after a GELU
+    s, o = affine_params(x.min(), x.max(), named_format("int8"))
+    act = ActivationQuantizer(named_format("int8"), s, offsets=o)
+    assert (act(x) - x).abs().max() <= s / 2 + 1e-6 and float(act(torch.zeros(1))) == 0.0
 
 
 def test_quantize_and_remove_on_the_default_unet(unet_pipe):

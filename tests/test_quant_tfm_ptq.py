@@ -41,8 +41,8 @@ def test_step_context_picks_the_timesteps_activation_scale(tfm_unet):
         with step_context(ctx):
             assert act.index_at(ctx.model_t) == i
             got = layer(x)
-        scale = act.scales[i]
-        expected = F.linear(act.format.round(x / scale) * scale, w, layer.bias)
+        scale, offset = act.scales[i], act.offsets[i]
+        expected = F.linear(act.format.round((x - offset) / scale) * scale + offset, w, layer.bias)
         assert torch.allclose(got, expected, atol=1e-5)
         outs.append(got)
     assert act.scales[0] != act.scales[-1]

@@ -69,13 +69,13 @@ def default_prompts(n: int, seed: int = CALIBRATION_SEED) -> list[str]:
     return validation_prompts(n, seed)
 
 
-def _detached(item):
+def detached(item):
     if isinstance(item, torch.Tensor):
         return item.detach().clone()
     if isinstance(item, (tuple, list)):
-        return type(item)(_detached(i) for i in item)
+        return type(item)(detached(i) for i in item)
     if isinstance(item, dict):
-        return {k: _detached(v) for k, v in item.items()}
+        return {k: detached(v) for k, v in item.items()}
     return item
 
 
@@ -150,7 +150,7 @@ class Calibration:
         def keep(model_t, args, kwargs, output, gen):
             first = args[0] if args else None
             return Captured(model_t, first.detach().clone() if isinstance(first, torch.Tensor) else None,
-                            _detached(args), _detached(kwargs), _detached(output))
+                            detached(args), detached(kwargs), detached(output))
         return self._capture(modules, keep)
 
     def timesteps(self) -> list[float]:

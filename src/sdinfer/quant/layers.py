@@ -48,15 +48,22 @@ def conv_args(module: torch.nn.Module) -> dict:
 
 
 class ActivationQuantizer(torch.nn.Module):
-    """Rounds a tensor to ``values`` times a scale: one scale, or one per calibrated timestep."""
+    """Rounds a tensor to ``values`` times a scale plus an offset (0 where symmetric): one pair, or one
+    per calibrated timestep."""
 
-    def __init__(self, fmt: Format, scales: torch.Tensor, times: torch.Tensor | None = None):
+    def __init__(self, fmt: Format, scales: torch.Tensor, times: torch.Tensor | None = None,
+                 offsets: torch.Tensor | None = None):
         super().__init__()
         self.format_name = fmt.name
         self.register_buffer("values", fmt.values.clone())
         # the rounding thresholds, derived once (not stored: the file keeps the table)
         self.register_buffer("mids", (fmt.values[1:] + fmt.values[:-1]) / 2, persistent=False)
         self.register_buffer("scales", scales.reshape(-1).float().clone())
+        # asymmetric (affine) quantization: x ~ v * scale + offset, the offset a whole number of steps
+        offsets = torch.zeros_like(self.scales) if offsets is None else offsets.reshape(-1).float().clone()
+        if offsets.shape != self.scales.shape:
+            raise ValueError("one activation offset per activation scale")
+        self.register_buffer("offsets", offsets)
         times = torch.empty(0) if times is None else times.reshape(-1).float().clone()
         if times.numel() and times.numel() != self.scales.numel():
             raise ValueError("one activation scale per calibrated timestep")
@@ -79,22 +86,27 @@ class ActivationQuantizer(torch.nn.Module):
                                "call the model inside a sampling loop or a pipeline")
         return int(torch.argmin((self.times - float(model_t)).abs()))
 
-    def scale_now(self) -> torch.Tensor:
+    def index_now(self) -> int:
         ctx = current_step()
-        return self.scales[self.index_at(ctx.model_t if ctx is not None else None)]
+        return self.index_at(ctx.model_t if ctx is not None else None)
+
+    def scale_now(self) -> torch.Tensor:
+        return self.scales[self.index_now()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.scale_now().to(x.device)
-        scaled = (x.float() / scale).contiguous()
-        return (self.values[torch.bucketize(scaled, self.mids.to(scaled.dtype))] * scale).to(x.dtype)
+        i = self.index_now()
+        scale, offset = self.scales[i].to(x.device), self.offsets[i].to(x.device)
+        scaled = ((x.float() - offset) / scale).contiguous()
+        return (self.values[torch.bucketize(scaled, self.mids.to(scaled.dtype))] * scale + offset).to(x.dtype)
 
 
 class QuantizedLayer(torch.nn.Module):
-    """A Linear / Conv2d whose weight is packed codes into ``values`` times ``scale``."""
+    """A Linear / Conv2d whose weight is packed codes into ``values`` times ``scale`` (plus ``offset``)."""
 
     def __init__(self, kind: str, weight_shape: tuple[int, ...], format_name: str, code_bits: int,
                  vector: int, values: torch.Tensor, scale: torch.Tensor, packed: torch.Tensor,
-                 bias: torch.Tensor | None, conv: dict | None = None, act: ActivationQuantizer | None = None):
+                 bias: torch.Tensor | None, conv: dict | None = None, act: ActivationQuantizer | None = None,
+                 offset: torch.Tensor | None = None):
         super().__init__()
         self.kind, self.weight_shape = kind, tuple(int(s) for s in weight_shape)
         self.format_name, self.code_bits, self.vector = format_name, int(code_bits), int(vector)
@@ -102,6 +114,8 @@ class QuantizedLayer(torch.nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("values", values.float())
         self.register_buffer("scale", scale.float().reshape(self.weight_shape[0], 1))
+        # an affine weight format: w = v * scale + offset per output channel (None: symmetric)
+        self.register_buffer("offset", None if offset is None else offset.float().reshape(self.weight_shape[0], 1))
         self.bias = torch.nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.act = act
         if act is not None:   # a pre-hook, so that a hook replacing forward (DistriFusion's halo conv) keeps it
@@ -110,9 +124,9 @@ class QuantizedLayer(torch.nn.Module):
     @classmethod
     def from_codes(cls, original: torch.nn.Module, codes: torch.Tensor, values: torch.Tensor,
                    scale: torch.Tensor | None, format_name: str, vector: int = 1,
-                   act: ActivationQuantizer | None = None) -> "QuantizedLayer":
+                   act: ActivationQuantizer | None = None, offset: torch.Tensor | None = None) -> "QuantizedLayer":
         """The layer that replaces ``original`` (a Linear or Conv2d), ``codes`` indexing ``values``
-        (a (K,) table, or (K, vector) codewords)."""
+        (a (K,) table, or (K, vector) codewords) times ``scale`` plus ``offset`` (per output channel)."""
         kind = kind_of(original)
         if kind is None:
             raise ValueError(f"only Linear and Conv2d layers are quantized, not {type(original).__name__}")
@@ -121,7 +135,7 @@ class QuantizedLayer(torch.nn.Module):
         conv = conv_args(original)
         scale = torch.ones(shape[0]) if scale is None else scale
         layer = cls(kind, shape, format_name, code_bits, vector, values, scale, pack(codes, code_bits),
-                    original.bias, conv, act)
+                    original.bias, conv, act, offset)
         return layer.to(original.weight.device)
 
     @property
@@ -141,11 +155,14 @@ class QuantizedLayer(torch.nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         table = self.values[self.codes()]                       # (n,) or (n / vector, vector)
         w = table.reshape(self.weight_shape[0], -1) * self.scale
+        if self.offset is not None:
+            w = w + self.offset
         return w.reshape(self.weight_shape).to(dtype or self.values.dtype)
 
     def storage_bits(self) -> int:
         """Bits this layer's weight takes on disk: codes, table and scales (bias not counted)."""
-        return self.packed.numel() * 8 + (self.values.numel() + self.scale.numel()) * 16
+        offsets = self.offset.numel() if self.offset is not None else 0
+        return self.packed.numel() * 8 + (self.values.numel() + self.scale.numel() + offsets) * 16
 
     # a Conv2d's attributes, for code that computes the convolution itself (DistriFusion's halos)
     weight = property(lambda self: self.dequantized_weight())
@@ -167,7 +184,8 @@ class QuantizedLayer(torch.nn.Module):
     def layout(self) -> dict:
         """What rebuilds this layer from its tensors (the file's per-layer metadata)."""
         out = {"kind": self.kind, "weight_shape": list(self.weight_shape), "format": self.format_name,
-               "code_bits": self.code_bits, "vector": self.vector, "conv": self.conv, "bias": self.bias is not None}
+               "code_bits": self.code_bits, "vector": self.vector, "conv": self.conv, "bias": self.bias is not None,
+               "offset": self.offset is not None}
         if self.act is not None:
             out["act_format"] = self.act.format_name
         return out
@@ -177,10 +195,11 @@ class QuantizedLayer(torch.nn.Module):
         act = None
         if "act_format" in layout:
             act = ActivationQuantizer(table_format(layout["act_format"], tensors["act.values"]),
-                                      tensors["act.scales"], tensors["act.times"])
+                                      tensors["act.scales"], tensors["act.times"], tensors.get("act.offsets"))
+        offset = tensors["offset"] if layout.get("offset") else None
         layer = cls(layout["kind"], tuple(layout["weight_shape"]), layout["format"], layout["code_bits"],
                     layout["vector"], tensors["values"], tensors["scale"], tensors["packed"],
-                    tensors.get("bias"), layout.get("conv"), act)
+                    tensors.get("bias"), layout.get("conv"), act, offset)
         layer.check()
         return layer
 

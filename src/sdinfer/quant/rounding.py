@@ -41,18 +41,22 @@ def layer_output(module_kind: str, conv: dict, x: torch.Tensor, w: torch.Tensor)
 
 def learn_rounding(weight: torch.Tensor, fmt: Format, scale: torch.Tensor, inputs: list[torch.Tensor],
                    kind: str, conv: dict | None = None, iters: int = 300, lr: float = 5e-2,
-                   reg: float = 0.5, batch: int = 4, seed: int = 0) -> torch.Tensor:
+                   reg: float = 0.5, batch: int = 4, seed: int = 0,
+                   offset: torch.Tensor | None = None) -> torch.Tensor:
     """Codes (per weight, into ``fmt.values``) with the rounding learned against the output of
-    the layer on ``inputs`` (its captured inputs: rows for a Linear, images for a Conv2d)."""
+    the layer on ``inputs`` (its captured inputs: rows for a Linear, images for a Conv2d); the
+    weight is ``values[code] * scale + offset`` (per row; no offset: symmetric)."""
     conv = conv or {}
     shape = weight.shape
     w = rows(weight)
     s = scale.reshape(-1, 1).float()
+    o = torch.zeros_like(s) if offset is None else offset.reshape(-1, 1).float()
     values = fmt.values.float()
-    lo_code, hi_code = fmt.between(w / s)
+    w_s = (w - o) / s
+    lo_code, hi_code = fmt.between(w_s)
     lo, hi = values[lo_code], values[hi_code]
     gap = hi - lo
-    frac = torch.where(gap > 0, ((w / s) - lo) / gap.clamp(min=1e-12), torch.zeros_like(w)).clamp(0.01, 0.99)
+    frac = torch.where(gap > 0, (w_s - lo) / gap.clamp(min=1e-12), torch.zeros_like(w)).clamp(0.01, 0.99)
     v = torch.nn.Parameter(-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1))   # h(v) = frac
     opt = torch.optim.Adam([v], lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -64,7 +68,7 @@ def learn_rounding(weight: torch.Tensor, fmt: Format, scale: torch.Tensor, input
         with torch.no_grad():
             target = layer_output(kind, conv, x, target_w)
         h = _rectified_sigmoid(v)
-        w_q = ((lo + h * gap) * s).reshape(shape)
+        w_q = ((lo + h * gap) * s + o).reshape(shape)
         loss = F.mse_loss(layer_output(kind, conv, x, w_q), target)
         if it >= warmup:
             beta = 20 + (2 - 20) * (it - warmup) / max(1, iters - warmup)

@@ -5,6 +5,12 @@ A weight W (out x in...) is quantized row by row: w_q = s_r * v[c], with c the c
 value v nearest w / s_r.  ``s_r = ratio * max|W_r| / max|v|``: ratio 1 is max scaling (RTN); the
 clipping search tries ratios below 1 and keeps, per row, the one with the least squared error
 (the per-layer "maximum" LBQ searches, and what a better int baseline does).
+
+Affine (asymmetric) quantization, as Q-Diffusion and TFMQ-DM's uniform quantizers: w_q = s_r v[c]
++ o_r, the table's range mapped onto [min(W_r, 0), max(W_r, 0)] (shrunk by the clipping ratio),
+the offset o_r a whole number of steps so that zero stays exact.  A skewed row or input (after a
+GELU or SiLU nearly all of it is positive) then uses every level, where a symmetric scale leaves
+half of them unused.
 """
 
 from __future__ import annotations
@@ -31,6 +37,37 @@ def fake_quantize(weight: torch.Tensor, fmt: Format, scale: torch.Tensor) -> tor
     """Rows of ``weight`` rounded to ``fmt`` at per-row ``scale`` (same shape as ``rows(weight)``)."""
     w, s = rows(weight), scale.reshape(-1, 1)
     return fmt.values[fmt.nearest(w / s)] * s
+
+
+def affine_params(lo: torch.Tensor, hi: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) that map the table onto [min(lo, 0), max(hi, 0)], the offset a whole number
+    of steps (zero exact); a zero range gets scale 1."""
+    lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
+    first, last = float(fmt.values[0]), float(fmt.values[-1])
+    span = hi - lo
+    scale = torch.where(span > 0, span / (last - first), torch.ones_like(span))
+    return scale, torch.round(lo / scale - first) * scale
+
+
+def fake_quantize_affine(x: torch.Tensor, fmt: Format, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    return fmt.round((x - offset) / scale) * scale + offset
+
+
+def search_affine(weight: torch.Tensor, fmt: Format, ratios=CLIP_RATIOS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, offset) per row: the clipping ratio of the row's [min, max] range with the least
+    squared error."""
+    w = rows(weight)
+    lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    best_err = torch.full_like(lo, float("inf"))
+    best_scale, best_offset = affine_params(lo, hi, fmt)
+    for ratio in ratios:
+        scale, offset = affine_params(lo * ratio, hi * ratio, fmt)
+        err = ((fake_quantize_affine(w, fmt, scale, offset) - w) ** 2).sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_scale = torch.where(better, scale, best_scale)
+        best_offset = torch.where(better, offset, best_offset)
+        best_err = torch.where(better, err, best_err)
+    return best_scale.reshape(-1), best_offset.reshape(-1)
 
 
 def codes_of(weight: torch.Tensor, fmt: Format, scale: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ from .calibration import Captured
 from .formats import Format, named_format
 from .layers import ActivationQuantizer, QuantizedLayer, conv_args, kind_of
 from .rounding import layer_output, learn_rounding
-from .scalar import CLIP_RATIOS, activation_scale, search_clip
+from .scalar import CLIP_RATIOS, affine_params, fake_quantize_affine, search_affine
 
 WEIGHTS = ("int8", "int4")
 ACTIVATIONS = ("int8",)
@@ -93,53 +93,56 @@ def trajectory_times(captures: list[Captured]) -> list[float]:
     return sorted({c.model_t for c in captures}, reverse=True)
 
 
-def max_scale_of(module: torch.nn.Module, samples: list[torch.Tensor], fmt: Format) -> torch.Tensor:
-    """Max scaling: no input is clipped (the temporal features modulate every token)."""
-    return activation_scale(samples, fmt, (1.0,))
+def max_range_of(module: torch.nn.Module, samples: list[torch.Tensor], fmt: Format) -> tuple[float, float]:
+    """The samples' [min, max]: nothing clipped (the temporal features modulate every token)."""
+    return min(float(x.min()) for x in samples), max(float(x.max()) for x in samples)
 
 
-def output_scale_of(module: torch.nn.Module, samples: list[torch.Tensor], fmt: Format) -> torch.Tensor:
-    """The clipping of the samples' maximum whose rounding changes the layer's output least,
+def output_range_of(module: torch.nn.Module, samples: list[torch.Tensor], fmt: Format) -> tuple[float, float]:
+    """The clipping of the samples' [min, max] whose rounding changes the layer's output least,
     || W x - W Q(x) ||^2 (an outlier the weights amplify is kept, one they ignore is clipped)."""
     kind, conv = kind_of(module), conv_args(module)
     weight = module.weight.detach().float()
-    peak = max(float(x.abs().max()) for x in samples)
-    if peak == 0:
-        return torch.tensor(1.0)
+    lo, hi = max_range_of(module, samples, fmt)
+    if lo == hi == 0:
+        return lo, hi
     with torch.no_grad():
         outputs = [layer_output(kind, conv, x, weight) for x in samples]
         best = None
         for ratio in CLIP_RATIOS:
-            scale = ratio * peak / fmt.max
-            err = sum(float((layer_output(kind, conv, fmt.round(x / scale) * scale, weight) - y).pow(2).sum())
-                      for x, y in zip(samples, outputs))
+            scale, offset = affine_params(torch.tensor(lo * ratio), torch.tensor(hi * ratio), fmt)
+            err = sum(float((layer_output(kind, conv, fake_quantize_affine(x, fmt, scale, offset), weight) - y)
+                            .pow(2).sum()) for x, y in zip(samples, outputs))
             if best is None or err < best[0]:
-                best = (err, scale)
-    return torch.tensor(best[1])
+                best = (err, lo * ratio, hi * ratio)
+    return best[1], best[2]
 
 
 def finite_set_quantizer(module: torch.nn.Module, captures: list[Captured], fmt: Format,
-                         scale_of=max_scale_of, headroom: float = 1.0) -> ActivationQuantizer:
-    """FSC: one scale per calibrated timestep.  A step between two calibrated timesteps takes the
-    scale of the nearer, so each timestep's scale covers its neighbours' (the larger of the three):
-    the features move with t and the scale must not clip them just off the calibrated grid."""
+                         range_of=max_range_of, headroom: float = 1.0) -> ActivationQuantizer:
+    """FSC: one (scale, offset) per calibrated timestep.  A step between two calibrated timesteps
+    takes the nearer one's, so each timestep's range covers its neighbours' (the union of the
+    three): the features move with t and must not be clipped just off the calibrated grid."""
     times = trajectory_times(captures)
-    own = torch.stack([scale_of(module, [c.input for c in captures if c.model_t == t], fmt) for t in times])
-    covering = torch.stack([own[max(0, i - 1):i + 2].max() for i in range(len(own))])
-    return ActivationQuantizer(fmt, covering * headroom, torch.tensor(times))
+    own = torch.tensor([range_of(module, [c.input for c in captures if c.model_t == t], fmt) for t in times])
+    lo = torch.stack([own[max(0, i - 1):i + 2, 0].min() for i in range(len(own))])
+    hi = torch.stack([own[max(0, i - 1):i + 2, 1].max() for i in range(len(own))])
+    scale, offset = affine_params(lo * headroom, hi * headroom, fmt)
+    return ActivationQuantizer(fmt, scale, torch.tensor(times), offset)
 
 
 # ---- reconstruction --------------------------------------------------------------------------
 
 def reconstruct(module: torch.nn.Module, fmt: Format, act: ActivationQuantizer, captures: list[Captured],
                 iters: int, batch: int = 4) -> QuantizedLayer:
-    """The quantized layer: clipping-searched per-channel scale, the rounding learned (AdaRound)
-    against the full-precision output on ``captures``' inputs, ``act`` on its input."""
+    """The quantized layer: per-channel affine scale and offset by the clipping search, the
+    rounding learned (AdaRound) against the full-precision output on ``captures``' inputs, ``act``
+    on its input."""
     kind, conv = kind_of(module), conv_args(module)
-    scale, _ = search_clip(module.weight, fmt)
+    scale, offset = search_affine(module.weight, fmt)
     codes = learn_rounding(module.weight, fmt, scale, [c.input for c in captures], kind, conv, iters=iters,
-                           batch=batch)
-    return QuantizedLayer.from_codes(module, codes, fmt.values, scale, fmt.name, act=act)
+                           batch=batch, offset=offset)
+    return QuantizedLayer.from_codes(module, codes, fmt.values, scale, fmt.name, act=act, offset=offset)
 
 
 def _captures(captured: dict[str, list[Captured]], name: str) -> list[Captured]:
@@ -154,14 +157,14 @@ def quantize_temporal(name: str, module: torch.nn.Module, captures: list[Capture
                       config: TFMPTQConfig) -> QuantizedLayer:
     """A layer of the TIB: TIAR on its temporal features (all timesteps in each batch: they are a
     few rows each), FSC on its input."""
-    act = finite_set_quantizer(module, captures, config.act_format, max_scale_of, TEMPORAL_HEADROOM)
+    act = finite_set_quantizer(module, captures, config.act_format, max_range_of, TEMPORAL_HEADROOM)
     return reconstruct(module, config.weight_format, act, captures, config.iters, batch=len(captures))
 
 
 def quantize_other(name: str, module: torch.nn.Module, captures: list[Captured],
                    config: TFMPTQConfig) -> QuantizedLayer:
     """A non-temporal layer: layer-wise reconstruction, output-MSE activation scales per timestep."""
-    act = finite_set_quantizer(module, captures, config.act_format, output_scale_of)
+    act = finite_set_quantizer(module, captures, config.act_format, output_range_of)
     return reconstruct(module, config.weight_format, act, captures, config.iters)
 
 

@@ -30,7 +30,12 @@ Per weight matrix W (out x in; a Conv2d's weight as out x (in kh kw)):
 4. Deviation (data): the paper feeds Gaussian noise latents at each timestep; the calibration
    here runs the full-precision model's own DDIM trajectories from Gaussian noise on training
    captions (the pipeline's text conditioning, no images), so blocks see noise at the first step
-   and the model's own latents after it.  Blocks are calibrated on full-precision inputs.
+   and the model's own latents after it.
+5. Block inputs (``inputs``).  ``quantized`` (the default): blocks are calibrated in forward
+   order, each on the inputs the model gives it with the blocks before it already quantized (the
+   captured model calls re-run with their argmax codewords), against the full-precision model's
+   outputs of the block on the same call, as BRECQ does: a block learns to undo what the blocks
+   upstream got wrong.  ``fp``: every block on the full-precision model's inputs.
 
 Layers outside the transformer blocks (the time / pooled-text embedders, the final norm's
 projection) and every layer of a UNet (which the paper does not target) are calibrated layer by
@@ -56,6 +61,7 @@ from torch.func import functional_call
 from ..errors import UserError
 from ..models.adapters import adapter_for
 from .base import QuantJob
+from .calibration import Captured, detached
 from .layers import QuantizedLayer, conv_args, kind_of
 from .packing import MAX_BITS
 from .rounding import layer_output
@@ -78,6 +84,7 @@ class VQ4DiTConfig:
     candidates: int = 3       # nearest codewords per sub-vector whose ratios are learned
     iters: int = 300          # Adam steps per block (per layer where calibrated layer-wise)
     seed: int = 0
+    inputs: str = "quantized"  # block inputs: "quantized" (the model upstream quantized) or "fp"
 
     def __post_init__(self):
         if self.bits not in DEFAULTS:
@@ -93,6 +100,8 @@ class VQ4DiTConfig:
                             f"not {self.candidates}")
         if self.iters < 0:
             raise UserError(f"vq4dit iters must be 0 or more, not {self.iters}")
+        if self.inputs not in ("quantized", "fp"):
+            raise UserError(f"vq4dit inputs must be 'quantized' or 'fp', not {self.inputs!r}")
 
     @property
     def vector_dim(self) -> int:
@@ -341,6 +350,50 @@ def _block_layers(job: QuantJob) -> list[tuple[str, torch.nn.Module, dict[str, s
     return found
 
 
+def quantized_path_calls(model: torch.nn.Module, block: torch.nn.Module, model_calls: list,
+                         weights: dict[str, torch.Tensor]) -> list:
+    """The arguments ``block`` takes on each captured model call when the model runs with
+    ``weights`` (the quantized layers upstream) in place of its own."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append((detached(args), detached(kwargs)))
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for call in model_calls:
+                seen_before = len(seen)
+                functional_call(model, weights, call.args, call.kwargs)
+                if len(seen) != seen_before + 1:
+                    raise UserError("vq4dit inputs=quantized needs each block called once per model call; "
+                                    "use inputs=fp for this model")
+    finally:
+        handle.remove()
+    return seen
+
+
+def _calibrate_blocks(job: QuantJob, blocks: list, vqs: dict[str, VQWeight], config: VQ4DiTConfig,
+                      gen: torch.Generator) -> None:
+    """Step 3 on every block, in forward order (step 5: on the quantized path's inputs or fp ones)."""
+    modules = {name: block for name, block, _ in blocks}
+    if config.inputs == "quantized":
+        modules[""] = job.model
+    calls = job.calibration.calls(modules)
+    model_calls = calls.pop("", None)
+    upstream: dict[str, VQWeight] = {}
+    for block_name, block, inside in blocks:
+        found = _captured(calls, block_name)
+        picks = _spaced(list(range(len(found))), MAX_CALLS)
+        block_calls = [found[i] for i in picks]
+        if model_calls is not None and upstream:
+            weights = {f"{name}.weight": vq.hard_weight().detach() for name, vq in upstream.items()}
+            quantized = quantized_path_calls(job.model, block, [model_calls[i] for i in picks], weights)
+            block_calls = [Captured(c.model_t, args[0] if args else None, args, kwargs, c.output)
+                           for c, (args, kwargs) in zip(block_calls, quantized)]
+        calibrate_block(block, {rel: vqs[name] for name, rel in inside.items()}, block_calls, config.iters, gen)
+        upstream.update({name: vqs[name] for name in inside})
+
+
 def _captured(found: dict, name: str) -> list:
     if not found.get(name):
         raise UserError(f"module {name} was never called on the calibration trajectories; it cannot be "
@@ -357,12 +410,7 @@ def quantize_vq4dit(job: QuantJob, config: VQ4DiTConfig) -> dict[str, QuantizedL
     blocks = _block_layers(job)
     in_blocks = {name for _, _, inside in blocks for name in inside}
     if blocks:
-        calls = job.calibration.calls({name: block for name, block, _ in blocks})
-        for block_name, block, inside in blocks:
-            block_calls = _spaced(_captured(calls, block_name), MAX_CALLS)
-            calibrate_block(block, {rel: vqs[name] for name, rel in inside.items()}, block_calls,
-                            config.iters, gen)
-        del calls
+        _calibrate_blocks(job, blocks, vqs, config, gen)
     rest = {name: module for name, module in job.targets.items() if name not in in_blocks}
     if rest:
         inputs = job.calibration.inputs(rest)
