@@ -138,6 +138,24 @@ def test_bad_configs_name_the_fix():
         parse_spec("vq4dit:candidates=0")
     with pytest.raises(UserError, match="over 16 bits"):
         parse_spec("vq4dit:bits=3,dim=8")
+    with pytest.raises(UserError, match="inputs must be 'fp' or 'quantized'"):
+        parse_spec("vq4dit:inputs=int8")
+    with pytest.raises(UserError, match="scope must be 'blocks' or 'all'"):
+        parse_spec("vq4dit:scope=attention")
+
+
+@pytest.mark.parametrize("scope, inputs", [("blocks", "quantized"), ("all", "fp")])
+def test_scope_chooses_the_layers_and_quantized_inputs_calibrate(dit_pipe, scope, inputs):
+    handle = quantize(dit_pipe, f"vq4dit:bits=2,codebook=16,iters=2,scope={scope},inputs={inputs}", TINY_CALIB)
+    try:
+        outside = {n for n in handle.layers if not n.startswith("transformer_blocks.")}
+        if scope == "blocks":    # the embedders and the final projection stay float, as in the paper
+            assert not outside and isinstance(handle.model.get_submodule("norm_out.linear"), torch.nn.Linear)
+        else:
+            assert "time_text_embed.timestep_embedder.linear_1" in outside
+        assert torch.isfinite(dit_pipe(["a red circle"], steps=2, seed=0).pixels).all()
+    finally:
+        handle.remove()
 
 
 def test_vq4dit_dit_generates_finite_images(dit_pipe, tmp_path):
