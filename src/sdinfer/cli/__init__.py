@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import bench, calibrate, generate, models, quantize, serve, train, tune
+from . import bench, calibrate, distill, generate, models, quantize, serve, train, tune
 from .options import quiet_libraries as _quiet_libraries  # noqa: F401  (bench/ scripts and tests use it)
 
 EXAMPLES = """\
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_parser(sub)
     serve.add_parser(sub)
     quantize.add_parser(sub)
+    distill.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,3 @@
+"""Distilled model variants that make one model evaluation cheaper: each technique's modules or
+fine-tuned weights are trained from the model itself (``sdinfer distill PROCEDURE``), saved
+beside it and mounted by ``sdinfer.accelerate`` like a cache."""
