@@ -226,7 +226,25 @@ def test_plans_save_and_load(calibrated, dit_pipe):
             (plan.units, plan.tokens, plan.width, plan.pairs, "SD3Transformer2DModel")
     assert plans[0].tokens[0] > 256   # image and text tokens of the joint attention
     config = dfa.DiTFastAttnConfig(threshold=0.5, window_size=64, calibration=str(path))
-    assert torch.equal(dfa.plan_for(dit_pipe.model.denoiser, config).methods, plans[1].methods)
+    assert torch.equal(dfa.plans_for(dit_pipe.model.denoiser, config)[4].methods, plans[1].methods)
+
+
+def test_one_file_holds_plans_for_several_step_counts_and_a_run_follows_its_own(dit_pipe, tmp_path):
+    net = dit_pipe.model.denoiser
+    three, four = _plan(net, [[dfa.FULL], [dfa.SHARE], [dfa.SHARE]]), _plan(net, [[dfa.FULL]] * 4)
+    path = dfa.save_plans(tmp_path / "plans.safetensors", [three, four])
+    assert dfa.load_plan(path, 2, 0.05, steps=3).steps == 3 and dfa.load_plan(path, 2, 0.05, steps=4).steps == 4
+    with pytest.raises(UserError, match="plans for 3, 4 steps, not 5"):
+        dfa.load_plan(path, 2, 0.05, steps=5)
+    base = {n: _generate(dit_pipe, steps=n) for n in (3, 4)}
+    handle = sdinfer.accelerate(dit_pipe, f"ditfastattn:threshold=0.05,window_size=2,calibration={path}")
+    try:
+        assert torch.equal(_generate(dit_pipe, steps=4), base[4])       # the 4-step plan: full attention
+        assert not torch.equal(_generate(dit_pipe, steps=3), base[3])   # the 3-step plan shares outputs
+        with pytest.raises(UserError, match="plans were made for 3, 4 steps and this run has 5"):
+            _generate(dit_pipe, steps=5)
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -258,7 +276,7 @@ def test_missing_foreign_or_mismatched_plans_are_clear_errors(dit_pipe, calibrat
         sdinfer.accelerate(tiny_transformers()[2][0], f"ditfastattn:threshold=0.5,window_size=64,calibration={path}")
     handle = sdinfer.accelerate(dit_pipe, f"ditfastattn:threshold=0.5,window_size=64,calibration={path}")
     try:
-        with pytest.raises(UserError, match="plan was made for 4 steps and this run has 5; .*--steps N"):
+        with pytest.raises(UserError, match="plans were made for 4 steps and this run has 5; .*--steps N"):
             _generate(dit_pipe, steps=5)
     finally:
         handle.remove()

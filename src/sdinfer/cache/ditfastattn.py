@@ -45,10 +45,10 @@ runs as one masked call.  The residual is kept at the attention module's output,
 output projection: every processor maps the attention result affinely there, so
 O_full' - O_window' is the projected residual and adding it back is Eq. 4.
 
-Plans are chosen per (window size, threshold) and are specific to the model, its layers and the
-calibrated step count; ``sdinfer calibrate ditfastattn`` writes them beside the model
-(``MODEL/sdinfer_calibration/ditfastattn.safetensors``: one int8 (steps, layers) table of
-method codes per plan, the errors behind each choice, and JSON metadata).  Layers: every
+Plans are chosen per (step count, window size, threshold) and are specific to the model and its
+layers; a run follows the plan of its own step count.  ``sdinfer calibrate ditfastattn`` writes
+them beside the model (``MODEL/sdinfer_calibration/ditfastattn.safetensors``: one int8 (steps,
+layers) table of method codes per plan, the errors behind each choice, and JSON metadata).  Layers: every
 self-attention (and joint-attention) module in the adapter's blocks; cross-attention is left alone.
 
 Cached: per layer its last output (output sharing) and the residual of its last full step that a
@@ -296,8 +296,8 @@ def run_method(method: int, forward: Callable, args: tuple, kwargs: dict, ctx: S
 
 
 # ---- the plan ------------------------------------------------------------------------------
-def _key(window_size: int, threshold: float) -> str:
-    return f"w{window_size}.t{threshold:g}"
+def _key(window_size: int, threshold: float, steps: int) -> str:
+    return f"s{steps}.w{window_size}.t{threshold:g}"
 
 
 @dataclass
@@ -376,57 +376,78 @@ def default_path(model: torch.nn.Module) -> Path | None:
 
 
 def save_plans(path: str | Path, plans: list[FastAttnPlan], meta: dict | None = None) -> Path:
-    """Plans of one model (same layers and steps; any windows and thresholds) in one file."""
+    """Plans of one model (same layers; any step counts, windows and thresholds) in one file."""
     first = plans[0]
     tensors, windows = {}, {}
     for plan in plans:
-        key = _key(plan.window_size, plan.threshold)
+        key = _key(plan.window_size, plan.threshold, plan.steps)
         tensors[f"methods.{key}"] = plan.methods.to(torch.int8)
         if plan.errors is not None:
             tensors[f"errors.{key}"] = plan.errors.float()
         windows[str(plan.window_size)] = plan.pairs
-    info = {"units": first.units, "steps": first.steps, "denoiser": first.denoiser, "tokens": first.tokens,
-            "width": first.width, "pairs": windows,
-            "plans": [[p.window_size, p.threshold] for p in plans], **(meta or {})}
+    info = {"units": first.units, "steps": sorted({p.steps for p in plans}), "denoiser": first.denoiser,
+            "tokens": first.tokens, "width": first.width, "pairs": windows,
+            "plans": [[p.window_size, p.threshold, p.steps] for p in plans], **(meta or {})}
     return Calibration(METHOD, tensors, info).save(path)
 
 
-def load_plan(path: str | Path, window_size: int, threshold: float) -> FastAttnPlan:
-    """The plan for ``window_size`` and ``threshold`` in a plan file (a UserError naming the ones it has)."""
+def load_plans(path: str | Path, window_size: int, threshold: float) -> dict[int, FastAttnPlan]:
+    """The plans for ``window_size`` and ``threshold`` in a plan file, by step count (a UserError
+    naming the ones it has)."""
     try:
         calibration = Calibration.load(path, METHOD)
     except ValueError as err:
         raise UserError(str(err)) from None
     meta = calibration.meta
-    kept = [(int(w), float(t)) for w, t in meta.get("plans", [])]
-    match = [(w, t) for w, t in kept if w == window_size and math.isclose(t, threshold, rel_tol=0, abs_tol=1e-12)]
+    kept = [(int(w), float(t), int(s)) for w, t, s in meta.get("plans", [])]
+    match = [(w, t, s) for w, t, s in kept if w == window_size and math.isclose(t, threshold, rel_tol=0, abs_tol=1e-12)]
     if not match:
-        have = ", ".join(f"window_size={w},threshold={t:g}" for w, t in kept) or "none"
+        have = ", ".join(sorted({f"window_size={w},threshold={t:g}" for w, t, _ in kept})) or "none"
         raise UserError(f"{path} has no {METHOD} plan for window_size={window_size}, threshold={threshold:g} "
                         f"(it has: {have}); make one with `{CALIBRATE} --thresholds {threshold:g} "
                         f"--window-sizes {window_size}` (add --out FILE to keep the others)")
-    key = _key(*match[0])
-    plan = FastAttnPlan(calibration.tensors[f"methods.{key}"].to(torch.int8), list(meta["units"]), window_size,
-                        match[0][1], list(meta["tokens"]), list(meta["width"]), list(meta["pairs"][str(window_size)]),
-                        calibration.tensors.get(f"errors.{key}"), meta.get("denoiser", ""))
-    plan.check()
-    return plan
+    plans = {}
+    for w, t, steps in match:
+        key = _key(w, t, steps)
+        plan = FastAttnPlan(calibration.tensors[f"methods.{key}"].to(torch.int8), list(meta["units"]), w, t,
+                            list(meta["tokens"]), list(meta["width"]), list(meta["pairs"][str(w)]),
+                            calibration.tensors.get(f"errors.{key}"), meta.get("denoiser", ""))
+        plan.check()
+        plans[steps] = plan
+    return plans
 
 
-def plan_for(model: torch.nn.Module, config: DiTFastAttnConfig) -> FastAttnPlan:
-    """The plan ``config`` asks for: from its file or beside the model, checked against the model."""
+def load_plan(path: str | Path, window_size: int, threshold: float, steps: int | None = None) -> FastAttnPlan:
+    """The plan for ``window_size``, ``threshold`` and ``steps`` (None: the file's only step count)."""
+    plans = load_plans(path, window_size, threshold)
+    if steps is None and len(plans) == 1:
+        return next(iter(plans.values()))
+    if steps not in plans:
+        raise UserError(f"{path} has {METHOD} plans for {_counts(plans)} steps, not {steps}; make one with "
+                        f"`{CALIBRATE} --steps {steps or 'N'} --out FILE`")
+    return plans[steps]
+
+
+def _counts(plans: dict[int, FastAttnPlan]) -> str:
+    return ", ".join(str(s) for s in sorted(plans))
+
+
+def plans_for(model: torch.nn.Module, config: DiTFastAttnConfig) -> dict[int, FastAttnPlan]:
+    """The plans ``config`` asks for, by step count: from its file or beside the model, checked
+    against the model."""
     path = Path(config.calibration) if config.calibration else \
         (artifacts.find(artifacts.model_folder(model), METHOD) or default_path(model))
     if path is None or not path.is_file():
         where = f"at {path}" if path is not None else f"for this {type(model).__name__} (not loaded from a folder)"
         raise UserError(f"{METHOD} needs a plan made on calibration prompts, and there is none {where}: run "
                         f"`{CALIBRATE}` or pass {METHOD}:calibration=PATH")
-    plan = load_plan(path, config.window_size, config.threshold)
+    plans = load_plans(path, config.window_size, config.threshold)
+    plan = next(iter(plans.values()))
     units = [name for name, _ in self_attentions(model)]
     if plan.units != units or (plan.denoiser and plan.denoiser != type(model).__name__):
         raise UserError(f"the {METHOD} plan in {path} was made for a {plan.denoiser or 'model'} with other attention "
                         f"layers than this {type(model).__name__}; remake it with `{CALIBRATE}` for this model")
-    return plan
+    return plans
 
 
 # ---- inference -----------------------------------------------------------------------------
@@ -446,18 +467,22 @@ def text_first(model: torch.nn.Module) -> bool:
 
 
 class PlanRunner:
-    """Reads the plan for the step of each call (a run of another step count is an error)."""
+    """Reads the plan of the run's step count for the step of each call (a count without a plan is
+    an error)."""
 
-    def __init__(self, plan: FastAttnPlan):
-        self.plan, self.methods, self.need = plan, plan.methods.tolist(), plan.need_residual().tolist()
+    def __init__(self, plans: dict[int, FastAttnPlan]):
+        self.plans = plans
+        self.rows = {steps: (plan.methods.tolist(), plan.need_residual().tolist()) for steps, plan in plans.items()}
 
     def method(self, ctx: StepContext, layer: int) -> tuple[int, bool]:
-        if ctx.num_steps not in (0, self.plan.steps) or ctx.step_index >= self.plan.steps:   # 0: unknown
-            steps = ctx.num_steps or f"more than {self.plan.steps}"
-            raise UserError(f"the {METHOD} plan was made for {self.plan.steps} steps and this run has {steps}; run "
-                            f"{self.plan.steps} steps, or make a plan for the count with `{CALIBRATE} --steps N --out FILE` "
-                            f"and pass {METHOD}:calibration=FILE")
-        return self.methods[ctx.step_index][layer], self.need[ctx.step_index][layer]
+        steps = ctx.num_steps or (next(iter(self.plans)) if len(self.plans) == 1 else 0)   # 0: unknown
+        if steps not in self.plans or ctx.step_index >= steps:
+            told = ctx.num_steps or "an unknown number of"
+            raise UserError(f"the {METHOD} plans were made for {_counts(self.plans)} steps and this run has {told}; "
+                            f"run one of those counts, or make a plan for the count with `{CALIBRATE} --steps N "
+                            f"--out FILE` and pass {METHOD}:calibration=FILE")
+        methods, need = self.rows[steps]
+        return methods[ctx.step_index][layer], need[ctx.step_index][layer]
 
 
 class FastAttnHook(ModelHook):
@@ -483,7 +508,7 @@ class FastAttnHook(ModelHook):
 
 def apply_ditfastattn(model: torch.nn.Module, config: DiTFastAttnConfig, handle: CacheHandle) -> None:
     layers = self_attentions(model)
-    runner = PlanRunner(plan_for(model, config))
+    runner = PlanRunner(plans_for(model, config))
     states = BranchStates(dict)
     handle.states.append(states)
     name, first = hook_name(METHOD), text_first(model)
@@ -626,7 +651,7 @@ class CalibrationSettings:
 
     thresholds: tuple[float, ...] = (0.01, 0.025, 0.05, 0.075, 0.1)
     window_sizes: tuple[int, ...] = (128,)
-    steps: int = 50
+    steps: tuple[int, ...] = (50,)
     sampler: str = "ddim"
     guidance_scale: float = 4.0
     seed: int = 0
@@ -636,8 +661,10 @@ class CalibrationSettings:
         self.window_sizes = tuple(check_window(w) for w in self.window_sizes)
         if not self.thresholds or not self.window_sizes:
             raise UserError(f"{METHOD} calibration needs at least one threshold and one window size")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 2:
-            raise UserError(f"{METHOD} calibration needs --steps >= 2, got {self.steps!r}")
+        self.steps = (self.steps,) if isinstance(self.steps, int) and not isinstance(self.steps, bool) else \
+            tuple(self.steps)
+        if not self.steps or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in self.steps):
+            raise UserError(f"{METHOD} calibration needs --steps >= 2 (one or more counts), got {self.steps!r}")
 
 
 def calibrate_pipeline(pipe, prompts: list[str], settings: CalibrationSettings,
@@ -647,18 +674,19 @@ def calibrate_pipeline(pipe, prompts: list[str], settings: CalibrationSettings,
         raise UserError(f"{METHOD} calibration needs at least one prompt")
     net = pipe.model.denoiser
 
-    def generate() -> None:
-        pipe(prompts, steps=settings.steps, sampler=settings.sampler, guidance_scale=settings.guidance_scale,
-             seed=settings.seed)
-
     plans = []
-    for window_size in settings.window_sizes:
-        for threshold in settings.thresholds:
-            plan = greedy_plan(net, generate, settings.steps, window_size, threshold)
-            plans.append(plan)
-            if log is not None:
-                flops = attention_flops(plan, guided=settings.guidance_scale != 1)
-                chosen = ", ".join(f"{k} {v}" for k, v in plan.counts().items() if v)
-                log(f"window {window_size}, threshold {threshold:g}: {chosen}; attention FLOPs "
-                    f"{flops['fraction']:.1%} of full")
+    for steps in settings.steps:
+        def generate() -> None:
+            pipe(prompts, steps=steps, sampler=settings.sampler, guidance_scale=settings.guidance_scale,
+                 seed=settings.seed)
+
+        for window_size in settings.window_sizes:
+            for threshold in settings.thresholds:
+                plan = greedy_plan(net, generate, steps, window_size, threshold)
+                plans.append(plan)
+                if log is not None:
+                    flops = attention_flops(plan, guided=settings.guidance_scale != 1)
+                    chosen = ", ".join(f"{k} {v}" for k, v in plan.counts().items() if v)
+                    log(f"{steps} steps, window {window_size}, threshold {threshold:g}: {chosen}; attention "
+                        f"FLOPs {flops['fraction']:.1%} of full")
     return plans

@@ -183,7 +183,8 @@ def _add_ditfastattn(procs) -> None:
                                      "MODEL/sdinfer_calibration/ditfastattn.safetensors (use with --accelerate "
                                      "ditfastattn:threshold=T,window_size=W).")
     _add_common(p, samples=8)
-    p.add_argument("--steps", type=int, default=50, help="sampling steps the plans are for (default: 50)")
+    p.add_argument("--steps", default="50",
+                   help="sampling step counts the plans are for, one plan each, e.g. 20,50 (default: 50)")
     p.add_argument("--sampler", default="ddim", help="sampler (default: ddim)")
     p.add_argument("--thresholds", default="0.01,0.025,0.05,0.075,0.1",
                    help="relative output errors, one plan each (default: 0.01,0.025,0.05,0.075,0.1)")
@@ -208,7 +209,7 @@ def calibrate_ditfastattn(args) -> int:
 
     settings = ditfastattn.CalibrationSettings(
         _numbers("--thresholds", args.thresholds, float), _numbers("--window-sizes", args.window_sizes, int),
-        steps=args.steps, sampler=args.sampler, guidance_scale=args.cfg, seed=args.seed)
+        steps=_numbers("--steps", args.steps, int), sampler=args.sampler, guidance_scale=args.cfg, seed=args.seed)
     if not 1 <= args.samples <= 64:
         raise UserError(f"--samples runs as one batch; give 1-64 prompts (the paper: 4-8), got {args.samples}")
     pipe, out = _calibration_target(args, "plans",
