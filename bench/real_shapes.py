@@ -332,9 +332,9 @@ class MacCounter:
 
     def __init__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils.flop_counter import flop_registry
+        from sdinfer.eval.cost import flop_formulas
 
-        counter = self
+        counter, flop_registry = self, flop_formulas()
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
