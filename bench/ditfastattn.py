@@ -183,12 +183,15 @@ class WindowOnly(ModelHook):
 
 
 def windowed(model: torch.nn.Module, call, window: int):
-    """``call`` with every self-attention layer of ``model`` running window attention only."""
+    """``call`` with every self-attention layer of ``model`` running window attention only (each
+    layer's window made once, as ``apply_ditfastattn`` makes them)."""
+    windows = [(module, dfa.Window(window, dfa.text_first(model), unit)) for unit, module in dfa.self_attentions(model)]
+
     def run():
         handle = CacheHandle("window-only")
         try:
-            for unit, module in dfa.self_attentions(model):
-                handle.register(module, WindowOnly(dfa.Window(window, dfa.text_first(model), unit)), "window_only")
+            for module, win in windows:
+                handle.register(module, WindowOnly(win), "window_only")
             return call()
         finally:
             handle.remove()
