@@ -54,6 +54,7 @@ BENCH_TABLES = {
     "caches-dit": ("caches-dit.json", {"fora:interval=3"}),
     "caches-sweep-unet": ("caches-sweep-unet.json", set()),
     "caches-sweep-dit": ("caches-sweep-dit.json", set()),
+    "ditfastattn-sweep-dit": ("ditfastattn-sweep-dit.json", set()),
 }
 PARALLEL_TABLES = {"parallel": "parallel.json", "parallel-64": "parallel-64.json",
                    "parallel-stride2": "parallel-stride2.json"}
@@ -528,7 +529,47 @@ def quant_timing_table() -> str:
     return markdown(["model", "config", "wall s (median)", "speed-up vs fp32", "PSNR dB vs fp32"], rows)
 
 
+def ditfastattn_table(model: str) -> str:
+    """Per plan: its attention FLOPs and MACs against full attention, quality, and the interleaved wall
+    speed-up where the run timed it."""
+    data = load(f"ditfastattn-{model}.json")
+    timed = {r["config"]: r for r in data.get("timing", [])}
+    rows = []
+    for r in data["rows"]:
+        t = timed.get(r["config"])
+        rows.append([r["config"], percent(r["attention_fraction"]), percent(r["macs_fraction"]),
+                     fixed(r["psnr"], 1), fixed(r["ssim"], 3), percent(r["adherence"]),
+                     "-" if t is None else f"x{t['speedup']:.2f}"])
+    return markdown(["config", "attention FLOPs", "MACs", "PSNR dB vs full", "SSIM", "adherence",
+                     f"wall speed-up ({data.get('timing_prompts', 0)} prompts)"], rows)
+
+
+def ditfastattn_stacks_table(model: str) -> str:
+    data = load(f"ditfastattn-{model}.json")
+    return markdown(["stack", "NFE", "PSNR dB vs DDIM 50", "SSIM", "adherence", "wall speed-up"],
+                    [[r["config"], str(r["nfe"]), fixed(r["psnr"], 1), fixed(r["ssim"], 3), percent(r["adherence"]),
+                      "-" if r.get("speedup") is None else f"x{r['speedup']:.2f}"] for r in data.get("stacks", [])])
+
+
+def ditfastattn_resolution_table() -> str:
+    """One denoiser call (a guided batch of 2) per size: full attention against window attention only."""
+    rows = []
+    for r in load("ditfastattn-resolution.json")["resolution"]:
+        window = next(k[len("window"):-len("_s")] for k in r if k.startswith("window") and k.endswith("_s"))
+        rows.append([r["model"], r["label"].split(";")[0], str(r["size"]), fixed(r["full_s"], 3),
+                     fixed(r[f"window{window}_s"], 3), f"x{r[f'window{window}_speedup']:.2f}", window,
+                     fixed(r["full_peak_mb"], 0), fixed(r[f"window{window}_peak_mb"], 0)])
+    return markdown(["model", "size is", "size", "full s", "window s", "window speed-up", "window",
+                     "full peak MiB", "window peak MiB"], rows)
+
+
 def table(name: str) -> str:
+    if name == "ditfastattn-resolution":
+        return ditfastattn_resolution_table()
+    if name.startswith("ditfastattn-stacks-"):
+        return ditfastattn_stacks_table(name[len("ditfastattn-stacks-"):])
+    if name.startswith("ditfastattn-") and name not in BENCH_TABLES:
+        return ditfastattn_table(name[len("ditfastattn-"):])
     if name == "quant-timing":
         return quant_timing_table()
     if name.startswith("quant-stacks-"):
