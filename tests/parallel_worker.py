@@ -176,6 +176,25 @@ def four_ranks(out_path: str) -> int:
     return 0
 
 
+def ditfastattn_plans(net, folder: str) -> tuple[str, str]:
+    """A 10-step DiTFastAttn plan using every method, CFG sharing included, and the same plan with
+    full or window attention in place of the CFG-shared entries: the files' paths."""
+    from sdinfer.cache import ditfastattn as dfa
+
+    units = [name for name, _ in dfa.self_attentions(net)]
+    codes = [dfa.FULL, dfa.WINDOW_CFG, dfa.SHARE, dfa.FULL_CFG, dfa.WINDOW, dfa.SHARE, dfa.FULL, dfa.WINDOW_CFG,
+             dfa.WINDOW, dfa.SHARE]
+    shared = torch.tensor(codes, dtype=torch.int8)[:, None].expand(-1, len(units)).clone()
+    plain = shared.clone()
+    plain[plain == dfa.FULL_CFG], plain[plain == dfa.WINDOW_CFG] = dfa.FULL, dfa.WINDOW
+    paths = []
+    for name, methods in (("shared", shared), ("plain", plain)):
+        plan = dfa.FastAttnPlan(methods, units, 64, 0.025, [272] * len(units), [96] * len(units),
+                                [1] * len(units), denoiser=type(net).__name__)
+        paths.append(str(dfa.save_plans(os.path.join(folder, f"ditfastattn-{name}.safetensors"), [plan])))
+    return paths[0], paths[1]
+
+
 def caches(out_path: str) -> int:
     """Data-dependent caches (their decisions summed over the ranks) and a scheduled one under
     cfg parallel and sequence parallelism, DDIM 10 steps on the default DiT and UNet."""
@@ -190,12 +209,16 @@ def caches(out_path: str) -> int:
         return pipe([PROMPT, "a blue square in the bottom right"], steps=10, sampler="ddim",
                     guidance_scale=4.0).pixels
 
+    shared, plain = ditfastattn_plans(pipes["dit"].model.denoiser, os.path.dirname(out_path))
     cases = [("dit", "ulysses", "fbcache:threshold=0.12"), ("dit", "ring", "teacache:threshold=0.2"),
              ("dit", "cfg", "dbcache:threshold=0.12"), ("dit", "ulysses", "fora:interval=3"),
-             ("unet", "cfg", "teacache:threshold=0.2")]
+             ("unet", "cfg", "teacache:threshold=0.2"),
+             ("dit", "cfg", f"ditfastattn:window_size=64,calibration={shared}")]
+    alone = {shared: plain}   # one device runs the plan without its CFG sharing, as each rank does
     for model, strategy, spec in cases:
         pipe = pipes[model]
-        cached = accelerate(pipe, spec)
+        path = spec.partition("calibration=")[2]
+        cached = accelerate(pipe, spec.replace(path, alone[path]) if path else spec)
         reference, calls = generate(pipe), None
         cached.remove()
         handle = apply(pipe, strategy)
@@ -206,7 +229,8 @@ def caches(out_path: str) -> int:
         finally:
             cached.remove()
             handle.remove()
-        found[f"{model}/{strategy}/{spec}"] = {"max_abs_error": float((out - reference).abs().max()),
+        found[f"{model}/{strategy}/{spec.partition(',calibration')[0]}"] = {
+            "max_abs_error": float((out - reference).abs().max()),
                                                "calls": calls}
 
     def combine(strategy, spec):

@@ -37,7 +37,10 @@ def test_configs_take_their_defaults_types():
 
 
 def test_cache_compatibility_is_declared_by_the_configs():
-    assert parallel.caches_under("cfg") == cache.exact_parallel_methods()
+    assert parallel.caches_under("cfg") == cache.exact_parallel_methods("cfg") == \
+        (*cache.exact_parallel_methods(), "ditfastattn")   # its window is refused under sequence parallelism
+    assert "ditfastattn" not in parallel.caches_under("ulysses") + parallel.caches_under("cfg+ring")
     assert "tgate" not in cache.exact_parallel_methods() and "fora" in cache.exact_parallel_methods()
     assert parallel.caches_under("pipefusion") == () and parallel.caches_under("cfg+distrifusion") == ()
-    assert parallel.caches_under("cfg+ulysses") == cache.exact_parallel_methods()
+    assert parallel.caches_under("cfg+ulysses") == cache.exact_parallel_methods("cfg+ulysses") == \
+        cache.exact_parallel_methods()

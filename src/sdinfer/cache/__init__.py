@@ -44,9 +44,14 @@ def parse_spec(spec: str, methods: dict | None = None, kind: str = "cache method
     return parse_config(spec, METHODS if methods is None else methods, kind)
 
 
-def exact_parallel_methods() -> tuple[str, ...]:
-    """The caches that may run under an exact parallel strategy (``CacheConfig.exact_parallel``)."""
-    return tuple(name for name, (config_cls, _) in METHODS.items() if config_cls.exact_parallel)
+def exact_parallel_methods(strategy: str | None = None) -> tuple[str, ...]:
+    """The caches that may run under the exact parallel ``strategy`` (``cfg+NAME``: under both; None:
+    under every exact strategy), as their ``CacheConfig.exact_parallel`` says."""
+    def allows(rule) -> bool:
+        if isinstance(rule, bool):
+            return rule
+        return strategy is not None and all(part in rule for part in strategy.split("+"))
+    return tuple(name for name, (config_cls, _) in METHODS.items() if allows(config_cls.exact_parallel))
 
 
 def method_of(config) -> str:

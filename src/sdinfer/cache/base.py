@@ -48,10 +48,11 @@ _decision_reduce: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor] 
 class CacheConfig:
     """Base of the cache methods' config dataclasses: what every method declares beside its knobs."""
 
-    # whether the cache may run under an exact parallel strategy (one that computes on every rank
-    # what one device would: CFG parallel, Ulysses, Ring), its data-dependent decisions shared over
-    # the ranks (``shared_decisions``); False where it changes the batch mid-run (T-GATE)
-    exact_parallel: ClassVar[bool] = True
+    # the exact parallel strategies (those that compute on every rank what one device would: CFG
+    # parallel, Ulysses, Ring) the cache may run under, its data-dependent decisions shared over the
+    # ranks (``shared_decisions``): True for all, a tuple of strategy names for those only, False for
+    # none (T-GATE, which changes the batch mid-run)
+    exact_parallel: ClassVar[bool | tuple[str, ...]] = True
 
 
 def whole_number(method: str, knob: str, value, least: int, note: str = "") -> int:

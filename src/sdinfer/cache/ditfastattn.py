@@ -112,9 +112,10 @@ class DiTFastAttnConfig(CacheConfig):
     threshold: float = 0.025
     window_size: int = 128     # keys within window_size // 2 tokens of the query (the paper's DiT-256 setting)
     calibration: str = ""      # a plan file; empty: the one beside the model's weights
-    # CFG sharing drops a guidance half inside the attention, which CFG parallel splits over ranks,
-    # and the window intercepts the same attention call sequence parallelism replaces
-    exact_parallel = False
+    # under CFG parallel each rank's call holds one branch, so CFG-shared entries run on it whole (the
+    # plan without its CFG sharing); the window intercepts the attention call sequence parallelism
+    # (Ulysses, Ring) replaces, so those are refused
+    exact_parallel = ("cfg",)
 
     def __post_init__(self) -> None:
         self.threshold = check_threshold(self.threshold)

@@ -69,11 +69,11 @@ def strategy_on(model: torch.nn.Module) -> str | None:
 def caches_under(strategy: str) -> tuple[str, ...]:
     """The caches that may run under ``strategy`` (``cfg+NAME``: under both; installed after it, with
     sdinfer.accelerate): under an exact strategy (its config's ``exact``) every cache whose config
-    allows it (``CacheConfig.exact_parallel``), data-dependent decisions made alike on every rank
+    allows that strategy (``CacheConfig.exact_parallel``), data-dependent decisions made alike on every rank
     through ``shared_decisions``; under a stale one (DistriFusion, PipeFusion, AsyncDiff) none."""
     if not all(STRATEGIES[name][0].exact for name in strategy.split("+")):
         return ()
-    return cache.exact_parallel_methods()
+    return cache.exact_parallel_methods(strategy)
 
 
 def cache_refusal(strategy: str, method: str) -> str | None:

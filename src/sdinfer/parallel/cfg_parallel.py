@@ -6,7 +6,9 @@ unconditional (sdinfer's denoiser batches [cond, uncond], diffusers' pipelines [
 Under CFG parallel (xDiT's ``cfg_parallel``, DistriFusion's ``split_batch``) rank r runs the
 model on half r of every argument batched along dim 0 (sample, timesteps, text states, pooled
 text, masks) and the two halves' outputs are all-gathered back into the full batch, so the
-guidance combination and the sampler run unchanged, replicated on both ranks.
+guidance combination and the sampler run unchanged, replicated on both ranks.  Inside, the step
+context says which branch the rank's call holds (``branch``, no ``guidance_halves``), so the hooks
+within see a call of one branch, as it is.
 
 Communicated per model call: the model output, all-gathered once: each rank sends its half,
 B x C x H x W elements for B prompts (a guided call of 2B rows) of C x H x W outputs, so
@@ -19,13 +21,14 @@ guidance on (cfg != 1): a call of one branch has no halves to split, and is an e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers.hooks import ModelHook
 
 from ..cache.base import CacheHandle, hook_name
-from ..context import current_step
+from ..context import StepContext, current_step, step_context
 from ..errors import UserError
 from .comm import Communicator
 
@@ -61,8 +64,18 @@ class SplitBatchHook(ModelHook):
             raise UserError(f"cfg parallel splits the batch of each call between {self.comm.size} ranks, and "
                             f"this call's batch of {batch} does not divide: is guidance on (cfg != 1)?")
         half = _map_tensors(lambda x: x.chunk(self.comm.size)[self.comm.rank], (args, kwargs), batch)
-        out = self.fn_ref.original_forward(*half[0], **half[1])
+        with step_context(self.rank_context(ctx)) if ctx is not None else contextlib.nullcontext():
+            out = self.fn_ref.original_forward(*half[0], **half[1])
         return _map_tensors(lambda x: self.comm.all_gather(x, dim=0), out, batch // self.comm.size)
+
+
+    def rank_context(self, ctx: StepContext) -> StepContext:
+        """The step context of this rank's call: the one branch it holds where the batched call said
+        which half holds which (the hooks inside see a call of one branch, as it is)."""
+        halves = ctx.guidance_halves
+        if halves is None or len(halves) != self.comm.size:
+            return ctx
+        return replace(ctx, branch=halves[self.comm.rank], guidance_halves=None)
 
 
 def _map_tensors(fn, value, batch: int):
