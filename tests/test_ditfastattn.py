@@ -317,3 +317,22 @@ def test_the_calibrate_command_writes_plans(tiny_pixart, tmp_path, capsys):
     code, _, err = run(capsys, "calibrate", "ditfastattn", "--model", str(tiny_pixart), "--thresholds", "2",
                        "--out", str(tmp_path / "x.safetensors"))
     assert code == 2 and "threshold must be a relative error in [0, 1)" in err
+
+
+def test_it_composes_with_a_sampler_and_a_cache(dit_pipe, tmp_path):
+    net = dit_pipe.model.denoiser
+    path = dfa.save_plans(tmp_path / "plan.safetensors",
+                          [_plan(net, [[dfa.FULL], [dfa.WINDOW_CFG], [dfa.SHARE], [dfa.FULL]], window_size=64)])
+    fast = f"ditfastattn:window_size=64,threshold=0.05,calibration={path}"
+
+    def run(spec=""):
+        handle = sdinfer.accelerate(dit_pipe, spec) if spec else None
+        try:
+            return dit_pipe([PROMPTS[0]], steps=4, sampler="dpm-solver++", guidance_scale=4.0, seed=3).pixels
+        finally:
+            if handle is not None:
+                handle.remove()
+    base, alone, cached, both = run(), run(fast), run("fora:interval=2"), run(f"{fast} + fora:interval=2")
+    assert torch.isfinite(both).all()
+    assert not torch.equal(both, alone) and not torch.equal(both, cached) and not torch.equal(alone, base)
+    assert torch.equal(run(), base)
