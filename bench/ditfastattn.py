@@ -119,21 +119,26 @@ def timing(args, pipe: Pipeline, prompts: list[str]) -> list[dict]:
              "psnr": round(psnr(m.pixels, base.pixels), 2)} for s, m in zip(specs, found)]
 
 
-def stacks(args, pipe: Pipeline, prompts: list[str], timing_prompts: list[str]) -> list[dict]:
-    """Each ``SPEC @ SAMPLER:STEPS`` against ``--stack-reference`` (full attention, no cache)."""
+def stacks(args, pipe: Pipeline, prompts: list[str], timing_prompts: list[str], kept: list[dict]) -> list[dict]:
+    """Each ``SPEC @ SAMPLER:STEPS`` against ``--stack-reference`` (full attention, no cache): quality
+    (``kept``, the file's rows, under --no-quality) and wall time on the timing prompts."""
     ref_sampler, _, ref_steps = args.stack_reference.rpartition(":")
     configs = [(ref_sampler, int(ref_steps), "")]
     for stack in args.stack:
         spec, _, sampler_steps = (part.strip() for part in stack.partition("@"))
         sampler, _, steps = sampler_steps.rpartition(":")
         configs.append((sampler, int(steps), spec))
-    reference = generate(pipe, prompts, configs[0][1], args.cfg, args.batch, "", configs[0][0])
-    rows = []
-    for sampler, steps, spec in configs:
-        pixels = reference if not spec and (sampler, steps) == configs[0][:2] else \
-            generate(pipe, prompts, steps, args.cfg, args.batch, spec, sampler)
-        rows.append({"config": f"{spec or 'full attention'} + {sampler}:{steps}", "nfe": steps,
-                     **quality_values(pixels, reference, prompts)})
+    labels = [f"{spec or 'full attention'} + {sampler}:{steps}" for sampler, steps, spec in configs]
+    if args.no_quality:
+        by_label = {r["config"]: r for r in kept}
+        rows = [by_label.get(label, {"config": label, "nfe": steps}) for label, (_, steps, _) in zip(labels, configs)]
+    else:
+        reference = generate(pipe, prompts, configs[0][1], args.cfg, args.batch, "", configs[0][0])
+        rows = []
+        for label, (sampler, steps, spec) in zip(labels, configs):
+            pixels = reference if not spec and (sampler, steps) == configs[0][:2] else \
+                generate(pipe, prompts, steps, args.cfg, args.batch, spec, sampler)
+            rows.append({"config": label, "nfe": steps, **quality_values(pixels, reference, prompts)})
     if timing_prompts:
         specs = [RunSpec(sampler=s, steps=n, cfg=args.cfg, accelerate=spec) for s, n, spec in configs]
         found = measure_all(pipe, specs, timing_prompts, args.batch, SEED, args.repeats)
@@ -282,10 +287,13 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"model": args.model, "steps": args.steps, "cfg": args.cfg, "window": args.window,
-              "machine": machine_description(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-              "command": "PYTHONPATH=src python bench/ditfastattn.py " + " ".join(
-                  f"'{a}'" if (" " in a or "@" in a) else a for a in (argv or sys.argv[1:]))}
+    command = "PYTHONPATH=src python bench/ditfastattn.py " + " ".join(
+        f"'{a}'" if (" " in a or "@" in a) else a for a in (argv or sys.argv[1:]))
+    # a run adds its parts to the file (a quality run, then a timing run on an idle machine)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result.update({"model": args.model, "steps": args.steps, "cfg": args.cfg, "window": args.window,
+                   "machine": machine_description(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__})
+    result["commands"] = [*result.get("commands", []), command]
 
     def save(rows, key="rows"):
         result[key] = rows
@@ -302,13 +310,15 @@ def main(argv=None) -> int:
         prompts = load_prompts(args.prompts)
         prompts = prompts[:args.limit] if args.limit else prompts
         timed = prompts[:args.timing_prompts]
-        result["n_prompts"], result["timing_prompts"] = len(prompts), len(timed)
+        result["n_prompts"] = len(prompts)
+        if timed:
+            result["timing_prompts"] = len(timed)
         if not args.no_quality:
             quality(args, pipe, prompts, save)
         if timed:
             save(timing(args, pipe, timed), "timing")
         if args.stack:
-            save(stacks(args, pipe, prompts, timed), "stacks")
+            save(stacks(args, pipe, prompts, timed, result.get("stacks", [])), "stacks")
     result["seconds"] = round(time.time() - start, 1)
     save(result.get("rows", []))
     print(json.dumps({k: v for k, v in result.items() if k in ("rows", "timing", "stacks", "resolution")}, indent=1))
