@@ -5,7 +5,9 @@ One subcommand per procedure, each a module of this package with its own ``add_p
 
 from __future__ import annotations
 
-PROCEDURES: tuple = ()   # the cli modules of the procedures, each with add_parser(subparsers)
+from . import distill_linfusion
+
+PROCEDURES: tuple = (distill_linfusion,)   # the cli modules of the procedures, each with add_parser(subparsers)
 
 
 def add_parser(sub) -> None:
