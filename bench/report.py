@@ -563,7 +563,34 @@ def ditfastattn_resolution_table() -> str:
                      "full peak MiB", "window peak MiB"], rows)
 
 
+def linfusion_quality_table() -> str:
+    rows = []
+    for name in ("linfusion-unet.json", "linfusion-unet-64.json"):
+        for r in load(name)["quality"]:
+            rows.append([r["model"], f"{r['size']} px", str(r["prompts"]), str(r["training_steps"]),
+                         fixed(r["psnr"], 1), fixed(r["ssim"], 4), percent(r["adherence_softmax"]),
+                         percent(r["adherence_linfusion"])])
+    return markdown(["model", "size", "held-out prompts", "distillation steps", "PSNR dB vs softmax", "SSIM",
+                     "adherence softmax", "adherence LinFusion"], rows)
+
+
+def linfusion_cost_table() -> str:
+    """Per layer or model and size: softmax against linear attention, time and peak memory."""
+    rows = []
+    for r in load("linfusion-cost.json")["cost"]["rows"]:
+        size = f"{r['tokens']} tokens" if "tokens" in r else f"side {r['side']} ({r['self_attention_tokens']} tokens)"
+        rows.append([r["what"], size, fixed(r["softmax_ms"], 1), fixed(r["linear_ms"], 1),
+                     f"x{r['softmax_ms'] / r['linear_ms']:.2f}", fixed(r["softmax_peak_mb"], 2),
+                     fixed(r["linear_peak_mb"], 2)])
+    return markdown(["what", "size", "softmax ms", "linear ms", "linear speed-up", "softmax peak MB",
+                     "linear peak MB"], rows)
+
+
 def table(name: str) -> str:
+    if name == "linfusion-quality":
+        return linfusion_quality_table()
+    if name == "linfusion-cost":
+        return linfusion_cost_table()
     if name == "ditfastattn-resolution":
         return ditfastattn_resolution_table()
     if name.startswith("ditfastattn-stacks-"):

@@ -213,7 +213,7 @@ def caches(out_path: str) -> int:
     cases = [("dit", "ulysses", "fbcache:threshold=0.12"), ("dit", "ring", "teacache:threshold=0.2"),
              ("dit", "cfg", "dbcache:threshold=0.12"), ("dit", "ulysses", "fora:interval=3"),
              ("unet", "cfg", "teacache:threshold=0.2"),
-             ("dit", "cfg", f"ditfastattn:window_size=64,calibration={shared}")]
+             ("dit", "cfg", f"ditfastattn:window_size=64,calibration={shared}"), ("unet", "cfg", "linfusion")]
     alone = {shared: plain}   # one device runs the plan without its CFG sharing, as each rank does
     for model, strategy, spec in cases:
         pipe = pipes[model]

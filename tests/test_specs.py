@@ -38,8 +38,9 @@ def test_configs_take_their_defaults_types():
 
 def test_cache_compatibility_is_declared_by_the_configs():
     assert parallel.caches_under("cfg") == cache.exact_parallel_methods("cfg") == \
-        (*cache.exact_parallel_methods(), "ditfastattn")   # its window is refused under sequence parallelism
+        (*cache.exact_parallel_methods(), "ditfastattn", "linfusion")   # not under sequence parallelism
     assert "ditfastattn" not in parallel.caches_under("ulysses") + parallel.caches_under("cfg+ring")
+    assert "linfusion" not in parallel.caches_under("ulysses")
     assert "tgate" not in cache.exact_parallel_methods() and "fora" in cache.exact_parallel_methods()
     assert parallel.caches_under("pipefusion") == () and parallel.caches_under("cfg+distrifusion") == ()
     assert parallel.caches_under("cfg+ulysses") == cache.exact_parallel_methods("cfg+ulysses") == \

@@ -48,9 +48,9 @@ EPS = 1e-4
 @dataclass
 class LinFusionConfig(CacheConfig):
     weights: str = ""      # a linfusion.safetensors file; empty: the one beside the model
-    # the linear attention changes what every rank's attention computes (a sequence-parallel
-    # strategy would need its sums all-reduced), so no exact parallel strategy takes it
-    exact_parallel = False
+    # CFG parallel: each rank's branch runs the same layers; a sequence-parallel strategy would need the
+    # linear attention's sums over the tokens all-reduced (and shards a DiT, which LinFusion is not for)
+    exact_parallel = ("cfg",)
 
 
 # ---- the linear attention ------------------------------------------------------------------
