@@ -235,7 +235,9 @@ def main() -> int:
     _quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
-    report: dict = {"machine": machine_description(), "threads": torch.get_num_threads()}
+    report: dict = {"machine": machine_description(), "threads": torch.get_num_threads(),
+                    "date": time.strftime("%Y-%m-%d"),
+                    "command": "PYTHONPATH=src python bench/linfusion.py " + " ".join(sys.argv[1:])}
     if args.quality:
         prompts = load_prompts(args.prompts)
         prompts = prompts[:args.limit] if args.limit else prompts
