@@ -23,6 +23,7 @@ from .magcache import MagCacheConfig, apply_magcache
 from .taylorseer import TaylorSeerConfig, apply_taylorseer
 from .teacache import TeaCacheConfig, apply_teacache
 from .tgate import TGateConfig, apply_tgate
+from ..distill.early_exit import EarlyExitConfig, apply_early_exit
 from ..distill.linfusion import LinFusionConfig, apply_linfusion
 
 METHODS: dict[str, tuple[type, Callable]] = {
@@ -38,6 +39,7 @@ METHODS: dict[str, tuple[type, Callable]] = {
     "magcache": (MagCacheConfig, apply_magcache),
     "ditfastattn": (DiTFastAttnConfig, apply_ditfastattn),
     "linfusion": (LinFusionConfig, apply_linfusion),
+    "early-exit": (EarlyExitConfig, apply_early_exit),
 }
 
 
@@ -82,4 +84,4 @@ def apply(model: torch.nn.Module, config, num_steps: Callable[[], int] | None = 
 
 __all__ = ["CacheConfig", "CacheHandle", "METHODS", "apply", "exact_parallel_methods", "parse_spec", "DeepCacheConfig", "FORAConfig", "FirstBlockCacheConfig",
            "DBCacheConfig", "TaylorSeerConfig", "TGateConfig",
-           "BlockCachingConfig", "LearningToCacheConfig", "TeaCacheConfig", "MagCacheConfig", "DiTFastAttnConfig", "LinFusionConfig"]
+           "BlockCachingConfig", "LearningToCacheConfig", "TeaCacheConfig", "MagCacheConfig", "DiTFastAttnConfig", "LinFusionConfig", "EarlyExitConfig"]

@@ -232,6 +232,8 @@ class CacheHandle:
     hooks: list[tuple[torch.nn.Module, str]] = field(default_factory=list)
     states: list[BranchStates] = field(default_factory=list)
     tracked: torch.nn.Module | None = None
+    # what else removal undoes (e.g. weights swapped into the model), run last to first
+    undo: list[Callable[[], None]] = field(default_factory=list)
 
     def register(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
@@ -269,6 +271,8 @@ class CacheHandle:
                 if tracker.users <= 0:
                     remove_hook(self.tracked, STEP_TRACKER)
             self.tracked = None
+        while self.undo:
+            self.undo.pop()()
         self.reset()
 
 

@@ -5,9 +5,9 @@ One subcommand per procedure, each a module of this package with its own ``add_p
 
 from __future__ import annotations
 
-from . import distill_linfusion
+from . import distill_early_exit, distill_linfusion
 
-PROCEDURES: tuple = (distill_linfusion,)   # the cli modules of the procedures, each with add_parser(subparsers)
+PROCEDURES: tuple = (distill_linfusion, distill_early_exit)   # the cli modules of the procedures, each with add_parser(subparsers)
 
 
 def add_parser(sub) -> None:

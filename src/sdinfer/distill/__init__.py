@@ -2,4 +2,4 @@
 fine-tuned weights are trained from the model itself (``sdinfer distill PROCEDURE``), saved
 beside it and mounted by ``sdinfer.accelerate`` like a cache."""
 
-from .. import cache as _cache  # noqa: F401  (the cache registry imports linfusion: load it first)
+from .. import cache as _cache  # noqa: F401  (the registry first: it imports these variants, mounted like caches)
