@@ -111,7 +111,9 @@ def timing(args, prompts: list[str]) -> dict:
     pipe = Pipeline.from_pretrained(args.model)
     info = trained(pipe, args.weights)
     spec = f"early-exit:weights={args.weights}" if args.weights else "early-exit"
-    specs = [RunSpec(steps=args.steps, cfg=args.cfg), RunSpec(steps=args.steps, cfg=args.cfg, accelerate=spec)]
+    original = f"early-exit:weights=original,schedule={info['schedule']}"   # the same blocks skipped
+    specs = [RunSpec(steps=args.steps, cfg=args.cfg), RunSpec(steps=args.steps, cfg=args.cfg, accelerate=spec),
+             RunSpec(steps=args.steps, cfg=args.cfg, accelerate=original)]
     prompts = prompts[:args.timing_prompts]
     with bench_lock():
         found = measure_all(pipe, specs, prompts, args.batch, SEED, args.repeats)

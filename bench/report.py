@@ -586,7 +586,25 @@ def linfusion_cost_table() -> str:
                      "linear peak MB"], rows)
 
 
+def early_exit_table() -> str:
+    """Per model and configuration: MACs saved, quality against the unmodified model, and the wall
+    speed-up of the timing run (interleaved) where it timed that spec."""
+    rows = []
+    for model in ("dit", "unet"):
+        data = load(f"early-exit-{model}.json")
+        timed = {r["config"]: r for r in load(f"early-exit-timing-{model}.json")["rows"]}
+        timed[""] = timed.get("unmodified")
+        for r in data["rows"]:
+            t = timed.get(r["spec"])
+            rows.append([model, r["config"], f"`{r['spec']}`" if r["spec"] else "-", percent(r["macs_saved"]),
+                         fixed(r["psnr"], 1), fixed(r["ssim"], 3), percent(r["adherence"]),
+                         "-" if t is None else f"x{t['speedup']:.2f}"])
+    return markdown(["model", "config", "spec", "MACs saved", "PSNR dB", "SSIM", "adherence", "wall speed-up"], rows)
+
+
 def table(name: str) -> str:
+    if name == "early-exit":
+        return early_exit_table()
     if name == "linfusion-quality":
         return linfusion_quality_table()
     if name == "linfusion-cost":
