@@ -25,9 +25,10 @@ Units, in the order they are skipped (``skip_units``):
 The schedule (``ExitSchedule``) is piecewise constant over s = t / 1000 in [0, 1] (the model's own
 timestep divided by the 1000 training timesteps of DDPM and flow models alike) in equal-width
 buckets, written ``K0/K1/.../Kn-1`` from s = 0 (clean) to s = 1 (noise).  ``sdinfer distill
-early-exit`` derives it from measurement (``early_exit_train.derive_schedule``: per bucket the
-error of the unmodified model's output when its first k units are skipped, k raised where the
-error per unit of compute saved is least until the compute budget is met), fine-tunes the whole
+early-exit`` derives it from measurement (``early_exit_train.skip_errors``: per bucket the error of
+short generations' final images when only that bucket's calls skip k units; ``derive_schedule``
+raises k where the error per unit of compute saved is least until the compute budget is met), or
+takes it as given (``--schedule``), fine-tunes the whole
 denoiser against the unmodified one, and writes the weights and the schedule to
 ``MODEL/sdinfer_calibration/early-exit.safetensors``.
 
