@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..cache.base import CacheHandle
 from ..errors import UserError
 from ..models.calling import call_denoiser
 from ..models.default import shapes
+from ..models.default.checkpoint import adam_tensors, load_adam, read_meta, read_tensors, write_checkpoint
 from ..models.default.train import render_batch
 from .early_exit import ExitControl, ExitSchedule, install_skips, save_weights, skip_units
 
@@ -242,39 +242,25 @@ class EarlyExitTrainer:
     # ---- checkpoints ----
     def save(self) -> None:
         tensors = {f"model.{n}": p.detach() for n, p in zip(self.names, self.params)}
-        for i, p in enumerate(self.params):
-            st = self.opt.state.get(p)
-            if st:
-                tensors[f"opt.{i}.exp_avg"] = st["exp_avg"]
-                tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"]
-                tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
-        tmp = self.run_dir / "checkpoint.safetensors.tmp"
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(self.run_dir / "checkpoint.safetensors")
-        meta = {"step": self.step, "config": asdict(self.cfg), "schedule": self.schedule.text(),
-                "schedule_info": self.schedule_info, "log": self.log}
-        tmpj = self.run_dir / "checkpoint.json.tmp"
-        tmpj.write_text(json.dumps(meta))
-        tmpj.replace(self.run_dir / "checkpoint.json")
+        tensors.update(adam_tensors(self.opt, self.params))
+        write_checkpoint(self.run_dir, tensors, {"step": self.step, "config": asdict(self.cfg),
+                                                 "schedule": self.schedule.text(),
+                                                 "schedule_info": self.schedule_info, "log": self.log})
 
     def try_resume(self) -> bool:
-        meta_path = self.run_dir / "checkpoint.json"
-        if not meta_path.exists():
+        meta = read_meta(self.run_dir)
+        if meta is None:
             return False
-        meta = json.loads(meta_path.read_text())
         saved = dict(meta["config"])
         mine = asdict(self.cfg)
         if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in mine.items() if k != "steps"}:
             raise UserError(f"{self.run_dir} holds an early-exit run with another configuration ({meta['config']}); "
                             "repeat that command to resume it, or pass a new --run-dir")
-        tensors = load_file(str(self.run_dir / "checkpoint.safetensors"))
+        tensors = read_tensors(self.run_dir)
         with torch.no_grad():
-            for i, (n, p) in enumerate(zip(self.names, self.params)):
+            for n, p in zip(self.names, self.params):
                 p.copy_(tensors[f"model.{n}"])
-                if f"opt.{i}.exp_avg" in tensors:
-                    self.opt.state[p] = {"exp_avg": tensors[f"opt.{i}.exp_avg"].clone(),
-                                         "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].clone(),
-                                         "step": torch.tensor(float(tensors[f"opt.{i}.step"][0]))}
+        load_adam(self.opt, self.params, tensors)
         self.step, self.log = meta["step"], meta["log"]
         self.schedule, self.schedule_info = ExitSchedule.parse(meta["schedule"]), meta["schedule_info"]
         return True

@@ -34,12 +34,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 
 from ..cache.base import CacheHandle, hook_name
 from ..errors import UserError
 from ..models.calling import call_denoiser
 from ..models.default import shapes
+from ..models.default.checkpoint import adam_tensors, load_adam, read_meta, read_tensors, write_checkpoint
 from ..models.default.train import render_batch
 from . import linfusion as lf
 
@@ -192,45 +193,26 @@ class LinFusionTrainer:
     # ---- checkpoints --------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"{w}.{k}": v.detach() for w, m in self.modules.items() for k, v in m.state_dict().items()}
-        for i, p in enumerate(self.params):
-            st = self.opt.state.get(p)
-            if st:
-                tensors[f"opt.{i}.exp_avg"] = st["exp_avg"]
-                tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"]
-                tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
+        tensors.update(adam_tensors(self.opt, self.params))
         return tensors
 
     def save(self) -> None:
-        from safetensors.torch import save_file
-
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / "checkpoint.safetensors.tmp"
-        save_file({k: v.contiguous().cpu() for k, v in self.state_tensors().items()}, str(tmp))
-        tmp.replace(self.run_dir / "checkpoint.safetensors")
-        tmpj = self.run_dir / "checkpoint.json.tmp"
-        tmpj.write_text(json.dumps({"step": self.step, "config": asdict(self.cfg), "log": self.log}))
-        tmpj.replace(self.run_dir / "checkpoint.json")
+        write_checkpoint(self.run_dir, self.state_tensors(), {"step": self.step, "config": asdict(self.cfg),
+                                                              "log": self.log})
 
     def try_resume(self) -> bool:
-        from safetensors.torch import load_file
-
-        meta_path = self.run_dir / "checkpoint.json"
-        if not meta_path.exists():
+        meta = read_meta(self.run_dir)
+        if meta is None:
             return False
-        meta = json.loads(meta_path.read_text())
         saved = LinFusionTrainConfig(**meta["config"])
         if not saved.continues(self.cfg):   # a longer --steps continues it (its cosine stretched)
             raise UserError(f"{self.run_dir} holds a linfusion run with other settings ({meta['config']}); "
-                                "repeat that command to resume it, or pass a new --run-dir")
-        tensors = load_file(str(self.run_dir / "checkpoint.safetensors"))
+                            "repeat that command to resume it, or pass a new --run-dir")
+        tensors = read_tensors(self.run_dir)
         with torch.no_grad():
             for w, m in self.modules.items():
                 m.load_state_dict({k[len(w) + 1:]: v for k, v in tensors.items() if k.startswith(w + ".")})
-            for i, p in enumerate(self.params):
-                if f"opt.{i}.exp_avg" in tensors:
-                    self.opt.state[p] = {"exp_avg": tensors[f"opt.{i}.exp_avg"].clone(),
-                                         "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].clone(),
-                                         "step": torch.tensor(float(tensors[f"opt.{i}.step"][0]))}
+        load_adam(self.opt, self.params, tensors)
         self.step, self.log = meta["step"], meta["log"]
         return True
 

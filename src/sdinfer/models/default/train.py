@@ -30,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ...errors import UserError
 from ..calling import TextConditioning, call_denoiser
 from . import architectures as arch_mod
 from . import shapes
+from .checkpoint import adam_tensors, load_adam, read_meta, read_tensors, write_checkpoint
 
 
 @dataclass
@@ -190,43 +191,24 @@ class Trainer:
     def save(self) -> None:
         tensors = {k: v.detach() for k, v in self._params().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.items()})
-        names = list(self._params())
-        for i, p in enumerate(self._params().values()):
-            st = self.opt.state.get(p)
-            if st:
-                tensors[f"opt.{i}.exp_avg"] = st["exp_avg"]
-                tensors[f"opt.{i}.exp_avg_sq"] = st["exp_avg_sq"]
-                tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"]).reshape(1).float()
-        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-        tmp = self.run_dir / "checkpoint.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(self.run_dir / "checkpoint.safetensors")
-        meta = {"step": self.step, "config": asdict(self.cfg), "param_names": names,
-                "log": self.log}
-        tmpj = self.run_dir / "checkpoint.json.tmp"
-        tmpj.write_text(json.dumps(meta))
-        tmpj.replace(self.run_dir / "checkpoint.json")
+        tensors.update(adam_tensors(self.opt, self._params().values()))
+        write_checkpoint(self.run_dir, tensors, {"step": self.step, "config": asdict(self.cfg),
+                                                 "param_names": list(self._params()), "log": self.log})
 
     def try_resume(self) -> bool:
-        meta_path = self.run_dir / "checkpoint.json"
-        if not meta_path.exists():
+        meta = read_meta(self.run_dir)
+        if meta is None:
             return False
-        meta = json.loads(meta_path.read_text())
         saved = TrainConfig(**meta["config"])
         if saved != self.cfg and not saved.continues(self.cfg, meta["step"]):
             raise SystemExit(f"{self.run_dir} holds a run with another configuration "
                              f"({meta['config']}); use a new --run-dir")
-        tensors = load_file(str(self.run_dir / "checkpoint.safetensors"))
+        tensors = read_tensors(self.run_dir)
         with torch.no_grad():
-            for i, (k, p) in enumerate(self._params().items()):
+            for k, p in self._params().items():
                 p.copy_(tensors[k])
                 self.ema[k].copy_(tensors[f"ema.{k}"])
-                if f"opt.{i}.exp_avg" in tensors:
-                    self.opt.state[p] = {
-                        "exp_avg": tensors[f"opt.{i}.exp_avg"].to(self.device),
-                        "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].to(self.device),
-                        "step": torch.tensor(float(tensors[f"opt.{i}.step"][0])),
-                    }
+        load_adam(self.opt, self._params().values(), tensors, self.device)
         self.step = meta["step"]
         self.log = meta["log"]
         return True
