@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from ..cache.base import CacheHandle
 from ..errors import UserError
 from ..models.calling import call_denoiser
 from ..models.default import shapes
-from ..models.default.checkpoint import adam_tensors, load_adam, read_meta, read_tensors, write_checkpoint
+from ..models.default.checkpoint import adam_tensors, load_adam, read_meta, read_tensors, run_steps, write_checkpoint
 from ..models.default.train import render_batch
 from .early_exit import ExitControl, ExitSchedule, install_skips, save_weights, skip_units
 
@@ -277,23 +276,9 @@ class EarlyExitTrainer:
         self.control = ExitControl(self.schedule)
         handle = CacheHandle("early-exit-train")
         install_skips(self.net, self.control, handle)
-        start, recent = time.time(), []
         try:
-            while self.step < min(self.cfg.steps, stop_at or self.cfg.steps):
-                recent.append(self.train_step())
-                if self.step % log_every == 0 or self.step == self.cfg.steps:
-                    entry = {"step": self.step, "loss": float(np.mean(recent)), "elapsed_s": round(time.time() - start, 1)}
-                    self.log.append(entry)
-                    print(json.dumps(entry), flush=True)
-                    recent = []
-                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
-                    self.save()
-                if max_minutes is not None and time.time() - start > max_minutes * 60:
-                    self.save()
-                    print(f"stopped after {max_minutes} minutes at step {self.step}; run the same command again "
-                          "to resume", flush=True)
-                    return
-            self.save()
+            run_steps(self, min(self.cfg.steps, stop_at or self.cfg.steps), self.cfg.checkpoint_every, max_minutes,
+                      log_every)
         finally:
             handle.remove()
 

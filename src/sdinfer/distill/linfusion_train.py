@@ -26,9 +26,7 @@ linfusion.safetensors``.
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,7 +38,7 @@ from ..cache.base import CacheHandle, hook_name
 from ..errors import UserError
 from ..models.calling import call_denoiser
 from ..models.default import shapes
-from ..models.default.checkpoint import adam_tensors, load_adam, read_meta, read_tensors, write_checkpoint
+from ..models.default.checkpoint import adam_tensors, load_adam, read_meta, read_tensors, run_steps, write_checkpoint
 from ..models.default.train import render_batch
 from . import linfusion as lf
 
@@ -219,22 +217,8 @@ class LinFusionTrainer:
     # ---- loop ---------------------------------------------------------------
     def run(self, max_minutes: float | None = None, log_every: int = 10, stop_at: int | None = None) -> None:
         """Train to the end of the run, or for ``max_minutes``, or to step ``stop_at`` (resumably)."""
-        start, recent = time.time(), []
-        while self.step < min(self.cfg.steps, stop_at or self.cfg.steps):
-            recent.append(self.train_step())
-            if self.step % log_every == 0 or self.step == self.cfg.steps:
-                entry = {"step": self.step, "loss": round(sum(recent) / len(recent), 6),
-                         "elapsed_s": round(time.time() - start, 1)}
-                self.log.append(entry)
-                print(json.dumps(entry), flush=True)
-                recent = []
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
-                self.save()
-            if max_minutes is not None and time.time() - start > max_minutes * 60 and self.step < self.cfg.steps:
-                self.save()
-                print(f"stopped after {max_minutes} minutes at step {self.step}; run the same command again "
-                      "to resume", flush=True)
-                return
+        run_steps(self, min(self.cfg.steps, stop_at or self.cfg.steps), self.cfg.checkpoint_every, max_minutes,
+                  log_every)
 
     def export(self, out: str | Path | None = None) -> Path:
         """Write the trained stand-ins (the model's linfusion.safetensors, or ``out``)."""

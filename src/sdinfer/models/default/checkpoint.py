@@ -5,8 +5,10 @@ beside it, then renamed), so a run cut off at any moment resumes from its last w
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -52,3 +54,28 @@ def read_meta(run_dir: Path) -> dict | None:
 
 def read_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / TENSORS))
+
+
+def run_steps(trainer, end: int, checkpoint_every: int, max_minutes: float | None = None,
+              log_every: int = 50) -> bool:
+    """Train ``trainer`` (its ``train_step()`` returning the loss, ``step``, ``log`` and ``save()``) up
+    to step ``end``: the mean loss logged every ``log_every`` steps, a checkpoint every
+    ``checkpoint_every`` and at the end; past ``max_minutes`` it saves and stops, to resume when
+    the command is repeated.  True when it reached ``end``."""
+    start, recent = time.time(), []
+    while trainer.step < end:
+        recent.append(trainer.train_step())
+        if trainer.step % log_every == 0 or trainer.step == end:
+            entry = {"step": trainer.step, "loss": round(float(np.mean(recent)), 6),
+                     "elapsed_s": round(time.time() - start, 1)}
+            trainer.log.append(entry)
+            print(json.dumps(entry), flush=True)
+            recent = []
+        if trainer.step % checkpoint_every == 0 or trainer.step == end:
+            trainer.save()
+        if max_minutes is not None and time.time() - start > max_minutes * 60 and trainer.step < end:
+            trainer.save()
+            print(f"stopped after {max_minutes} minutes at step {trainer.step}; run the same command again to "
+                  "resume", flush=True)
+            return False
+    return True

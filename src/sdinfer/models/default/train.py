@@ -20,9 +20,7 @@ a JSON file; nothing is pickled.
 
 from __future__ import annotations
 
-import json
 import math
-import time
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -36,7 +34,7 @@ from ...errors import UserError
 from ..calling import TextConditioning, call_denoiser
 from . import architectures as arch_mod
 from . import shapes
-from .checkpoint import adam_tensors, load_adam, read_meta, read_tensors, write_checkpoint
+from .checkpoint import adam_tensors, load_adam, read_meta, read_tensors, run_steps, write_checkpoint
 
 
 @dataclass
@@ -224,23 +222,7 @@ class Trainer:
 
     # ---- loop --------------------------------------------------------------
     def run(self, max_minutes: float | None = None, log_every: int = 50) -> None:
-        start = time.time()
-        recent: list[float] = []
-        while self.step < self.cfg.steps:
-            recent.append(self.train_step())
-            if self.step % log_every == 0:
-                entry = {"step": self.step, "loss": float(np.mean(recent)),
-                         "elapsed_s": round(time.time() - start, 1)}
-                self.log.append(entry)
-                print(json.dumps(entry), flush=True)
-                recent = []
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
-                self.save()
-            if max_minutes is not None and time.time() - start > max_minutes * 60:
-                self.save()
-                print(f"stopped after {max_minutes} minutes at step {self.step}; "
-                      "run the same command again to resume", flush=True)
-                return
+        run_steps(self, self.cfg.steps, self.cfg.checkpoint_every, max_minutes, log_every)
 
 
 def load_initial_weights(denoiser: torch.nn.Module, text_encoder: torch.nn.Module, arch: str,
