@@ -37,6 +37,12 @@ def _close(a, b, tol=1e-5) -> bool:
     return all(torch.allclose(x, y, atol=tol, rtol=0) for x, y in zip(dfa.tensors_of(a), dfa.tensors_of(b)))
 
 
+@pytest.mark.parametrize("tokens, window_size, local", [(272, 128, 256), (272, 128, 272), (40, 6, 32), (9, 50, 9)])
+def test_window_pairs_counts_the_mask_without_building_it(tokens, window_size, local):
+    assert dfa.window_pairs(tokens, window_size, local) == \
+        int(dfa.window_mask(tokens, window_size, local, text_first=False).sum())
+
+
 def test_window_mask_keeps_the_band_and_the_text_tokens_global():
     mask = dfa.window_mask(6, 2, 4, text_first=False)   # 4 image tokens, then 2 text tokens
     assert mask[0, :4].tolist() == [True, True, False, False]

@@ -134,6 +134,15 @@ def window_mask(tokens: int, window_size: int, local: int, text_first: bool) -> 
     return mask | is_text[:, None] | is_text[None, :]
 
 
+def window_pairs(tokens: int, window_size: int, local: int) -> int:
+    """The (query, key) pairs ``window_mask`` keeps, counted without building it: the band of the
+    ``local`` image tokens, and every pair with a text token."""
+    index, half = torch.arange(local), window_size // 2
+    band = int((index.add(half).clamp(max=local - 1) - index.sub(half).clamp(min=0) + 1).sum())
+    text = tokens - local
+    return band + text * tokens + local * text
+
+
 def _sdpa_arguments(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 
@@ -192,13 +201,13 @@ class WindowedAttention(TorchFunctionMode):
                             f"keys of one sequence, not causal); this call has {q.shape[-2]} queries and "
                             f"{k.shape[-2]} keys")
         tokens, local = q.shape[-2], min(self.local, q.shape[-2])
-        window = self.window.mask(tokens, local)
         self.calls += 1
-        self.geometry = (tokens, q.shape[1] * q.shape[-1] if q.ndim == 4 else q.shape[-1], int(window.sum()))
+        self.geometry = (tokens, q.shape[1] * q.shape[-1] if q.ndim == 4 else q.shape[-1],
+                         window_pairs(tokens, self.window.window_size, local))
         blocks = self.window.blocks(tokens, local)
         if given is None and not dropout and not gqa and len(blocks) >= 3:
             return banded_attention(q, k, v, scale, local, blocks, self.window.text_first)
-        window = window.to(q.device)
+        window = self.window.mask(tokens, local).to(q.device)   # (tokens, tokens): only where the band cannot run
         if given is None:
             mask = window
         elif given.dtype == torch.bool:
