@@ -164,6 +164,16 @@ def test_nothing_skipped_on_the_original_weights_is_bit_identical(dit_pipe, unet
     assert torch.equal(_generate(pipe), base)
 
 
+def test_the_original_weights_take_the_trained_schedule_by_default(dit_pipe):
+    from sdinfer.distill import early_exit as ee
+
+    net = dit_pipe.model.denoiser
+    trained = ee.read_weights(net, ee.weights_file(net, ""))[1]["schedule"]
+    assert trained != "none"
+    assert torch.equal(_generate(dit_pipe, "early-exit:weights=original"),
+                       _generate(dit_pipe, f"early-exit:weights=original,schedule={trained}"))
+
+
 def test_apply_and_remove_swap_the_weights_exactly(dit_pipe, tmp_path):
     model = dit_pipe.model.denoiser
     file = _perturbed_weights(model, tmp_path / "ee.safetensors")
@@ -210,8 +220,8 @@ def test_missing_and_foreign_weights_are_clear_errors(dit_pipe, unet_pipe, tiny_
     assert all(torch.equal(v, before[k]) for k, v in _state(unet_pipe.model.denoiser).items())
     with pytest.raises(UserError, match="K0/K1"):
         sdinfer.accelerate(unet_pipe, "early-exit:weights=original,schedule=x")
-    with pytest.raises(UserError, match="explicit schedule"):
-        sdinfer.accelerate(unet_pipe, "early-exit:weights=original")
+    with pytest.raises(UserError, match="weights=original takes the trained schedule .* give schedule="):
+        sdinfer.accelerate(unet, "early-exit:weights=original")
     with pytest.raises(UserError, match="not a readable"):
         (tmp_path / "bad.safetensors").write_bytes(b"junk")
         sdinfer.accelerate(unet_pipe, f"early-exit:weights={tmp_path / 'bad.safetensors'}")

@@ -36,7 +36,8 @@ denoiser against the unmodified one, and writes the weights and the schedule to
 fine-tuned weights into the denoiser (``remove()`` puts the original tensors back, bit for bit) and
 hooks every unit; each call reads t from the step context (sdinfer's loop, or the step tracker on a
 stock diffusers pipeline).  ``schedule=`` overrides the trained schedule (``none`` skips nothing),
-``weights=original`` keeps the model's own weights (the schedule without fine-tuning).
+``weights=original`` keeps the model's own weights (the trained schedule, or ``schedule=``, without
+the fine-tuning).
 """
 
 from __future__ import annotations
@@ -267,9 +268,14 @@ def apply_early_exit(model: torch.nn.Module, config: EarlyExitConfig, handle: Ca
                             f"make the weights for this model with `{MAKE}`")
         schedule = schedule or ExitSchedule.parse(meta["schedule"])
         swap_weights(model, tensors, handle)
-    elif schedule is None:
-        raise UserError("early-exit:weights=original needs an explicit schedule=K0/K1/... (the trained schedule "
-                        "lives in the weights file)")
+    elif schedule is None:   # the trained schedule, read from the weights file beside the model
+        try:
+            _, meta = read_weights(model, weights_file(model, ""))
+        except artifacts.MissingArtifact:
+            raise UserError("early-exit:weights=original takes the trained schedule from the weights file beside "
+                            "the model, and there is none: give schedule=K0/K1/... (skipped blocks per time "
+                            "bucket, clean to noise)") from None
+        schedule = ExitSchedule.parse(meta["schedule"])
     install_skips(model, ExitControl(schedule), handle)
 
 
