@@ -40,12 +40,11 @@ from pathlib import Path
 import torch
 from diffusers.hooks import ModelHook
 
-import sdinfer
 from sdinfer.cache import ditfastattn as dfa
 from sdinfer.cache.base import CacheHandle
 from sdinfer.cli import _quiet_libraries
 from sdinfer.eval.adherence import adherence_rate
-from sdinfer.eval.bench import RunSpec, machine_description, measure_all
+from sdinfer.eval.bench import RunSpec, generate_images, machine_description, measure_all
 from sdinfer.eval.cost import call_peak_mb, count_macs
 from sdinfer.eval.metrics import psnr, ssim
 from sdinfer.eval.prompts import load_prompts
@@ -60,14 +59,7 @@ def spec_of(threshold: float, window: int) -> str:
 
 def generate(pipe: Pipeline, prompts: list[str], steps: int, cfg: float, batch: int, spec: str = "",
              sampler: str = "ddim") -> torch.Tensor:
-    handle = sdinfer.accelerate(pipe, spec) if spec else None
-    try:
-        return torch.cat([pipe(prompts[i:i + batch], steps=steps, sampler=sampler, guidance_scale=cfg,
-                               seeds=[SEED + i + j for j in range(len(prompts[i:i + batch]))]).pixels
-                          for i in range(0, len(prompts), batch)])
-    finally:
-        if handle is not None:
-            handle.remove()
+    return generate_images(pipe, prompts, steps, cfg, batch, SEED, sampler, spec)
 
 
 def one_generation_macs(pipe: Pipeline, prompt: str, steps: int, cfg: float, spec: str = "", sampler: str = "ddim"):

@@ -29,7 +29,7 @@ import torch
 from sdinfer.cli import _quiet_libraries
 from sdinfer.distill import early_exit
 from sdinfer.eval.adherence import adherence_rate
-from sdinfer.eval.bench import RunSpec, machine_description, measure_all
+from sdinfer.eval.bench import RunSpec, generate_images, machine_description, measure_all
 from sdinfer.eval.cost import count_macs
 from sdinfer.eval.metrics import psnr, ssim
 from sdinfer.eval.prompts import load_prompts
@@ -40,17 +40,7 @@ LOCK = Path("/tmp/bench.lock")
 
 
 def generate(pipe: Pipeline, prompts: list[str], steps: int, cfg: float, batch: int, spec: str = ""):
-    handle = __import__("sdinfer").accelerate(pipe, spec) if spec else None
-    try:
-        out = []
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i:i + batch]
-            out.append(pipe(chunk, steps=steps, sampler="ddim", guidance_scale=cfg,
-                            seeds=[SEED + i + j for j in range(len(chunk))]).pixels)
-        return torch.cat(out)
-    finally:
-        if handle is not None:
-            handle.remove()
+    return generate_images(pipe, prompts, steps, cfg, batch, SEED, accelerate=spec)
 
 
 def trained(pipe: Pipeline, weights: str = "") -> dict:

@@ -38,7 +38,7 @@ import torch
 from sdinfer.cli import _quiet_libraries
 from sdinfer.distill import linfusion as lf
 from sdinfer.eval.adherence import adherence_rate
-from sdinfer.eval.bench import machine_description
+from sdinfer.eval.bench import generate_images, machine_description
 from sdinfer.eval.metrics import psnr, ssim
 from sdinfer.eval.prompts import load_prompts
 
@@ -55,12 +55,7 @@ SD15_UNET = dict(   # diffusers' config of Stable Diffusion 1.5's UNet
 
 # ---- quality -------------------------------------------------------------------------------
 def generate(pipe, prompts: list[str], steps: int, cfg: float, batch: int):
-    out = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        out.append(pipe(chunk, steps=steps, sampler="ddim", guidance_scale=cfg,
-                        seeds=[SEED + i + j for j in range(len(chunk))]).pixels)
-    return torch.cat(out)
+    return generate_images(pipe, prompts, steps, cfg, batch, SEED)
 
 
 def adherence(pixels, prompts):

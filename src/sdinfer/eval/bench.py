@@ -164,6 +164,16 @@ def measure_all(pipe: Pipeline, specs: list[RunSpec], prompts: list[str], batch:
     return out
 
 
+def generate_images(pipe: Pipeline, prompts: list[str], steps: int, cfg: float, batch: int, seed: int = 0,
+                    sampler: str = "ddim", accelerate: str = "") -> torch.Tensor:
+    """The prompts' images in batches, prompt i with noise seed ``seed + i`` (what every quality run
+    compares), with the accelerator spec ``accelerate`` installed for the call."""
+    with _installed(pipe, RunSpec(accelerate=accelerate)):
+        return torch.cat([pipe(prompts[i:i + batch], steps=steps, sampler=sampler, guidance_scale=cfg,
+                               seeds=[seed + i + j for j in range(len(prompts[i:i + batch]))]).pixels
+                          for i in range(0, len(prompts), batch)])
+
+
 @contextmanager
 def _installed(pipe: Pipeline, spec: RunSpec, install: Callable[[RunSpec], Callable[[], None]] | None = None):
     """The spec's configuration on ``pipe`` for the block: ``install(spec)`` where given, else the
